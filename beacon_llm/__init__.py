@@ -1,0 +1,25 @@
+"""beacon-llm: Activation Beacon (Zhang et al., arXiv 2401.03462) on transformers 5."""
+
+from .cache import BeaconCache, StepTrace
+from .config import BeaconConfig
+from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
+from .model import BeaconModel, BeaconOutput
+from .serialization import from_pretrained, load_adapter, load_cache, save_adapter, save_cache
+
+__all__ = [
+    "BeaconCache",
+    "BeaconConfig",
+    "BeaconModel",
+    "BeaconOutput",
+    "StepTrace",
+    "beacon_state_dict",
+    "from_pretrained",
+    "is_beacon_parameter",
+    "load_adapter",
+    "load_cache",
+    "mark_only_beacon_trainable",
+    "save_adapter",
+    "save_cache",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""Every transformers-version detail lives here (tested against transformers 5.x)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+# model families whose decoder layer is: x + attn(norm(x)); x + mlp(norm(x)), with q/k/v/o projections + RoPE
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# RoPE types whose cos/sin depend only on the position (keys can be rotated once and kept)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+__all__ = [
+    "AutoConfig",
+    "AutoModelForCausalLM",
+    "PretrainedConfig",
+    "attention_function",
+    "check_llama_shaped",
+    "max_positions",
+    "rotate_half",
+]
+
+
+def attention_function(implementation: str) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The transformers attention kernel registered under ``implementation`` (eager, sdpa, flash_attention_2)."""
+    if implementation == "eager":
+        return eager_attention_forward
+    try:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    except KeyError as exc:
+        raise ValueError(
+            f"attn_implementation={implementation!r} is not available; use 'sdpa', 'eager' or 'flash_attention_2'"
+        ) from exc
+
+
+def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
+    params = getattr(config, "rope_parameters", None) or {}
+    return dict(params)
+
+
+def max_positions(config: PretrainedConfig) -> int:
+    """Positions the base model was trained on, times the RoPE scaling factor if any (spec §2.2, adapt-X)."""
+    base = int(config.max_position_embeddings)
+    params = rope_parameters(config)
+    if params.get("rope_type", "default") != "default" and params.get("factor"):
+        base = int(base * float(params["factor"]))
+    return base
+
+
+def check_llama_shaped(model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model`` is a Llama-family causal LM that beacon-llm can drive."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    inner = getattr(model, "model", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or inner is None or getattr(model, "lm_head", None) is None:
+        raise ValueError(
+            f"model_type={model_type!r} ({type(model).__name__}) is not a supported Llama-shaped causal LM; "
+            f"supported model types: {SUPPORTED_MODEL_TYPES} (e.g. LlamaForCausalLM, MistralForCausalLM, "
+            "Qwen2ForCausalLM, SmolLM2)"
+        )
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(inner, name):
+            raise ValueError(f"{type(inner).__name__} has no '{name}': not a Llama-shaped decoder")
+    for i, layer in enumerate(inner.layers):
+        attn = getattr(layer, "self_attn", None)
+        needed = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or not all(isinstance(getattr(attn, p, None), nn.Linear) for p in needed):
+            raise ValueError(f"layer {i} has no q/k/v/o_proj linear attention: not a Llama-shaped decoder")
+        for extra in ("q_norm", "k_norm"):
+            if getattr(attn, extra, None) is not None:
+                raise ValueError(f"layer {i} attention has {extra}: not a Llama-shaped decoder (Qwen3/OLMo2 style)")
+        if getattr(attn, "sliding_window", None):
+            raise ValueError(
+                f"layer {i} uses sliding-window attention ({attn.sliding_window}); disable it "
+                "(e.g. use_sliding_window=False) to use beacons"
+            )
+    rope_type = rope_parameters(config).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(f"rope_type={rope_type!r} is not supported; supported: {STATIC_ROPE_TYPES}")
+
+
+def load_base_config(path: str, **kwargs: Any) -> PretrainedConfig:
+    """Base config of a checkpoint folder, without remote-code hooks (``auto_map`` is dropped)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
+    if hasattr(config, "auto_map"):
+        del config.auto_map
+    return config
+
+
+def load_base_model(path: str, config: PretrainedConfig, **kwargs: Any) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+
+
+def load_tokenizer(path: str) -> object | None:
+    """The checkpoint's tokenizer, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        return None

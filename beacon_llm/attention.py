@@ -1,0 +1,108 @@
+"""One decoder layer run with beacon tokens (paper v2 §2.2, v3 §3.1; spec §3.5).
+
+The frozen modules of a stock Llama-shaped layer are called as they are (norms, projections, MLP); beacon rows
+use the ``beacon_*_proj`` copies. Keys of the open window are rotated at the positions of this step; memory keys
+were rotated when they entered the memory. The attention kernel is transformers' own (sdpa, eager, flash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._compat import rotate_half
+
+
+@dataclass
+class StepTensors:
+    """Everything a layer needs for one step, shared by all layers."""
+
+    beacon_rows: torch.Tensor | None  # (n_beacon,) long indices of beacon inputs, None if none
+    cos_q: torch.Tensor  # (B, T, D) RoPE of the step inputs
+    sin_q: torch.Tensor
+    cos_w: torch.Tensor | None  # (B, R, D) RoPE of the cached open-window entries
+    sin_w: torch.Tensor | None
+    mask: torch.Tensor | None  # (B, 1, T, M + R + T) bool or additive float; None = everything visible
+    attention: Callable[..., tuple[torch.Tensor, object]]
+    is_causal: bool  # flash attention: bottom-right causal instead of a mask
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, D) by ``cos``/``sin`` (B, T, D) — the rotate-half convention of Llama."""
+    cos = cos.unsqueeze(1)  # (B, 1, T, D)
+    sin = sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def project(base: nn.Linear, beacon: nn.Linear | None, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``base(x)``, with the rows listed in ``rows`` computed by ``beacon`` instead. x: (B, T, Din)."""
+    out = base(x)  # (B, T, Dout)
+    if beacon is None or rows is None:
+        return out
+    return out.index_copy(1, rows, beacon(x.index_select(1, rows)))  # (B, T, Dout)
+
+
+def layer_step(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    step: StepTensors,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    win_k: torch.Tensor | None,
+    win_v: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run one decoder layer on the step inputs.
+
+    Args:
+        hidden: (B, T, Dm) inputs of this layer.
+        mem_k/mem_v: (B, KVH, M, D) memory, keys already rotated.
+        win_k/win_v: (B, KVH, R, D) open-window cache, keys before RoPE.
+
+    Returns:
+        (hidden_out (B, T, Dm), new keys before RoPE (B, KVH, T, D), new values (B, KVH, T, D)).
+    """
+    attn = layer.self_attn
+    bsz, t_len, _ = hidden.shape
+    head_dim = attn.head_dim
+    rows = step.beacon_rows
+
+    residual = hidden
+    x = layer.input_layernorm(hidden)  # (B, T, Dm)
+    q = project(attn.q_proj, getattr(attn, "beacon_q_proj", None), x, rows)
+    k = project(attn.k_proj, getattr(attn, "beacon_k_proj", None), x, rows)
+    v = project(attn.v_proj, getattr(attn, "beacon_v_proj", None), x, rows)
+    q = q.view(bsz, t_len, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
+    k = k.view(bsz, t_len, -1, head_dim).transpose(1, 2)  # (B, KVH, T, D)
+    v = v.view(bsz, t_len, -1, head_dim).transpose(1, 2)  # (B, KVH, T, D)
+
+    keys = [rope(k, step.cos_q, step.sin_q)]
+    values = [v]
+    if win_k is not None:
+        keys.insert(0, rope(win_k, step.cos_w, step.sin_w))  # (B, KVH, R, D)
+        values.insert(0, win_v)
+    if mem_k is not None:
+        keys.insert(0, mem_k)  # (B, KVH, M, D)
+        values.insert(0, mem_v)
+    key_all = torch.cat(keys, dim=2) if len(keys) > 1 else keys[0]  # (B, KVH, M+R+T, D)
+    value_all = torch.cat(values, dim=2) if len(values) > 1 else values[0]
+    query = rope(q, step.cos_q, step.sin_q)  # (B, H, T, D)
+
+    kwargs = {"is_causal": True} if step.is_causal else {}
+    out, _ = step.attention(
+        attn,
+        query,
+        key_all,
+        value_all,
+        step.mask,
+        dropout=0.0,
+        scaling=attn.scaling,
+        **kwargs,
+    )  # (B, T, H, D)
+    out = out.reshape(bsz, t_len, -1)  # (B, T, H*D)
+    out = project(attn.o_proj, getattr(attn, "beacon_o_proj", None), out, rows)  # (B, T, Dm)
+    hidden = residual + out
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, k, v

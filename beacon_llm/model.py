@@ -1,0 +1,461 @@
+"""BeaconModel: a stock transformers causal LM that reads any length window by window (paper v2 §2, v3 §3).
+
+The base model object is untouched except for the beacon modules registered on it (see ``layers``); calling
+``beacon_model.model(...)`` is always the plain model. All per-input state lives in a :class:`BeaconCache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _compat
+from .attention import StepTensors, layer_step, rope
+from .cache import BeaconCache, StepTrace
+from .config import BeaconConfig
+from .layers import attach_beacon_modules, detach_beacon_modules, mark_only_beacon_trainable
+from .masks import window_visibility
+from .positions import window_positions
+from .schedule import StepPlan, adaptive_ratio, pick_ratio, plan_step, ratio_capacity, smallest_fitting_power_of_two
+
+_SCORE_CHUNK = 256  # rows per lm_head call: never materialise (tokens x vocab) logits for a whole input
+
+
+@dataclass
+class BeaconOutput:
+    """Result of reading one input.
+
+    Attributes:
+        last_logits: (V,) next-token logits after the last token.
+        token_logprobs: (L-1,) float32 log p(token i+1 | context up to i) for every raw token of the input
+            (``None`` when not requested). With ``labels``, targets are ``labels[i+1]`` and ignored ones are NaN.
+        argmax_next: (L,) argmax of the logits at every raw token (``None`` when scores were not requested).
+        loss: mean negative log-likelihood over the scored targets (keeps the graph when training).
+        logits: (L, V) all logits, only with ``return_logits=True``.
+        cache: the cache holding the condensed context.
+    """
+
+    last_logits: torch.Tensor
+    cache: BeaconCache
+    token_logprobs: torch.Tensor | None = None
+    argmax_next: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    n_targets: int = 0
+
+
+class BeaconModel:
+    """Activation Beacon around a Llama-family ``*ForCausalLM`` (Llama 2/3, Mistral, Qwen2, SmolLM2).
+
+    Build it with :meth:`attach` (fresh beacons), :func:`beacon_llm.from_pretrained` (official checkpoint or base +
+    adapter). ``model`` is the transformers model carrying the beacon modules; ``config`` the beacon config.
+    """
+
+    def __init__(self, model: nn.Module, config: BeaconConfig, tokenizer: object | None = None) -> None:
+        _compat.check_llama_shaped(model)
+        if not hasattr(model.model, "beacon_embed_tokens"):
+            raise ValueError("the model carries no beacon modules; use BeaconModel.attach(model, config)")
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self._enabled = True
+        self.max_positions = _compat.max_positions(model.config)
+        if self.max_positions <= config.window:
+            raise ValueError(
+                f"beacon_window={config.window} must be smaller than the model's "
+                f"max_position_embeddings={self.max_positions}"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def attach(cls, model: nn.Module, config: BeaconConfig | None = None, tokenizer: object | None = None) -> BeaconModel:
+        """Add freshly initialised beacons to a base model (copies of its projections, eos/bos embedding)."""
+        _compat.check_llama_shaped(model)
+        config = config or BeaconConfig()
+        attach_beacon_modules(model, config)
+        return cls(model, config, tokenizer)
+
+    def detach(self) -> nn.Module:
+        """Remove the beacon modules and return the plain base model (bit-identical to before attaching)."""
+        detach_beacon_modules(self.model)
+        return self.model
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[BeaconModel]:
+        """Within the block, :meth:`forward` / :meth:`generate` run the plain base model (full attention)."""
+        previous = self._enabled
+        self._enabled = False
+        try:
+            yield self
+        finally:
+            self._enabled = previous
+
+    def mark_only_beacon_trainable(self) -> int:
+        return mark_only_beacon_trainable(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.model.embed_tokens.weight.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.model.layers)
+
+    def new_cache(
+        self, *, generator: np.random.Generator | None = None, seed: int = 42, trace: bool = False
+    ) -> BeaconCache:
+        """A fresh, empty cache for this model."""
+        return BeaconCache(self.config, self.num_layers, generator=generator, seed=seed, trace=trace)
+
+    def _fingerprint(self) -> tuple:
+        c = self.model.config
+        attn = self.model.model.layers[0].self_attn
+        return (c.model_type, self.num_layers, attn.head_dim, attn.k_proj.out_features, str(self.dtype))
+
+    # ------------------------------------------------------------------ input checks
+    def _as_ids(self, input_ids: object, attention_mask: object = None) -> torch.Tensor:
+        if isinstance(input_ids, (list, tuple)):
+            if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in input_ids):
+                raise TypeError("input_ids must be a list of ints or a LongTensor of shape (L,) or (1, L)")
+            input_ids = torch.tensor(list(input_ids), dtype=torch.long)
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a LongTensor or a list of ints, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() == 2:
+            if input_ids.shape[0] != 1:
+                raise ValueError(
+                    f"batch size {input_ids.shape[0]} is not supported: Activation Beacon streams one sequence; "
+                    "run one call (with its own cache) per sequence"
+                )
+            input_ids = input_ids[0]
+        elif input_ids.dim() != 1:
+            raise ValueError(f"input_ids must have shape (L,) or (1, L), got {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask)
+            if mask.numel() != input_ids.numel() or not bool((mask == 1).all()):
+                raise ValueError("attention_mask must be all ones: padding is not supported (batch size 1 only)")
+        if input_ids.numel() > 0:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, {self.vocab_size}); "
+                    "check the tokenizer matches the model"
+                )
+        return input_ids.to(device=self.device, dtype=torch.long)
+
+    def _check_capacity(self, cache: BeaconCache, stream_total: int) -> None:
+        cfg, st = self.config, cache.state
+        if len(cfg.ratios) == 1:
+            ratio = cfg.ratios[0]
+        elif st.fixed_ratio is not None:
+            ratio = st.fixed_ratio
+        elif cfg.is_adaptive:
+            ratio = adaptive_ratio(cfg.ratios, stream_total + cfg.adapt_extra, self.max_positions, cfg.window)
+        else:
+            ratio = min(cfg.ratios)
+        capacity = ratio_capacity(ratio, self.max_positions, cfg.window)
+        if stream_total <= capacity:
+            return
+        fit = smallest_fitting_power_of_two(stream_total, self.max_positions, cfg.window)
+        raise ValueError(
+            f"the context would hold {stream_total} tokens, beyond the capacity of compression ratio {ratio}: "
+            f"(max_position_embeddings {self.max_positions} - window {cfg.window}) x {ratio} + {cfg.window} = "
+            f"{capacity} tokens. A ratio of {fit} would fit: configure ratios including {fit} "
+            f"(e.g. ratio_mix='adapt-1024'), or shorten the input"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: object,
+        cache: BeaconCache | None = None,
+        *,
+        attention_mask: object = None,
+        labels: object = None,
+        return_token_logprobs: bool = True,
+        return_logits: bool = False,
+    ) -> BeaconOutput:
+        """Read ``input_ids`` (any length) into ``cache``, window by window.
+
+        Args:
+            input_ids: (L,) or (1, L) token ids, appended to whatever ``cache`` already read.
+            cache: a cache to continue; a new one is created when None (returned in the output).
+            labels: optional (L,) / (1, L) targets for training (``-100`` = ignored); token i is scored on
+                ``labels[i+1]`` across window boundaries (spec §3.10).
+            return_token_logprobs: score every raw token (log-prob of its successor) and its argmax.
+            return_logits: also return the (L, V) logits (for short inputs only).
+        """
+        ids = self._as_ids(input_ids, attention_mask)
+        if cache is None:
+            cache = self.new_cache()
+        if not self._enabled:
+            return self._plain_forward(ids, cache, labels, return_logits)
+        cache.acquire()
+        snapshot = cache._snapshot()
+        try:
+            return self._forward(ids, cache, labels, return_token_logprobs, return_logits)
+        except BaseException:
+            cache._restore(snapshot)  # an error or interrupt never leaves a half-updated cache
+            raise
+        finally:
+            cache.release()
+
+    __call__ = forward
+
+    def _targets(self, ids: torch.Tensor, labels: object) -> torch.Tensor:
+        if labels is None:
+            return ids
+        lab = torch.as_tensor(labels, device=ids.device).long().reshape(-1)
+        if lab.numel() != ids.numel():
+            raise ValueError(f"labels has {lab.numel()} entries but input_ids has {ids.numel()}")
+        return lab
+
+    def _forward(
+        self, ids: torch.Tensor, cache: BeaconCache, labels: object, want_scores: bool, want_logits: bool
+    ) -> BeaconOutput:
+        fp = self._fingerprint()
+        if cache.fingerprint is not None and cache.fingerprint != fp:
+            raise ValueError(f"this cache was built by a different model {cache.fingerprint}, not {fp}")
+        cache.fingerprint = fp
+        st = cache.state
+        if st.pending:  # the last generated token, not fed yet (see generation.generate)
+            if labels is not None:
+                labels = torch.cat([torch.full((len(st.pending),), -100), torch.as_tensor(labels).reshape(-1).cpu()])
+            ids = torch.cat([torch.tensor(st.pending, device=ids.device, dtype=torch.long), ids])
+            st.pending = []
+        n = int(ids.numel())
+        if n == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        stream_total = st.n_seen + n
+        self._check_capacity(cache, stream_total)
+        targets = self._targets(ids, labels)
+        score = want_scores or labels is not None
+        grad = torch.is_grad_enabled() and self.model.training
+        logprob_parts: list[torch.Tensor] = []
+        argmax_parts: list[torch.Tensor] = []
+        logit_parts: list[torch.Tensor] = []
+        loss_sum: torch.Tensor | None = None
+        n_targets = 0
+        last_logits = None
+        pos = 0
+        with torch.set_grad_enabled(grad):
+            while pos < n:
+                plan = self._plan(cache, n - pos, stream_total)
+                raw_hidden = self._run_step(cache, ids[pos : pos + plan.n_raw], plan)  # (n_raw, Dm)
+                rows_end = pos + plan.n_raw
+                if score or want_logits:
+                    tgt = targets[pos + 1 : rows_end + 1]  # (<= n_raw,)
+                    for start in range(0, plan.n_raw, _SCORE_CHUNK):
+                        h = raw_hidden[start : start + _SCORE_CHUNK]
+                        logits = self.model.lm_head(h).float()  # (c, V)
+                        logp = torch.log_softmax(logits, dim=-1)
+                        t = tgt[start : start + h.shape[0]]
+                        picked = logp[: t.numel()].gather(1, t.clamp(min=0)[:, None]).squeeze(1)  # (c,)
+                        valid = t >= 0 if labels is not None else torch.ones_like(t, dtype=torch.bool)
+                        picked = torch.where(valid, picked, torch.full_like(picked, float("nan")))
+                        contrib = -picked[valid].sum()
+                        loss_sum = contrib if loss_sum is None else loss_sum + contrib
+                        n_targets += int(valid.sum())
+                        logprob_parts.append(picked.detach())
+                        argmax_parts.append(logits.argmax(-1).detach())
+                        if want_logits:
+                            logit_parts.append(logits.detach())
+                        last_logits = logits[-1]
+                else:
+                    last_logits = self.model.lm_head(raw_hidden[-1:]).float()[0]
+                pos = rows_end
+        cache.last_logits = last_logits.detach()
+        loss = None
+        if loss_sum is not None and n_targets > 0:
+            loss = loss_sum / n_targets
+        return BeaconOutput(
+            last_logits=last_logits.detach() if not grad else last_logits,
+            cache=cache,
+            token_logprobs=torch.cat(logprob_parts).cpu() if logprob_parts else None,
+            argmax_next=torch.cat(argmax_parts).cpu() if argmax_parts else None,
+            loss=loss,
+            logits=torch.cat(logit_parts) if logit_parts else None,
+            n_targets=n_targets,
+        )
+
+    def _plan(self, cache: BeaconCache, remaining: int, stream_total: int) -> StepPlan:
+        cfg, st = self.config, cache.state
+        raw_in_window = cache.raw_in_window
+        opens_window = raw_in_window == 0 if cfg.interleave else remaining >= cfg.window - raw_in_window
+        if cfg.interleave and not opens_window:
+            ratio = st.window_ratio
+        elif opens_window:
+            ratio, st.fixed_ratio = pick_ratio(
+                cfg,
+                n_steps=st.n_steps,
+                n_windows=st.n_windows,
+                fixed=st.fixed_ratio,
+                stream_total=stream_total,
+                max_positions=self.max_positions,
+                rng=cache.generator,
+            )
+            st.window_ratio = ratio
+        else:
+            ratio = 0
+        return plan_step(cfg, raw_in_window=raw_in_window, remaining=remaining, ratio=ratio, remainder=st.remainder)
+
+    def _rotary(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.model.rotary_emb(like, positions.to(like.device)[None])  # (1, T, D) each
+
+    def _attention_setup(self, visible: torch.Tensor, like: torch.Tensor) -> tuple[object, torch.Tensor | None, bool]:
+        impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        fn = _compat.attention_function(impl)
+        if impl.startswith("flash_attention"):
+            if not (self.config.era == "v3" and self.config.attn == "full-coverage"):
+                raise ValueError(
+                    f"{impl} cannot take the custom beacon mask of beacon_attn={self.config.attn!r} "
+                    f"(era {self.config.era}); use attn_implementation='sdpa' or 'eager'"
+                )
+            return fn, None, visible.shape[0] > 1
+        if bool(visible.all()) and visible.shape[0] == 1:
+            return fn, None, False
+        mask = visible.to(like.device)[None, None]  # (1, 1, T, K)
+        if impl == "eager":
+            additive = torch.zeros(mask.shape, dtype=like.dtype, device=like.device)
+            mask = additive.masked_fill(~mask, torch.finfo(like.dtype).min)
+        return fn, mask, False
+
+    def _run_step(self, cache: BeaconCache, raw_ids: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Feed one window chunk through every layer; update ``cache``; return final-normed raw hidden states."""
+        cfg, st = self.config, cache.state
+        inner = self.model.model
+        flags = plan.is_beacon
+        window_flags = st.window_flags + flags
+        n_cached = len(st.window_flags)
+        mem_len = cache.memory_length
+        positions = window_positions(cfg, window_flags, plan.ratio, mem_len)  # (R + T,)
+        visible = window_visibility(cfg, window_flags, plan.ratio, plan.n_input, mem_len)  # (T, M + R + T)
+
+        flag_t = torch.tensor(flags, dtype=torch.bool, device=self.device)  # (T,)
+        beacon_rows = flag_t.nonzero().squeeze(1) if plan.n_beacons else None  # (n_beacon,)
+        raw_rows = (~flag_t).nonzero().squeeze(1)  # (n_raw,)
+        tok = torch.zeros(plan.n_input, dtype=torch.long, device=self.device)
+        tok = tok.index_copy(0, raw_rows, raw_ids)  # (T,)
+        hidden = inner.embed_tokens(tok[None])  # (1, T, Dm)
+        if beacon_rows is not None:
+            b = inner.beacon_embed_tokens.weight.expand(beacon_rows.numel(), -1)  # (n_beacon, Dm)
+            hidden = hidden.index_copy(1, beacon_rows, b[None].to(hidden.dtype))
+        cos_q, sin_q = self._rotary(hidden, positions[n_cached:])
+        cos_w = sin_w = None
+        if n_cached:
+            cos_w, sin_w = self._rotary(hidden, positions[:n_cached])
+        fn, mask, is_causal = self._attention_setup(visible, hidden)
+        step = StepTensors(beacon_rows, cos_q, sin_q, cos_w, sin_w, mask, fn, is_causal)
+
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        for i, layer in enumerate(inner.layers):
+            hidden, k, v = layer_step(
+                layer, hidden, step, cache.mem_k[i], cache.mem_v[i], cache.win_k[i], cache.win_v[i]
+            )
+            new_k.append(k)
+            new_v.append(v)
+        raw_hidden = inner.norm(hidden)[0].index_select(0, raw_rows)  # (n_raw, Dm)
+
+        if cache.trace is not None:
+            cache.trace.append(
+                StepTrace(
+                    beacon_size=plan.trace_beacon_size,
+                    n_new_tokens=plan.n_raw,
+                    n_input=plan.n_input,
+                    mem_before=mem_len + n_cached,
+                    is_beacon=flags,
+                    positions=tuple(int(p) for p in positions[n_cached:]),
+                )
+            )
+        self._commit(cache, plan, window_flags, new_k, new_v, hidden)
+        return raw_hidden
+
+    def _commit(
+        self,
+        cache: BeaconCache,
+        plan: StepPlan,
+        window_flags: tuple[bool, ...],
+        new_k: Sequence[torch.Tensor],
+        new_v: Sequence[torch.Tensor],
+        like: torch.Tensor,
+    ) -> None:
+        """After a step: grow the open window, or, when it is complete, move its beacons into memory (§3.3-3.4)."""
+        cfg, st = self.config, cache.state
+        st.n_seen += plan.n_raw
+        st.n_steps += 1
+        st.remainder = plan.remainder
+        win_k = [new if old is None else torch.cat([old, new], 2) for old, new in zip(cache.win_k, new_k)]
+        win_v = [new if old is None else torch.cat([old, new], 2) for old, new in zip(cache.win_v, new_v)]
+        if not plan.completes_window:
+            cache.win_k, cache.win_v, st.window_flags = win_k, win_v, window_flags
+            return
+        raw_idx = [i for i, f in enumerate(window_flags) if not f]
+        keep = raw_idx[len(raw_idx) - (cfg.window - cfg.stride) :] if cfg.window > cfg.stride else []
+        if plan.ratio > 0:
+            move = [i for i, f in enumerate(window_flags) if f]
+        else:
+            move = [i for i in raw_idx if i not in set(keep)]
+        n_beacons = len(move)
+        if cfg.sink_size and st.n_sink == 0:
+            sink = raw_idx[: cfg.sink_size]
+            move = sink + [i for i in move if i not in set(sink)]
+            st.n_sink = len(sink)
+        mem_len = cache.memory_length
+        index = torch.tensor(move, dtype=torch.long, device=like.device)
+        cos, sin = self._rotary(like, torch.arange(mem_len, mem_len + len(move)))
+        keep_index = torch.tensor(keep, dtype=torch.long, device=like.device)
+        for i in range(self.num_layers):
+            k_sel = rope(win_k[i].index_select(2, index), cos, sin)  # (B, KVH, n_move, D) at memory positions
+            v_sel = win_v[i].index_select(2, index)
+            mk, mv = cache.mem_k[i], cache.mem_v[i]
+            cache.mem_k[i] = k_sel if mk is None else torch.cat([mk, k_sel], 2)
+            cache.mem_v[i] = v_sel if mv is None else torch.cat([mv, v_sel], 2)
+            cache.win_k[i] = win_k[i].index_select(2, keep_index) if keep else None
+            cache.win_v[i] = win_v[i].index_select(2, keep_index) if keep else None
+        st.window_flags = (False,) * len(keep)
+        st.n_windows += 1
+        st.window_sizes.append(n_beacons if plan.ratio > 0 else -1)
+
+    # ------------------------------------------------------------------ plain path
+    def _plain_forward(self, ids: torch.Tensor, cache: BeaconCache, labels: object, want_logits: bool) -> BeaconOutput:
+        """Beacons disabled: the stock model on the whole input (full attention)."""
+        grad = torch.is_grad_enabled() and self.model.training
+        with torch.set_grad_enabled(grad):
+            logits = self.model(input_ids=ids[None]).logits[0].float()  # (L, V)
+        targets = self._targets(ids, labels)[1:]
+        logp = torch.log_softmax(logits[:-1], -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+        valid = targets >= 0
+        loss = -logp[valid].sum() / max(int(valid.sum()), 1) if valid.any() else None
+        return BeaconOutput(
+            last_logits=logits[-1],
+            cache=cache,
+            token_logprobs=torch.where(valid, logp, torch.full_like(logp, math.nan)).detach().cpu(),
+            argmax_next=logits.argmax(-1).cpu(),
+            loss=loss,
+            logits=logits.detach() if want_logits else None,
+            n_targets=int(valid.sum()),
+        )
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: object = None, **kwargs: object) -> object:
+        """Greedy / sampled generation from a condensed context; see :func:`beacon_llm.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)

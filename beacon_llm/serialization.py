@@ -1,0 +1,225 @@
+"""Loading and saving: official checkpoints, beacon-only adapters, condensed caches (safetensors + JSON only)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import _compat
+from .cache import BeaconCache
+from .config import CONFIG_NAME, BeaconConfig
+from .layers import beacon_state_dict, is_beacon_parameter
+from .model import BeaconModel
+
+ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
+CACHE_FORMAT = "beacon-llm-cache/1"
+
+
+def _resolve(path_or_id: str) -> str:
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise ValueError(f"{path_or_id!r} is a file; give the checkpoint folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # offline, unknown repo, auth
+        raise ValueError(
+            f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub ({exc}); "
+            "download it first and pass the folder"
+        ) from exc
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    files = sorted(str(p) for p in Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {folder}; only safetensors checkpoints are loaded")
+    return files
+
+
+def _read_beacon_tensors(files: list[str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as handle:
+            for key in handle.keys():
+                if is_beacon_parameter(key):
+                    out[key] = handle.get_tensor(key)
+    return out
+
+
+@torch.no_grad()
+def load_beacon_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy beacon tensors into the attached modules; missing or unexpected keys are an error."""
+    expected = beacon_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"beacon weights in {source} do not match the beacon config: missing {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''} ({len(missing)}), unexpected {unexpected[:6]}"
+            f"{' ...' if len(unexpected) > 6 else ''} ({len(unexpected)}). Check beacon_param / the base model"
+        )
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        target = params[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in {source} != model shape {tuple(target.shape)}")
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def from_pretrained(
+    path_or_id: str,
+    *,
+    adapter: str | None = None,
+    beacon_config: BeaconConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    attn_implementation: str = "sdpa",
+    tokenizer: bool = True,
+    **beacon_overrides: Any,
+) -> BeaconModel:
+    """Load a beacon model.
+
+    * an official beacon checkpoint (``config.json`` with ``beacon_*`` keys + safetensors holding the beacon
+      tensors), e.g. ``namespace-Pt/beacon-qwen-2-7b-instruct``: base and beacon weights from the same folder;
+    * a base model plus ``adapter=`` (a folder written by :func:`save_adapter`);
+    * a base model plus ``beacon_config=``: fresh beacons (initialised from the base weights).
+
+    ``beacon_overrides`` are official ``beacon_*`` keys applied on top of the checkpoint config (e.g.
+    ``beacon_ratio=[8]``). Remote code is never executed.
+    """
+    folder = _resolve(path_or_id)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        raw_config = json.load(f)
+    has_beacon_config = any(k.startswith("beacon_") for k in raw_config)
+    if adapter is not None:
+        adapter_folder = _resolve(adapter)
+        with open(os.path.join(adapter_folder, CONFIG_NAME), encoding="utf-8") as f:
+            bcfg = BeaconConfig.from_dict(json.load(f), **beacon_overrides)
+    elif beacon_config is not None:
+        bcfg = beacon_config
+    elif has_beacon_config:
+        bcfg = BeaconConfig.from_dict(raw_config, **beacon_overrides)
+    else:
+        raise ValueError(
+            f"{path_or_id!r} is a plain model (no beacon_* keys in config.json); pass adapter=... (trained beacons) "
+            "or beacon_config=BeaconConfig(...) (fresh, untrained beacons)"
+        )
+    hf_config = _compat.load_base_config(folder, attn_implementation=attn_implementation)
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    base = _compat.load_base_model(folder, hf_config, **kwargs)
+    tok = None
+    if tokenizer:
+        tok = _compat.load_tokenizer(folder)
+    bm = BeaconModel.attach(base, bcfg, tok)
+    if adapter is not None:
+        files = [os.path.join(_resolve(adapter), ADAPTER_WEIGHTS_NAME)]
+        load_beacon_weights(base, load_file(files[0]), files[0])
+    elif beacon_config is None:
+        load_beacon_weights(base, _read_beacon_tensors(_safetensors_files(folder)), folder)
+    base.eval()
+    return bm
+
+
+def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = None) -> None:
+    """Write only the beacon weights (``beacon_model.safetensors``) and ``beacon_config.json``."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
+        for k, v in beacon_state_dict(bm.model).items()
+    }
+    c = bm.model.config
+    save_file(
+        tensors,
+        os.path.join(folder, ADAPTER_WEIGHTS_NAME),
+        metadata={"format": "pt", "base_model_type": str(c.model_type), "base_name_or_path": str(c._name_or_path)},
+    )
+    bm.config.to_json_file(os.path.join(folder, CONFIG_NAME))
+
+
+def load_adapter(model: nn.Module, folder: str, tokenizer: object | None = None) -> BeaconModel:
+    """Attach the beacons saved in ``folder`` (by :func:`save_adapter`) to an already loaded base model."""
+    bcfg = BeaconConfig.from_json_file(os.path.join(folder, CONFIG_NAME))
+    bm = BeaconModel.attach(model, bcfg, tokenizer)
+    path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    load_beacon_weights(model, load_file(path), path)
+    return bm
+
+
+# ---------------------------------------------------------------------- condensed caches
+def save_cache(cache: BeaconCache, path: str, *, extra: dict[str, Any] | None = None) -> None:
+    """Write a cache as one safetensors file; scheduling state and ``extra`` go into its JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ("mem_k", "mem_v", "win_k", "win_v"):
+        for i, t in enumerate(getattr(cache, name)):
+            if t is not None:
+                tensors[f"{name}.{i}"] = t.detach().cpu().contiguous()
+    if cache.last_logits is not None:
+        tensors["last_logits"] = cache.last_logits.detach().cpu().contiguous()
+    st = cache.state
+    meta = {
+        "format": CACHE_FORMAT,
+        "config": {**cache.config.to_dict(), "beacon_era": cache.config.era},
+        "num_layers": cache.num_layers,
+        "fingerprint": list(cache.fingerprint) if cache.fingerprint else None,
+        "state": {
+            "n_seen": st.n_seen, "n_steps": st.n_steps, "n_windows": st.n_windows, "n_sink": st.n_sink,
+            "window_ratio": st.window_ratio, "remainder": st.remainder, "fixed_ratio": st.fixed_ratio,
+            "window_flags": [int(f) for f in st.window_flags], "window_sizes": st.window_sizes,
+            "pending": st.pending,
+        },  # fmt: skip
+        "generator": cache.generator.bit_generator.state,
+        "extra": extra or {},
+    }
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata={"beacon_cache": json.dumps(meta, default=int)})
+    os.replace(tmp, path)  # never leave a half-written cache behind
+
+
+def load_cache(path: str, bm: BeaconModel) -> tuple[BeaconCache, dict[str, Any]]:
+    """Read a cache written by :func:`save_cache` for ``bm``; raises ``ValueError`` if it is corrupt or foreign."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            meta = json.loads(handle.metadata()["beacon_cache"])
+        tensors = load_file(path)
+    except Exception as exc:
+        raise ValueError(f"cache file {path} is unreadable ({exc})") from exc
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"cache file {path} has format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    cfg = BeaconConfig.from_dict(meta["config"])
+    if cfg != bm.config or meta["num_layers"] != bm.num_layers:
+        raise ValueError(f"cache file {path} was written with another beacon config or model")
+    fp = tuple(meta["fingerprint"]) if meta["fingerprint"] else None
+    if fp is not None and fp != bm._fingerprint():
+        raise ValueError(f"cache file {path} was written by model {fp}, not {bm._fingerprint()}")
+    cache = bm.new_cache()
+    s = meta["state"]
+    st = cache.state
+    st.n_seen, st.n_steps, st.n_windows, st.n_sink = s["n_seen"], s["n_steps"], s["n_windows"], s["n_sink"]
+    st.window_ratio, st.remainder, st.fixed_ratio = s["window_ratio"], s["remainder"], s["fixed_ratio"]
+    st.window_flags = tuple(bool(f) for f in s["window_flags"])
+    st.window_sizes, st.pending = list(s["window_sizes"]), list(s["pending"])
+    cache.generator.bit_generator.state = meta["generator"]
+    cache.fingerprint = fp
+    for name in ("mem_k", "mem_v", "win_k", "win_v"):
+        getattr(cache, name)[:] = [
+            tensors[f"{name}.{i}"].to(device=bm.device, dtype=bm.dtype) if f"{name}.{i}" in tensors else None
+            for i in range(bm.num_layers)
+        ]
+    if "last_logits" in tensors:
+        cache.last_logits = tensors["last_logits"].to(bm.device)
+    if cache.window_length != (0 if cache.win_k[0] is None else cache.win_k[0].shape[2]):
+        raise ValueError(f"cache file {path} is inconsistent (window layout vs tensors)")
+    return cache, meta.get("extra", {})
