@@ -105,3 +105,27 @@ def load_tokenizer(path: str) -> object | None:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         return None
+
+
+def logits_processors(
+    do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float | None
+) -> list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """transformers' own logits processors/warpers, in the order ``generate`` applies them."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    out: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if do_sample:
+        if temperature != 1.0:
+            out.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            out.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p))
+    return out

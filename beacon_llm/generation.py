@@ -1,0 +1,150 @@
+"""Token-by-token generation from a condensed context (spec §3.9).
+
+Each generated token is fed through the same streaming memory as the context (one 1-token step, or a
+[token, beacon] pair when interleaving), exactly like the official ``generate``. The last generated token is
+not fed (as in the official code); the cache keeps it as *pending* and feeds it first on the next call, so a
+conversation continues seamlessly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._compat import logits_processors
+
+if TYPE_CHECKING:
+    from .cache import BeaconCache
+    from .model import BeaconModel
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences`` (1, L + N) prompt + new ids; ``new_tokens`` the N new ids; ``text`` decoded new text (cut
+    before a stop string) when a tokenizer is known; ``finish_reason`` one of "eos", "stop", "length"."""
+
+    sequences: torch.Tensor
+    new_tokens: list[int]
+    finish_reason: str
+    cache: BeaconCache
+    text: str | None = None
+
+
+def _eos_ids(bm: BeaconModel, eos_token_id: int | Sequence[int] | None) -> set[int]:
+    if eos_token_id is None:
+        gen = getattr(bm.model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(bm.model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(i) for i in eos_token_id}
+
+
+def generate(
+    bm: BeaconModel,
+    input_ids: Any = None,
+    *,
+    attention_mask: Any = None,
+    cache: BeaconCache | None = None,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    streamer: Any = None,
+    generator: torch.Generator | None = None,
+    return_dict_in_generate: bool = False,
+) -> torch.Tensor | GenerateOutput:
+    """Generate up to ``max_new_tokens`` after ``input_ids`` (appended to ``cache`` if given).
+
+    Works like ``transformers`` ``generate(**tokenizer(text, return_tensors="pt"), ...)``: returns the (1, L + N)
+    ids, or a :class:`GenerateOutput` with ``return_dict_in_generate=True`` (which also carries the cache).
+    ``streamer`` follows the transformers streamer protocol (``put(ids)`` / ``end()``), e.g. ``TextStreamer``.
+    ``input_ids=None`` continues from what ``cache`` already holds.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 0")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")
+    tokenizer = tokenizer if tokenizer is not None else bm.tokenizer
+    stops = [s for s in (stop_strings or []) if s]
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer: pass tokenizer=... or load the model with one")
+    cache = cache if cache is not None else bm.new_cache()
+    if not bm._enabled:
+        raise RuntimeError("generate() is not available inside disabled(); call bm.model.generate for the base model")
+
+    if input_ids is not None:
+        prompt = bm._as_ids(input_ids, attention_mask)
+        logits = bm.forward(prompt, cache, return_token_logprobs=False).last_logits
+    else:
+        prompt = torch.empty(0, dtype=torch.long, device=bm.device)
+        if cache.state.pending:
+            pending = list(cache.state.pending)
+            cache.state.pending = []
+            logits = bm.forward(pending, cache, return_token_logprobs=False).last_logits
+        elif cache.last_logits is None:
+            raise ValueError("input_ids=None but the cache holds no context: give a prompt")
+        else:
+            logits = cache.last_logits
+    if streamer is not None:
+        streamer.put(prompt.cpu()[None])
+    processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+    eos = _eos_ids(bm, eos_token_id)
+    history = prompt.cpu().tolist()
+    new_tokens: list[int] = []
+    finish = "length"
+    text = None
+    for step in range(max_new_tokens):
+        scores = logits.float()[None]  # (1, V)
+        context = torch.tensor([history + new_tokens], dtype=torch.long)
+        for proc in processors:
+            scores = proc(context.to(scores.device), scores)
+        if do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator)[0, 0])
+        else:
+            token = int(scores.argmax(-1)[0])
+        new_tokens.append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        if token in eos:
+            finish = "eos"
+            break
+        if stops:
+            decoded = tokenizer.decode(new_tokens, skip_special_tokens=True)
+            hit = [decoded.find(s) for s in stops if s in decoded]
+            if hit:
+                finish = "stop"
+                text = decoded[: min(hit)]
+                break
+        if step + 1 == max_new_tokens:
+            break
+        logits = bm.forward([token], cache, return_token_logprobs=False).last_logits
+    cache.state.pending = [new_tokens[-1]]  # fed first by the next call on this cache
+    cache.last_logits = None
+    if streamer is not None:
+        streamer.end()
+    if text is None and tokenizer is not None:
+        body = new_tokens[:-1] if finish == "eos" else new_tokens
+        text = tokenizer.decode(body, skip_special_tokens=True)
+    sequences = torch.tensor([history + new_tokens], dtype=torch.long)
+    if return_dict_in_generate:
+        return GenerateOutput(sequences, new_tokens, finish, cache, text)
+    return sequences

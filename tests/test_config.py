@@ -1,0 +1,98 @@
+import json
+
+import pytest
+from conftest import FIXTURES
+
+from beacon_llm import BeaconConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"window": 64, "stride": 100, "era": "v2", "pos": "append", "attn": "step-expansion"},
+         "beacon_stride=100 exceeds beacon_window=64"),
+        ({"window": 128, "stride": 100, "ratios": (8,), "era": "v2", "pos": "append", "attn": "step-expansion"},
+         "beacon_stride=100 is not divisible by ratio 8"),
+        ({"window": 64, "ratios": (3,)}, "beacon_stride=64 is not divisible by ratio 3"),
+        ({"window": 64, "stride": 32}, "only supported in era v2"),
+        ({"attn": "sliding"}, "beacon_attn='sliding' is not one of"),
+        ({"pos": "prepend"}, "beacon_pos='prepend' is not one of"),
+        ({"ratio_mix": "adapt-x"}, "beacon_ratio_mix='adapt-x' is not one of"),
+        ({"ratio_mix": "bm25"}, "beacon_ratio_mix='bm25'"),
+        ({"param": ("q", "mlp")}, "beacon_param"),
+        ({"ratios": ()}, "at least one ratio"),
+        ({"ratios": (-2,)}, "must be an int >= 0"),
+        ({"ratios": (2048,), "window": 1024}, "exceeds beacon_stride=1024"),
+        ({"window": 0}, "beacon_window=0 must be positive"),
+        ({"window": 1.5}, "must be an int"),
+        ({"pos": "interleave", "attn": "segmentation"}, "cannot be combined"),
+        ({"pos": "interleave", "attn": "step-expansion", "attend_prev": True}, "requires beacon_attend_prev=False"),
+        ({"era": "v2", "pos": "interleave"}, "era v2 only appends"),
+        ({"era": "v2", "pos": "append", "attend_prev": True}, "era-v3 key"),
+        ({"era": "v3", "attend_previous": True}, "era-v2 key"),
+        ({"era": "v2", "pos": "append", "sink_size": 1}, "no attention sink"),
+        ({"sink_size": -1}, "beacon_sink_size=-1"),
+        ({"era": "v4"}, "era='v4'"),
+        ({"embed_init": "pad"}, "beacon_embed_init='pad'"),
+    ],
+)  # fmt: skip
+def test_invalid_configs_name_value_and_rule(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        BeaconConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BeaconConfig(),
+        BeaconConfig(window=2048, ratios=(2, 4, 8, 16, 32), ratio_mix="adapt-1024", param=("q", "k", "v")),
+        BeaconConfig(era="v2", pos="append", attn="segmentation", window=64, stride=32, ratios=(0, 2, 4),
+                     ratio_mix="sequence", attend_previous=False, param=("q", "k", "v", "o")),
+        BeaconConfig(pos="append", attn="step-expansion", attend_prev=False, sink_size=1, embed_init="bos"),
+    ],
+)  # fmt: skip
+def test_json_round_trip(config, tmp_path):
+    path = tmp_path / "beacon_config.json"
+    config.to_json_file(path)
+    assert BeaconConfig.from_json_file(path) == config
+    assert BeaconConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize(
+    "folder,expected",
+    [
+        ("v2_llama", dict(era="v2", window=32, stride=32, attn="step-expansion", pos="append", attend_previous=True,
+                          ratios=(2,), param=("q", "k", "v", "o"))),
+        ("v3_llama", dict(era="v3", window=32, attn="full-coverage", pos="interleave", attend_prev=True,
+                          sink_size=0, param=("q", "k", "v"))),
+        ("v3_qwen2", dict(era="v3", pos="interleave", param=("q", "k", "v"))),
+    ],
+)  # fmt: skip
+def test_reads_official_config_json(folder, expected):
+    with open(f"{FIXTURES}/{folder}/config.json") as f:
+        config = BeaconConfig.from_dict(json.load(f))
+    for key, value in expected.items():
+        assert getattr(config, key) == value
+
+
+def test_official_mistral_style_config_without_beacon_pos_is_append():
+    cfg = BeaconConfig.from_dict({"beacon_window": 2048, "beacon_stride": 2048, "beacon_attn": "step-expansion",
+                                  "beacon_attend_prev": False, "beacon_sink_size": 1, "beacon_ratio": [2, 4, 8],
+                                  "beacon_ratio_mix": "adapt-1024", "beacon_param": ["q", "k", "v", "o"]})  # fmt: skip
+    assert (cfg.era, cfg.pos, cfg.sink_size, cfg.attend_prev) == ("v3", "append", 1, False)
+
+
+@pytest.mark.parametrize(
+    "d,message",
+    [
+        ({"hidden_size": 8}, "no beacon_\\* keys"),
+        ({"beacon_window": 32, "beacon_frobnicate": 1, "beacon_param": []}, "unknown beacon config keys"),
+        ({"beacon_window": 32, "retrieval_method": "bm25", "beacon_param": ["q"]}, "experimental mode"),
+        ({"beacon_window": 32, "beacon_parallel_window": 2, "beacon_param": ["q"]}, "experimental mode"),
+        ({"beacon_window": 32, "beacon_stride": [16, 32]}, "only a single stride"),
+        ({"beacon_window": 32, "beacon_pos": "interleave"}, "no beacon_param"),
+    ],
+)
+def test_from_dict_errors(d, message):
+    with pytest.raises(ValueError, match=message):
+        BeaconConfig.from_dict(d)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from beacon_llm import BeaconConfig
+from beacon_llm.testing import tiny_beacon_model
+
+
+@pytest.fixture(scope="module")
+def bm():
+    return tiny_beacon_model(BeaconConfig(window=16, ratios=(4,)))
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_greedy_equals_a_manual_one_token_loop(bm):
+    prompt = _ids(45)
+    out = bm.generate(prompt[None], max_new_tokens=12, eos_token_id=[])
+    assert out.shape == (1, 45 + 12) and torch.equal(out[0, :45], prompt)
+    cache = bm.new_cache()
+    logits = bm.forward(prompt, cache).last_logits
+    manual = []
+    for _ in range(12):
+        manual.append(int(logits.argmax()))
+        logits = bm.forward([manual[-1]], cache).last_logits
+    assert out[0, 45:].tolist() == manual
+
+
+def test_transformers_style_call_with_tokenizer_inputs(bm):
+    tok = bm.tokenizer
+    inputs = tok("The whole book, read once.", return_tensors="pt")
+    out = bm.generate(**inputs, max_new_tokens=5, eos_token_id=[])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+
+
+def test_sampling_is_reproducible_with_a_generator_and_varies_without(bm):
+    prompt = _ids(30, 1)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2,
+              eos_token_id=[])  # fmt: skip
+    a = bm.generate(prompt, generator=torch.Generator().manual_seed(0), **kw)
+    b = bm.generate(prompt, generator=torch.Generator().manual_seed(0), **kw)
+    c = bm.generate(prompt, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_eos_stops_and_finish_reason(bm):
+    prompt = _ids(30, 2)
+    free = bm.generate(prompt, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True)
+    stop_at = free.new_tokens[3]
+    first = free.new_tokens.index(stop_at)
+    res = bm.generate(prompt, max_new_tokens=8, eos_token_id=stop_at, return_dict_in_generate=True)
+    assert res.finish_reason == "eos" and res.new_tokens == free.new_tokens[: first + 1]
+    assert free.finish_reason == "length" and len(free.new_tokens) == 8
+
+
+def test_stop_strings_cut_the_text(bm):
+    prompt = _ids(30, 3)
+    free = bm.generate(prompt, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True)
+    stop = free.text[4:6]
+    res = bm.generate(prompt, max_new_tokens=10, eos_token_id=[], stop_strings=[stop], return_dict_in_generate=True)
+    assert res.finish_reason == "stop"
+    assert res.text == free.text[: free.text.find(stop)]
+    assert stop not in res.text
+
+
+def test_streamer_receives_prompt_then_each_token(bm):
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    prompt = _ids(20, 4)
+    out = bm.generate(prompt, max_new_tokens=5, eos_token_id=[], streamer=rec)
+    assert rec.puts[0] == prompt.tolist()
+    assert [p[0] for p in rec.puts[1:]] == out[0, 20:].tolist()
+    assert rec.ended
+
+
+def test_conversation_continues_with_the_pending_token(bm):
+    """Turn 2 on the kept cache == reading turn 1 + answer 1 + turn 2 in one go."""
+    t1, t2 = _ids(25, 5), _ids(9, 6)
+    cache = bm.new_cache()
+    a1 = bm.generate(t1, cache=cache, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True)
+    assert cache.state.pending == [a1.new_tokens[-1]]
+    a2 = bm.generate(t2, cache=cache, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True)
+    whole = torch.cat([t1, torch.tensor(a1.new_tokens), t2])
+    ref = bm.generate(whole, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True)
+    assert a2.new_tokens == ref.new_tokens
+    assert cache.n_seen == 25 + 6 + 9 + 5

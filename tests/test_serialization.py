@@ -1,0 +1,113 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import beacon_llm
+from beacon_llm import BeaconConfig
+from beacon_llm.testing import tiny_base_model, tiny_beacon_model
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 100, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapter_holds_only_beacon_tensors_and_round_trips(tmp_path):
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4), ratio_mix="adapt-16", param=("q", "k", "v", "o")))
+    beacon_llm.save_adapter(bm, tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / "beacon_model.safetensors")
+    assert set(tensors) == {"model.beacon_embed_tokens.weight"} | {
+        f"model.layers.{i}.self_attn.beacon_{p}_proj.weight" for i in range(2) for p in "qkvo"
+    }
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["beacon_config.json", "beacon_model.safetensors"]
+    again = beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "adapter"))
+    assert again.config == bm.config
+    ids = _ids(80)
+    with torch.no_grad():
+        assert torch.equal(again.forward(ids).token_logprobs, bm.forward(ids).token_logprobs)
+
+
+def _write_checkpoint(bm, folder):
+    """An official-format checkpoint: config.json with beacon_* keys + one safetensors with every tensor."""
+    os.makedirs(folder)
+    config = bm.model.config.to_dict()
+    config.update(bm.config.to_dict())
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file({k: v.contiguous() for k, v in bm.model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+
+
+def test_official_format_checkpoint_round_trip(tmp_path):
+    bm = tiny_beacon_model(model_type="qwen2")
+    _write_checkpoint(bm, tmp_path / "ckpt")
+    loaded = beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False)
+    ids = _ids(70)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward(ids).token_logprobs, bm.forward(ids).token_logprobs)
+    over = beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False, beacon_ratio=[8])
+    assert over.config.ratios == (8,)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.pop("model.layers.1.self_attn.beacon_k_proj.weight"), r"missing \['model.layers.1.self_attn.beacon_k"),
+    (lambda t: t.__setitem__("model.layers.0.self_attn.beacon_o_proj.weight", torch.zeros(32, 32)),
+     r"unexpected \['model.layers.0.self_attn.beacon_o_proj"),
+])  # fmt: skip
+def test_checkpoint_with_missing_or_unexpected_beacon_keys_is_an_error(tmp_path, mutate, message):
+    bm = tiny_beacon_model()
+    _write_checkpoint(bm, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(path)
+    mutate(tensors)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=message):
+        beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False)
+
+
+def test_plain_model_folder_needs_an_adapter_or_a_config(tmp_path):
+    base = tiny_base_model()
+    base.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="plain model.*adapter="):
+        beacon_llm.from_pretrained(str(tmp_path / "plain"), tokenizer=False)
+    fresh = beacon_llm.from_pretrained(str(tmp_path / "plain"), tokenizer=False,
+                                       beacon_config=BeaconConfig(window=16, ratios=(4,)))  # fmt: skip
+    emb = fresh.model.model.embed_tokens.weight
+    assert torch.equal(fresh.model.model.beacon_embed_tokens.weight[0], emb[2])  # eos row (spec §4)
+    attn = fresh.model.model.layers[0].self_attn
+    assert torch.equal(attn.beacon_q_proj.weight, attn.q_proj.weight)
+    assert attn.beacon_q_proj.weight.data_ptr() != attn.q_proj.weight.data_ptr()  # a copy, not tied
+
+
+def test_unknown_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a local folder and could not be fetched"):
+        beacon_llm.from_pretrained(str(tmp_path / "nope" / "x"))
+
+
+def test_cache_save_load_continues_identically(tmp_path):
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4, 8), ratio_mix="step-random", sink_size=1))
+    book, question = _ids(75, 1), _ids(6, 2)
+    with torch.no_grad():
+        cache = bm.forward(book).cache
+        beacon_llm.save_cache(cache, str(tmp_path / "book.safetensors"), extra={"title": "t"})
+        loaded, extra = beacon_llm.load_cache(str(tmp_path / "book.safetensors"), bm)
+        assert extra == {"title": "t"}
+        assert loaded.memory_size() == cache.memory_size()
+        a = bm.generate(question, cache=cache, max_new_tokens=8, eos_token_id=[])
+        b = bm.generate(question, cache=loaded, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(a, b)
+
+
+def test_corrupt_or_foreign_cache_file_is_an_error(tmp_path):
+    bm = tiny_beacon_model()
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable"):
+        beacon_llm.load_cache(str(path), bm)
+    with torch.no_grad():
+        cache = bm.forward(_ids(20)).cache
+    beacon_llm.save_cache(cache, str(path))
+    other = tiny_beacon_model(BeaconConfig(window=32, ratios=(4,)))
+    with pytest.raises(ValueError, match="another beacon config"):
+        beacon_llm.load_cache(str(path), other)
