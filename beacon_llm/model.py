@@ -74,7 +74,9 @@ class BeaconModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def attach(cls, model: nn.Module, config: BeaconConfig | None = None, tokenizer: object | None = None) -> BeaconModel:
+    def attach(
+        cls, model: nn.Module, config: BeaconConfig | None = None, tokenizer: object | None = None
+    ) -> BeaconModel:
         """Add freshly initialised beacons to a base model (copies of its projections, eos/bos embedding)."""
         _compat.check_llama_shaped(model)
         config = config or BeaconConfig()
