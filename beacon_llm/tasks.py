@@ -1,0 +1,128 @@
+"""Data for beacon training: slices of plain text / JSONL files and generated long-context tasks.
+
+Generated tasks (passkey, needle, key-value retrieval) follow paper v2 §3 / v3 §4 evaluations: a fact is hidden at a
+random depth of filler text and asked for at the end; only the answer tokens are scored.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IGNORE = -100
+TASKS = ("passkey", "needle", "kv")
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where not scored
+    kind: str
+
+
+def read_corpus(paths: Sequence[str | Path]) -> list[str]:
+    """Texts of ``.txt`` / ``.md`` files and of ``.jsonl`` files (field ``text``, one document per line)."""
+    texts: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file {path} does not exist")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if "text" not in record:
+                            raise ValueError(f"{path}:{n}: JSONL records need a 'text' field")
+                        texts.append(str(record["text"]))
+        else:
+            texts.append(path.read_text(encoding="utf-8"))
+    if not texts:
+        raise ValueError("no training text found in the given files")
+    return texts
+
+
+def _chat(tokenizer, user: str, answer: str) -> tuple[list[int], list[int]]:
+    """Chat-formatted prompt + answer; labels only on the answer (and its end-of-turn token)."""
+    messages = [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        prompt = f"{user}\nAnswer: "
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        a_ids = a_ids + [tokenizer.eos_token_id]
+    return p_ids + a_ids, [IGNORE] * len(p_ids) + a_ids
+
+
+def make_task(kind: str, filler: str, tokenizer, n_tokens: int, rng: np.random.Generator) -> Sample:
+    """A generated retrieval sample of about ``n_tokens`` tokens with the fact at a random depth."""
+    if kind == "passkey":
+        key = str(rng.integers(10000, 99999))
+        fact = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        question, answer = "What is the pass key mentioned in the text above? Answer with the number only.", key
+    elif kind == "needle":
+        city = "".join(rng.choice(list(string.ascii_uppercase), 1)) + "".join(rng.choice(list("aeioulnrst"), 6))
+        num = str(rng.integers(1000, 9999))
+        fact = f" The special magic number of {city} is {num}. "
+        question, answer = f"What is the special magic number of {city}? Answer with the number only.", num
+    elif kind == "kv":
+        pairs = {f"{rng.integers(16**6):06x}": f"{rng.integers(16**6):06x}" for _ in range(8)}
+        key = list(pairs)[int(rng.integers(len(pairs)))]
+        fact = " Key-value table: " + json.dumps(pairs) + " "
+        question, answer = f'In the key-value table above, what is the value of key "{key}"? Answer with it only.', pairs[key]
+    else:
+        raise ValueError(f"unknown task {kind!r}; choose from {TASKS}")
+    tail_ids, tail_labels = _chat(tokenizer, question, answer)
+    fact_ids = tokenizer(fact, add_special_tokens=False)["input_ids"]
+    budget = max(n_tokens - len(tail_ids) - len(fact_ids), 16)
+    filler_ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    if len(filler_ids) < budget:
+        raise ValueError(f"filler text has {len(filler_ids)} tokens, {budget} are needed")
+    start = int(rng.integers(0, len(filler_ids) - budget + 1))
+    body = filler_ids[start : start + budget]
+    depth = int(rng.integers(0, len(body) + 1))
+    ctx = body[:depth] + fact_ids + body[depth:]
+    return Sample(ctx + tail_ids, [IGNORE] * len(ctx) + tail_labels, kind)
+
+
+class SampleStream:
+    """Endless, seeded samples: text slices of ``seq_len`` tokens (LM loss on every token) mixed with generated
+    tasks at ``task_rate``. Its whole state is the numpy generator, so training resumes exactly."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, seq_len: int, *, task_rate: float = 0.0,
+                 tasks: Sequence[str] = TASKS, seed: int = 0) -> None:  # fmt: skip
+        if not 0 <= task_rate <= 1:
+            raise ValueError(f"task_rate={task_rate} must be within [0, 1]")
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.task_rate = task_rate
+        self.tasks = tuple(tasks)
+        self.texts = list(texts)
+        self.token_texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.texts]
+        self.token_texts = [t for t in self.token_texts if len(t) >= 2]
+        if not self.token_texts:
+            raise ValueError("training texts are empty after tokenisation")
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Sample:
+        rng = self.rng
+        if self.task_rate and rng.random() < self.task_rate:
+            kind = self.tasks[int(rng.integers(len(self.tasks)))]
+            source = self.texts[int(rng.integers(len(self.texts)))]
+            return make_task(kind, source, self.tokenizer, self.seq_len, rng)
+        ids = self.token_texts[int(rng.integers(len(self.token_texts)))]
+        if len(ids) <= self.seq_len:
+            return Sample(list(ids), list(ids), "text")
+        start = int(rng.integers(0, len(ids) - self.seq_len + 1))
+        piece = ids[start : start + self.seq_len]
+        return Sample(piece, list(piece), "text")

@@ -1,0 +1,226 @@
+"""Training beacon parameters on a frozen base model (paper v2 §3.1, v3 §3.2 / §4.1; spec §3.10, §5).
+
+Only parameters named ``beacon_*`` are trained; the loss is next-token cross-entropy on raw tokens across all
+windows of a sample with gradients through every window ("no stop gradients"), a compression ratio drawn per
+window from the config's ratio set (``step-random``). It runs through ``accelerate`` (one process, DDP, DeepSpeed
+or FSDP by ``accelerate launch --config_file ...``); checkpoints are safetensors + JSON and resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layers import is_beacon_parameter
+from .model import BeaconModel
+from .serialization import load_beacon_weights, save_adapter
+from .tasks import Sample, SampleStream
+
+logger = logging.getLogger(__name__)
+STATE_NAME = "trainer_state.json"
+OPTIM_NAME = "optimizer.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters (defaults follow the paper: AdamW, lr 5e-5, linear decay, no warmup, batch 8)."""
+
+    output_dir: str
+    steps: int = 100
+    seq_len: int = 2048
+    grad_accum: int = 8  # sequences per optimiser step (beacon forwards take one sequence at a time)
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    task_rate: float = 0.3
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
+    save_every: int = 50
+    seed: int = 0
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} must be 'no', 'bf16' or 'fp16'")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    samples: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class BeaconLoss(nn.Module):
+    """``nn.Module`` face of the beacon forward, so accelerate/DDP wrap it like any model."""
+
+    def __init__(self, bm: BeaconModel) -> None:
+        super().__init__()
+        self.model = bm.model
+        self.bm = bm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        cache = self.bm.new_cache(generator=np.random.default_rng(seed))  # per-sample ratio draws
+        out = self.bm.forward(input_ids, cache, labels=labels, return_token_logprobs=False)
+        if out.loss is None:
+            raise ValueError("a training sample has no scored token")
+        return out.loss
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    return max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                out[f"{names[id(p)]}::{key}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor]):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            prefix = f"{names[id(p)]}::"
+            state = {k[len(prefix) :]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                optimizer.state[p] = state
+
+
+def save_checkpoint(folder: Path, bm: BeaconModel, optimizer, names, stream: SampleStream, state: TrainState) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_adapter(bm, str(tmp))  # fp32 beacon weights + config
+    save_file(_optimizer_tensors(optimizer, names), str(tmp / OPTIM_NAME))
+    with open(tmp / STATE_NAME, "w") as f:
+        json.dump({"state": asdict(state), "data_rng": stream.rng.bit_generator.state}, f, default=int)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in found if (p / STATE_NAME).is_file()]
+    return found[-1] if found else None
+
+
+def train(
+    bm: BeaconModel,
+    stream: SampleStream,
+    cfg: TrainConfig,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    accelerator: Any = None,
+    stop_after: int | None = None,
+) -> TrainState:
+    """Train the beacons of ``bm`` on ``stream``; checkpoints go to ``cfg.output_dir/checkpoint-<step>``.
+
+    With ``resume`` the latest checkpoint there is loaded first (weights, optimiser moments, data position, step).
+    ``stop_after`` ends this run after that many optimiser steps (the schedule still spans ``cfg.steps``), for
+    training in several sittings.
+    Returns the final state (loss history included); the final adapter is written to ``cfg.output_dir/final``.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                                             mixed_precision=cfg.mixed_precision)  # fmt: skip
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bm.mark_only_beacon_trainable()
+    bm.gradient_checkpointing = cfg.gradient_checkpointing
+    params = [p for n, p in bm.model.named_parameters() if p.requires_grad]
+    names = {id(p): n for n, p in bm.model.named_parameters() if is_beacon_parameter(n)}
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = TrainState()
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
+        _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)))
+        saved = json.loads((ckpt / STATE_NAME).read_text())
+        state = TrainState(**saved["state"])
+        stream.rng.bit_generator.state = saved["data_rng"]
+        logger.info("resumed from %s (step %d)", ckpt, state.step)
+    module = BeaconLoss(bm)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    bm.model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or not accelerator.is_main_process,
+               desc="training beacons", unit="step")  # fmt: skip
+    last = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
+    try:
+        while state.step < last:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(state.step, cfg)
+            losses, n_tok = [], 0
+            for _ in range(cfg.grad_accum):
+                sample: Sample = next(stream)
+                ids = torch.tensor(sample.input_ids, device=accelerator.device)
+                labels = torch.tensor(sample.labels, device=accelerator.device)
+                with accelerator.accumulate(module):
+                    loss = module(ids, labels, cfg.seed * 1_000_003 + state.samples)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                losses.append(float(loss.detach()))
+                n_tok += len(sample.input_ids)
+                state.samples += 1
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += n_tok
+            state.elapsed_s += dt
+            record = {"step": state.step, "loss": float(np.mean(losses)), "tokens": state.tokens,
+                      "lr": optimizer.param_groups[0]["lr"], "tok_per_s": n_tok / dt}  # fmt: skip
+            state.history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+            if state.step % cfg.save_every == 0 or state.step == last:
+                if accelerator.is_main_process:
+                    save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, optimizer, names, stream, state)
+    finally:
+        bar.close()
+        bm.model.eval()
+        bm.gradient_checkpointing = False
+    if accelerator.is_main_process and state.step == cfg.steps:
+        save_adapter(bm, str(out_dir / "final"))
+        with open(out_dir / "history.json", "w") as f:
+            json.dump(state.history, f)
+    return state
+
+
+def perplexity(bm: BeaconModel, ids: list[int]) -> float:
+    """exp(mean NLL) of ``ids`` read in one call (for evaluation)."""
+    with torch.no_grad():
+        out = bm.forward(ids)
+    return math.exp(float(out.loss))
