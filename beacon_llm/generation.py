@@ -8,7 +8,7 @@ conversation continues seamlessly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,51 @@ class GenerateOutput:
     finish_reason: str
     cache: BeaconCache
     text: str | None = None
+
+
+class TokenSampler:
+    """Greedy or sampled choice of the next token with transformers' logits processors."""
+
+    def __init__(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 generator: torch.Generator | None = None) -> None:  # fmt: skip
+        self.do_sample = do_sample
+        self.generator = generator
+        self.processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+        self.needs_history = repetition_penalty not in (None, 1.0)
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        scores = logits.float()[None]  # (1, V)
+        if self.processors:
+            context = torch.tensor([history if self.needs_history else history[-1:] or [0]], dtype=torch.long)
+            for proc in self.processors:
+                scores = proc(context.to(scores.device), scores)
+        if self.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            return int(torch.multinomial(probs.cpu(), 1, generator=self.generator)[0, 0])
+        return int(scores.argmax(-1)[0])
+
+
+def iter_tokens(
+    bm: BeaconModel, cache: BeaconCache, logits: torch.Tensor, history: list[int], sampler: TokenSampler,
+    max_new_tokens: int,
+) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` tokens, feeding each one (but the last) back through ``cache``.
+
+    The consumer may stop early; the last yielded token is left *pending* in the cache either way.
+    """
+    produced: list[int] = []
+    try:
+        for step in range(max_new_tokens):
+            token = sampler(logits, history + produced)
+            produced.append(token)
+            yield token
+            if step + 1 < max_new_tokens:
+                logits = bm.forward([token], cache, return_token_logprobs=False).last_logits
+    finally:
+        if produced:
+            cache.state.pending = [produced[-1]]
+            cache.last_logits = None
 
 
 def _eos_ids(bm: BeaconModel, eos_token_id: int | Sequence[int] | None) -> set[int]:
@@ -105,22 +150,14 @@ def generate(
             logits = cache.last_logits
     if streamer is not None:
         streamer.put(prompt.cpu()[None])
-    processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
     eos = _eos_ids(bm, eos_token_id)
     history = prompt.cpu().tolist()
     new_tokens: list[int] = []
     finish = "length"
     text = None
-    for step in range(max_new_tokens):
-        scores = logits.float()[None]  # (1, V)
-        context = torch.tensor([history + new_tokens], dtype=torch.long)
-        for proc in processors:
-            scores = proc(context.to(scores.device), scores)
-        if do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=generator)[0, 0])
-        else:
-            token = int(scores.argmax(-1)[0])
+    sampler = TokenSampler(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+    tokens = iter_tokens(bm, cache, logits, history, sampler, max_new_tokens)
+    for token in tokens:
         new_tokens.append(token)
         if streamer is not None:
             streamer.put(torch.tensor([token]))
@@ -134,11 +171,7 @@ def generate(
                 finish = "stop"
                 text = decoded[: min(hit)]
                 break
-        if step + 1 == max_new_tokens:
-            break
-        logits = bm.forward([token], cache, return_token_logprobs=False).last_logits
-    cache.state.pending = [new_tokens[-1]]  # fed first by the next call on this cache
-    cache.last_logits = None
+    tokens.close()  # leaves the last token pending in the cache
     if streamer is not None:
         streamer.end()
     if text is None and tokenizer is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +119,14 @@ class BeaconModel:
     def num_layers(self) -> int:
         return len(self.model.model.layers)
 
+    @property
+    def capacity(self) -> int:
+        """Most tokens a context can hold within the base model's positions: ``(P - W)·α + W`` for the largest
+        ratio this config may use (the smallest, for random mixes)."""
+        ratios = self.config.ratios
+        ratio = max(ratios) if (len(ratios) == 1 or self.config.is_adaptive) else min(ratios)
+        return ratio_capacity(ratio, self.max_positions, self.config.window)
+
     def new_cache(
         self, *, generator: np.random.Generator | None = None, seed: int = 42, trace: bool = False
     ) -> BeaconCache:
@@ -194,6 +202,7 @@ class BeaconModel:
         labels: object = None,
         return_token_logprobs: bool = True,
         return_logits: bool = False,
+        progress: Callable[[int, BeaconCache], None] | None = None,
     ) -> BeaconOutput:
         """Read ``input_ids`` (any length) into ``cache``, window by window.
 
@@ -204,6 +213,7 @@ class BeaconModel:
                 ``labels[i+1]`` across window boundaries (spec §3.10).
             return_token_logprobs: score every raw token (log-prob of its successor) and its argmax.
             return_logits: also return the (L, V) logits (for short inputs only).
+            progress: called after every window step with (raw tokens read in this step, cache).
         """
         ids = self._as_ids(input_ids, attention_mask)
         if cache is None:
@@ -213,7 +223,7 @@ class BeaconModel:
         cache.acquire()
         snapshot = cache._snapshot()
         try:
-            return self._forward(ids, cache, labels, return_token_logprobs, return_logits)
+            return self._forward(ids, cache, labels, return_token_logprobs, return_logits, progress)
         except BaseException:
             cache._restore(snapshot)  # an error or interrupt never leaves a half-updated cache
             raise
@@ -231,7 +241,13 @@ class BeaconModel:
         return lab
 
     def _forward(
-        self, ids: torch.Tensor, cache: BeaconCache, labels: object, want_scores: bool, want_logits: bool
+        self,
+        ids: torch.Tensor,
+        cache: BeaconCache,
+        labels: object,
+        want_scores: bool,
+        want_logits: bool,
+        progress: Callable[[int, BeaconCache], None] | None = None,
     ) -> BeaconOutput:
         fp = self._fingerprint()
         if cache.fingerprint is not None and cache.fingerprint != fp:
@@ -284,6 +300,8 @@ class BeaconModel:
                 else:
                     last_logits = self.model.lm_head(raw_hidden[-1:]).float()[0]
                 pos = rows_end
+                if progress is not None:
+                    progress(plan.n_raw, cache)
         cache.last_logits = last_logits.detach()
         loss = None
         if loss_sum is not None and n_targets > 0:

@@ -79,6 +79,7 @@ def tiny_base_model(model_type: str = "llama", seed: int = 0, **overrides: Any) 
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
+        model.lm_head.weight.mul_(6.0)  # peaked next-token distributions: greedy choices far from ties
     return model.eval()
 
 

@@ -90,7 +90,7 @@ def test_one_long_call_equals_several_calls(name):
             prev_last = out.last_logits
             start += size
     assert start == 150
-    torch.testing.assert_close(torch.cat(pieces), whole.token_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(pieces), whole.token_logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prev_last, whole.last_logits, atol=1e-5, rtol=0)
     assert cache.memory_size() == whole.cache.memory_size()
     assert cache.window_sizes == whole.cache.window_sizes

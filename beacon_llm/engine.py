@@ -1,0 +1,323 @@
+"""Ingest once, ask many: prompt reading with reusable condensed prefixes, text streaming, usage accounting.
+
+:class:`BeaconEngine` is what applications and the LangChain / LlamaIndex integrations use. Each call works on its
+own fork of a cache, so concurrent calls on one model never share state. After reading a prompt the engine keeps
+condensed checkpoints (in memory, optionally on disk) keyed by a hash of the exact token prefix, the model and the
+beacon config; a later prompt that starts with the same tokens (a second question about the same book) reads only
+what follows the longest stored prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import BeaconCache
+from .generation import TokenSampler, _eos_ids, iter_tokens
+from .model import BeaconModel
+from .serialization import load_cache, save_cache
+
+logger = logging.getLogger(__name__)
+_SENTINEL = "\u2063\u2063BEACON\u2063\u2063"
+
+
+def _prefix_hash(ids: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:40]
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0  # prompt tokens
+    cache_read_tokens: int = 0  # of which taken from a condensed prefix instead of being read
+    read_tokens: int = 0  # prompt tokens actually run through the model by this call
+    output_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class _Entry:
+    n_tokens: int
+    digest: str
+    cache: BeaconCache
+
+
+class BeaconEngine:
+    """A beacon model plus a store of condensed prefixes.
+
+    Args:
+        bm: the beacon model (with a tokenizer).
+        max_prefixes: condensed prefixes kept in memory (least recently used are dropped).
+        cache_dir: also persist condensed prefixes there (safetensors + JSON) and reuse them across processes.
+        min_prefix: prompts shorter than this are not checkpointed (no point for short chats).
+    """
+
+    def __init__(self, bm: BeaconModel, *, max_prefixes: int = 4, cache_dir: str | os.PathLike[str] | None = None,
+                 min_prefix: int = 0) -> None:  # fmt: skip
+        if bm.tokenizer is None:
+            raise ValueError("BeaconEngine needs a model loaded with its tokenizer")
+        if max_prefixes < 0:
+            raise ValueError(f"max_prefixes={max_prefixes} must be >= 0")
+        self.bm = bm
+        self.tokenizer = bm.tokenizer
+        self.max_prefixes = max_prefixes
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.min_prefix = min_prefix
+        self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._identity: str | None = None
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def capacity(self) -> int:
+        """Most tokens one context may hold with this model and beacon config."""
+        return self.bm.capacity
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            from .loading import model_identity
+
+            self._identity = model_identity(self.bm)
+        return self._identity
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> tuple[list[int], int]:
+        """Token ids of a chat (the tokenizer's template) and the index where the last message starts."""
+        if not messages:
+            raise ValueError("messages is empty")
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
+            head = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
+            ids = self.encode(text)
+            head_ids = self.encode(head)
+            return ids, len(head_ids) if ids[: len(head_ids)] == head_ids else 0
+        full = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+        ids = self.encode(full)
+        boundary = 0
+        if len(messages) > 1:
+            marked = list(messages[:-1]) + [{**messages[-1], "content": _SENTINEL}]
+            text = tok.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+            head = text[: text.index(_SENTINEL)]
+            # the last message's opening (role header) belongs to the question; cut at the previous turn's end
+            prev = tok.apply_chat_template(list(messages[:-1]), add_generation_prompt=False, tokenize=False)
+            cut = prev if head.startswith(prev) else head
+            head_ids = self.encode(cut)
+            if ids[: len(head_ids)] == head_ids:
+                boundary = len(head_ids)
+        return ids, boundary
+
+    def document_prompt(self, document: str, question: str, *, system: str | None = None,
+                        instruction: str = "Read the document and answer the question after it.") -> tuple[list[int], int]:  # fmt: skip
+        """Ids of a one-turn chat "<document> + question" and the index where the question starts.
+
+        The document part is tokenised on its own, so every question about it shares the exact same prefix.
+        """
+        tok = self.tokenizer
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _SENTINEL}
+        ]
+        if getattr(tok, "chat_template", None):
+            rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            rendered = f"{system + chr(10) if system else ''}{_SENTINEL}\nAnswer: "
+        head, tail = rendered.split(_SENTINEL)
+        prefix = self.encode(f"{head}{instruction}\n\n<document>\n{document}\n</document>\n\n")
+        rest = self.encode(f"Question: {question}{tail}")
+        return prefix + rest, len(prefix)
+
+    # ------------------------------------------------------------------ prefixes
+    def _lookup(self, ids: Sequence[int]) -> tuple[BeaconCache | None, int]:
+        best: _Entry | None = None
+        with self._lock:
+            for key, entry in self._entries.items():
+                if entry.n_tokens <= len(ids) and (best is None or entry.n_tokens > best.n_tokens):
+                    if _prefix_hash(ids[: entry.n_tokens]) == entry.digest:
+                        best = entry
+            if best is not None:
+                self._entries.move_to_end((best.n_tokens, best.digest))
+        disk = self._lookup_disk(ids, best.n_tokens if best else 0)
+        if disk is not None:
+            return disk
+        return (best.cache.fork(), best.n_tokens) if best is not None else (None, 0)
+
+    def _disk_path(self, n: int, digest: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{self.identity}-{n}-{digest}.safetensors"
+
+    def _lookup_disk(self, ids: Sequence[int], better_than: int) -> tuple[BeaconCache, int] | None:
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return None
+        found: list[tuple[int, Path]] = []
+        for path in self.cache_dir.glob(f"{self.identity}-*.safetensors"):
+            parts = path.stem.split("-")
+            if len(parts) == 3 and parts[1].isdigit() and better_than < int(parts[1]) <= len(ids):
+                found.append((int(parts[1]), path))
+        for n, path in sorted(found, reverse=True):
+            if _prefix_hash(ids[:n]) != path.stem.split("-")[2]:
+                continue
+            try:
+                cache, _ = load_cache(str(path), self.bm)
+            except ValueError as exc:  # corrupt or foreign: read again instead
+                logger.warning("ignoring unusable condensed cache %s: %s", path, exc)
+                continue
+            self._remember(ids[:n], cache, persist=False)
+            return cache.fork(), n
+        return None
+
+    def _remember(self, prefix: Sequence[int], cache: BeaconCache, persist: bool = True) -> None:
+        if len(prefix) < max(self.min_prefix, 1):
+            return
+        digest = _prefix_hash(prefix)
+        entry = _Entry(len(prefix), digest, cache.fork())
+        if self.max_prefixes:
+            with self._lock:
+                self._entries[(entry.n_tokens, digest)] = entry
+                self._entries.move_to_end((entry.n_tokens, digest))
+                while len(self._entries) > self.max_prefixes:
+                    self._entries.popitem(last=False)
+        if persist and self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            save_cache(entry.cache, str(self._disk_path(entry.n_tokens, digest)), extra={"n_tokens": len(prefix)})
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    # ------------------------------------------------------------------ reading
+    def read(self, ids: Sequence[int], *, boundary: int | None = None,
+             progress: Callable[[int, BeaconCache], None] | None = None) -> tuple[BeaconCache, Usage]:  # fmt: skip
+        """Condense ``ids`` into a fresh cache, reusing the longest stored prefix.
+
+        Checkpoints are stored at ``boundary`` (e.g. where the question starts) and at the last window boundary
+        inside the prompt, so follow-up prompts with the same beginning skip it.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.capacity:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, more than this model's beacon capacity of {self.capacity} tokens; "
+                "shorten it or use larger compression ratios"
+            )
+        cache, start = self._lookup(ids)
+        if cache is None:
+            cache = self.bm.new_cache()
+        usage = Usage(input_tokens=len(ids), cache_read_tokens=start)
+        marks = set()
+        if boundary is not None and start < boundary < len(ids):
+            marks.add(boundary)
+        window = self.bm.config.window
+        if self.bm.config.stride == window:  # windows close every `window` raw tokens
+            last_full = start + ((len(ids) - 1 - start + cache.raw_in_window) // window) * window - cache.raw_in_window
+            if start < last_full < len(ids):
+                marks.add(last_full)
+        pos = start
+        with torch.no_grad():
+            for mark in sorted(marks) + [len(ids)]:
+                if mark <= pos:
+                    continue
+                self.bm.forward(ids[pos:mark], cache, return_token_logprobs=False, progress=progress)
+                usage.read_tokens += mark - pos
+                pos = mark
+                if mark != len(ids):
+                    self._remember(ids[:mark], cache)
+            if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
+                raise RuntimeError("internal error: reused prefix carries no logits")
+        return cache, usage
+
+    # ------------------------------------------------------------------ generating
+    def stream(
+        self,
+        ids: Sequence[int],
+        *,
+        boundary: int | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        cancel: threading.Event | None = None,
+        progress: Callable[[int, BeaconCache], None] | None = None,
+    ) -> Iterator[str | Completion]:
+        """Yield text deltas as they are decided, then the final :class:`Completion` (last item).
+
+        Text that could be the start of a stop string is held back until it is known not to be one; the final
+        text is cut before the first stop string.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        stops = [s for s in (stop or []) if s]
+        cache, usage = self.read(ids, boundary=boundary, progress=progress)
+        sampler = TokenSampler(
+            do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+        )  # fmt: skip
+        eos = _eos_ids(self.bm, None)
+        tokens: list[int] = []
+        emitted = ""
+        finish = "length"
+        hold = max((len(s) for s in stops), default=1) - 1
+        text = ""
+        gen = iter_tokens(self.bm, cache, cache.last_logits, list(ids), sampler, max_new_tokens)
+        try:
+            for token in gen:
+                if token in eos:
+                    finish = "eos"
+                    break
+                tokens.append(token)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                safe = len(text) - hold
+                while safe > len(emitted) and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
+                    safe -= 1
+                if safe > len(emitted):
+                    yield text[len(emitted) : safe]
+                    emitted = text[:safe]
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            gen.close()
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+        usage.output_tokens = len(tokens) + (1 if finish == "eos" else 0)
+        yield Completion(text=text, token_ids=tokens, finish_reason=finish, usage=usage)
+
+    def complete(self, ids: Sequence[int], **kwargs: Any) -> Completion:
+        """Like :meth:`stream`, returning only the final :class:`Completion`."""
+        final = None
+        for item in self.stream(ids, **kwargs):
+            final = item
+        assert isinstance(final, Completion)
+        return final
