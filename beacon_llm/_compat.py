@@ -94,7 +94,16 @@ def load_base_config(path: str, **kwargs: Any) -> PretrainedConfig:
 
 
 def load_base_model(path: str, config: PretrainedConfig, **kwargs: Any) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+    """The stock model of a checkpoint folder. Its beacon tensors are loaded separately (strictly), so the
+    loader's report of them as "unexpected keys" is not shown."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def load_tokenizer(path: str) -> object | None:

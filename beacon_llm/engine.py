@@ -234,6 +234,8 @@ class BeaconEngine:
             last_full = start + ((len(ids) - 1 - start + cache.raw_in_window) // window) * window - cache.raw_in_window
             if start < last_full < len(ids):
                 marks.add(last_full)
+        if progress is not None and start:
+            progress(start, cache)  # tokens taken from a condensed prefix
         pos = start
         with torch.no_grad():
             for mark in sorted(marks) + [len(ids)]:
@@ -242,8 +244,8 @@ class BeaconEngine:
                 self.bm.forward(ids[pos:mark], cache, return_token_logprobs=False, progress=progress)
                 usage.read_tokens += mark - pos
                 pos = mark
-                if mark != len(ids):
-                    self._remember(ids[:mark], cache)
+                if mark != len(ids):  # only the caller's boundary (a document's end) is worth a disk copy
+                    self._remember(ids[:mark], cache, persist=mark == boundary)
             if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
                 raise RuntimeError("internal error: reused prefix carries no logits")
         return cache, usage

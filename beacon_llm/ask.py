@@ -1,0 +1,126 @@
+"""``beacon-llm ask`` / ``beacon-llm chat``: read a whole document once, answer questions about it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from .cli import CliError
+from .documents import DocumentError, read_document
+
+DEFAULT_SYSTEM = "You are a helpful assistant. Answer questions about the document briefly and accurately."
+
+
+def load_for_cli(args: argparse.Namespace) -> Any:
+    import torch
+
+    from .loading import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides: dict[str, Any] = {}
+    if args.ratio:
+        overrides["beacon_ratio"] = list(args.ratio)
+        overrides["beacon_ratio_mix"] = args.ratio_mix or "step-random"
+    else:  # inference: one ratio per document, the smallest that fits it (the official adapt-1024 mode)
+        overrides["beacon_ratio_mix"] = args.ratio_mix or f"adapt-{max(args.max_new_tokens, 1024)}"
+    if args.window:
+        overrides["beacon_window"] = args.window
+    try:
+        return load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, **overrides)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise CliError(f"cannot load the model: {exc}") from exc
+
+
+class _Progress:
+    """tqdm bar: tokens read, tokens/s, condensed memory size, chosen ratio."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="tok", desc="reading", disable=quiet, file=sys.stderr, smoothing=0.1)
+
+    def __call__(self, n: int, cache: Any) -> None:
+        self.bar.update(n)
+        size = cache.memory_size()
+        ratio = cache.state.window_ratio
+        self.bar.set_postfix(memory=size["total"], ratio=ratio if ratio >= 0 else "-", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, path: str) -> int:
+    from .embedded import home
+
+    ids, boundary = engine.document_prompt(text, question, system=DEFAULT_SYSTEM)
+    if len(ids) > engine.capacity:
+        cfg = engine.bm.config
+        raise CliError(
+            f"{path}: {len(ids)} tokens (with the question) exceed this model's capacity of {engine.capacity} tokens "
+            f"(window {cfg.window}, ratios {list(cfg.ratios)}, {engine.bm.max_positions} positions); "
+            "pass a larger --ratio or a shorter document"
+        )
+    progress = _Progress(len(ids), args.quiet)
+    t0 = time.perf_counter()
+    first_token = None
+    completion = None
+    try:
+        for item in engine.stream(ids, boundary=boundary, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, progress=progress):  # fmt: skip
+            if isinstance(item, str):
+                if first_token is None:
+                    progress.close()
+                    first_token = time.perf_counter() - t0
+                sys.stdout.write(item)
+                sys.stdout.flush()
+            else:
+                completion = item
+    finally:
+        progress.close()
+    sys.stdout.write("\n")
+    u = completion.usage
+    if not args.quiet:
+        print(f"[read {u.read_tokens} of {u.input_tokens} prompt tokens ({u.cache_read_tokens} from the condensed-book "  # noqa: T201
+              f"cache in {home() / 'books'}), first token after {first_token or 0:.1f} s, {u.output_tokens} tokens "
+              f"generated, {completion.finish_reason}]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> tuple[Any, str]:
+    from .embedded import home
+    from .engine import BeaconEngine
+
+    try:
+        text = read_document(args.document)
+    except DocumentError as exc:
+        raise CliError(str(exc)) from exc
+    bm = load_for_cli(args)
+    if bm.tokenizer is None:
+        raise CliError("the model has no tokenizer")
+    return BeaconEngine(bm, cache_dir=None if args.no_cache else home() / "books"), text
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise CliError("the question is empty")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    engine, text = _engine(args)
+    return _answer(engine, text, args.question, args, args.document)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine, text = _engine(args)
+    print("Ask about the document (empty line or Ctrl-D to quit).", file=sys.stderr)  # noqa: T201
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        _answer(engine, text, question, args, args.document)
+    return 0
