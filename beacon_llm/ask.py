@@ -68,8 +68,14 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
     first_token = None
     completion = None
     try:
-        for item in engine.stream(ids, boundary=boundary, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, progress=progress):  # fmt: skip
+        for item in engine.stream(
+            ids,
+            boundary=boundary,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            progress=progress,
+        ):
             if isinstance(item, str):
                 if first_token is None:
                     progress.close()
@@ -83,9 +89,12 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
     sys.stdout.write("\n")
     u = completion.usage
     if not args.quiet:
-        print(f"[read {u.read_tokens} of {u.input_tokens} prompt tokens ({u.cache_read_tokens} from the condensed-book "  # noqa: T201
-              f"cache in {home() / 'books'}), first token after {first_token or 0:.1f} s, {u.output_tokens} tokens "
-              f"generated, {completion.finish_reason}]", file=sys.stderr)  # fmt: skip
+        print(
+            f"[read {u.read_tokens} of {u.input_tokens} prompt tokens ({u.cache_read_tokens} from the condensed-book "
+            f"cache in {home() / 'books'}), first token after {first_token or 0:.1f} s, {u.output_tokens} tokens "
+            f"generated, {completion.finish_reason}]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -114,7 +123,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     engine, text = _engine(args)
-    print("Ask about the document (empty line or Ctrl-D to quit).", file=sys.stderr)  # noqa: T201
+    print("Ask about the document (empty line or Ctrl-D to quit).", file=sys.stderr)
     while True:
         try:
             question = input("> ").strip()

@@ -154,8 +154,17 @@ class BeaconCache:
         )
 
     def _restore(self, snap: tuple) -> None:
-        (self.state, self.generator, self.mem_k, self.mem_v, self.win_k, self.win_v, self.last_logits, n_trace,
-         self.fingerprint) = snap  # fmt: skip
+        (
+            self.state,
+            self.generator,
+            self.mem_k,
+            self.mem_v,
+            self.win_k,
+            self.win_v,
+            self.last_logits,
+            n_trace,
+            self.fingerprint,
+        ) = snap
         if self.trace is not None and n_trace is not None:
             del self.trace[n_trace:]
 

@@ -16,8 +16,11 @@ class CliError(Exception):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="base model or official beacon checkpoint (folder or hub id); "
-                   "default: the embedded SmolLM2-135M-Instruct")  # fmt: skip
+    g.add_argument(
+        "--model",
+        default=None,
+        help="base model or official beacon checkpoint (folder or hub id); default: the embedded SmolLM2-135M-Instruct",
+    )
     g.add_argument("--adapter", default=None, help="beacon adapter folder (beacon_config.json + weights)")
     g.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, auto (default: cpu)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
@@ -96,14 +99,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     _torch_setup(args)
     try:
         texts = read_corpus(args.data)
-        cfg = BeaconConfig(window=args.window, ratios=tuple(args.ratios), ratio_mix="step-random", pos=args.pos,
-                           attn=args.attn, attend_prev=not args.no_attend_prev, param=tuple(args.param),
-                           sink_size=args.sink_size)  # fmt: skip
-        tcfg = TrainConfig(output_dir=args.output_dir, steps=args.steps, seq_len=args.seq_len,
-                           grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
-                           task_rate=args.task_rate, save_every=args.save_every, seed=args.seed,
-                           gradient_checkpointing=not args.no_gradient_checkpointing,
-                           mixed_precision=args.mixed_precision)  # fmt: skip
+        cfg = BeaconConfig(
+            window=args.window,
+            ratios=tuple(args.ratios),
+            ratio_mix="step-random",
+            pos=args.pos,
+            attn=args.attn,
+            attend_prev=not args.no_attend_prev,
+            param=tuple(args.param),
+            sink_size=args.sink_size,
+        )
+        tcfg = TrainConfig(
+            output_dir=args.output_dir,
+            steps=args.steps,
+            seq_len=args.seq_len,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            task_rate=args.task_rate,
+            save_every=args.save_every,
+            seed=args.seed,
+            gradient_checkpointing=not args.no_gradient_checkpointing,
+            mixed_precision=args.mixed_precision,
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
     path = resolve_model(args.model)
@@ -115,8 +133,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"{path} has no tokenizer; training needs one")
     stream = SampleStream(texts, bm.tokenizer, args.seq_len, task_rate=args.task_rate, seed=args.seed)
     state = train(bm, stream, tcfg, resume=not args.fresh, stop_after=args.stop_after)
-    print(f"trained to step {state.step}: {state.tokens} tokens in {state.elapsed_s:.0f} s; "  # noqa: T201
-          f"last loss {state.history[-1]['loss']:.4f}" if state.history else "nothing to do")  # fmt: skip
+    print(
+        f"trained to step {state.step}: {state.tokens} tokens in {state.elapsed_s:.0f} s; "
+        f"last loss {state.history[-1]['loss']:.4f}"
+        if state.history
+        else "nothing to do"
+    )
     return 0
 
 
@@ -124,7 +146,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .embedded import embedded_model_path
 
     try:
-        print(embedded_model_path(args.cache_dir))  # noqa: T201
+        print(embedded_model_path(args.cache_dir))
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
     return 0
@@ -141,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except CliError as exc:
-        print(f"beacon-llm: error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"beacon-llm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)  # noqa: T201
+        print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -198,10 +198,21 @@ class BeaconConfig:
             if key in d and d[key] not in (ok, None):
                 raise ValueError(f"{key}={d[key]!r} selects an experimental mode that beacon-llm does not implement")
         known = {
-            "beacon_window", "beacon_stride", "beacon_stride_mix", "beacon_attn", "beacon_attend_previous",
-            "beacon_attend_prev", "beacon_ratio", "beacon_ratio_mix", "beacon_param", "beacon_embed_init",
-            "beacon_sink_size", "beacon_pos", "beacon_parallel_window", "beacon_era",
-        }  # fmt: skip
+            "beacon_window",
+            "beacon_stride",
+            "beacon_stride_mix",
+            "beacon_attn",
+            "beacon_attend_previous",
+            "beacon_attend_prev",
+            "beacon_ratio",
+            "beacon_ratio_mix",
+            "beacon_param",
+            "beacon_embed_init",
+            "beacon_sink_size",
+            "beacon_pos",
+            "beacon_parallel_window",
+            "beacon_era",
+        }
         unknown = sorted(k for k in d if k.startswith("beacon_") and k not in known)
         if unknown:
             raise ValueError(f"unknown beacon config keys {unknown}; known keys are {sorted(known)}")
@@ -216,9 +227,13 @@ class BeaconConfig:
             kwargs["window"] = d["beacon_window"]
         kwargs["stride"] = stride
         for src, dst in (
-            ("beacon_attn", "attn"), ("beacon_ratio", "ratios"), ("beacon_ratio_mix", "ratio_mix"),
-            ("beacon_embed_init", "embed_init"), ("beacon_sink_size", "sink_size"), ("beacon_pos", "pos"),
-        ):  # fmt: skip
+            ("beacon_attn", "attn"),
+            ("beacon_ratio", "ratios"),
+            ("beacon_ratio_mix", "ratio_mix"),
+            ("beacon_embed_init", "embed_init"),
+            ("beacon_sink_size", "sink_size"),
+            ("beacon_pos", "pos"),
+        ):
             if d.get(src) is not None:
                 kwargs[dst] = d[src]
         if era == "v2":

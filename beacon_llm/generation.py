@@ -36,9 +36,15 @@ class GenerateOutput:
 class TokenSampler:
     """Greedy or sampled choice of the next token with transformers' logits processors."""
 
-    def __init__(self, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, repetition_penalty: float | None = None,
-                 generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.do_sample = do_sample
         self.generator = generator
         self.processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
@@ -57,7 +63,11 @@ class TokenSampler:
 
 
 def iter_tokens(
-    bm: BeaconModel, cache: BeaconCache, logits: torch.Tensor, history: list[int], sampler: TokenSampler,
+    bm: BeaconModel,
+    cache: BeaconCache,
+    logits: torch.Tensor,
+    history: list[int],
+    sampler: TokenSampler,
     max_new_tokens: int,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` tokens, feeding each one (but the last) back through ``cache``.

@@ -59,13 +59,27 @@ def load(
         adapter = shipped_adapter()
         if adapter is None:
             raise ValueError("this installation ships no beacon adapter for the embedded model; pass adapter=...")
-    key = (path, adapter, json.dumps(beacon_config.to_dict(), sort_keys=True) if beacon_config else None,
-           str(dtype), device, attn_implementation, json.dumps(beacon_overrides, sort_keys=True, default=str))  # fmt: skip
+    key = (
+        path,
+        adapter,
+        json.dumps(beacon_config.to_dict(), sort_keys=True) if beacon_config else None,
+        str(dtype),
+        device,
+        attn_implementation,
+        json.dumps(beacon_overrides, sort_keys=True, default=str),
+    )
     with _LOCK:
         if shared and key in _LOADED:
             return _LOADED[key]
-        bm = from_pretrained(path, adapter=adapter, beacon_config=beacon_config, dtype=dtype,
-                             device_map=device, attn_implementation=attn_implementation, **beacon_overrides)  # fmt: skip
+        bm = from_pretrained(
+            path,
+            adapter=adapter,
+            beacon_config=beacon_config,
+            dtype=dtype,
+            device_map=device,
+            attn_implementation=attn_implementation,
+            **beacon_overrides,
+        )
         if shared:
             _LOADED[key] = bm
         return bm

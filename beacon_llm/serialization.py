@@ -175,11 +175,17 @@ def save_cache(cache: BeaconCache, path: str, *, extra: dict[str, Any] | None = 
         "num_layers": cache.num_layers,
         "fingerprint": list(cache.fingerprint) if cache.fingerprint else None,
         "state": {
-            "n_seen": st.n_seen, "n_steps": st.n_steps, "n_windows": st.n_windows, "n_sink": st.n_sink,
-            "window_ratio": st.window_ratio, "remainder": st.remainder, "fixed_ratio": st.fixed_ratio,
-            "window_flags": [int(f) for f in st.window_flags], "window_sizes": st.window_sizes,
+            "n_seen": st.n_seen,
+            "n_steps": st.n_steps,
+            "n_windows": st.n_windows,
+            "n_sink": st.n_sink,
+            "window_ratio": st.window_ratio,
+            "remainder": st.remainder,
+            "fixed_ratio": st.fixed_ratio,
+            "window_flags": [int(f) for f in st.window_flags],
+            "window_sizes": st.window_sizes,
             "pending": st.pending,
-        },  # fmt: skip
+        },
         "generator": cache.generator.bit_generator.state,
         "extra": extra or {},
     }

@@ -76,7 +76,10 @@ def make_task(kind: str, filler: str, tokenizer, n_tokens: int, rng: np.random.G
         pairs = {f"{rng.integers(16**6):06x}": f"{rng.integers(16**6):06x}" for _ in range(8)}
         key = list(pairs)[int(rng.integers(len(pairs)))]
         fact = " Key-value table: " + json.dumps(pairs) + " "
-        question, answer = f'In the key-value table above, what is the value of key "{key}"? Answer with it only.', pairs[key]
+        question, answer = (
+            f'In the key-value table above, what is the value of key "{key}"? Answer with it only.',
+            pairs[key],
+        )
     else:
         raise ValueError(f"unknown task {kind!r}; choose from {TASKS}")
     tail_ids, tail_labels = _chat(tokenizer, question, answer)
@@ -96,8 +99,16 @@ class SampleStream:
     """Endless, seeded samples: text slices of ``seq_len`` tokens (LM loss on every token) mixed with generated
     tasks at ``task_rate``. Its whole state is the numpy generator, so training resumes exactly."""
 
-    def __init__(self, texts: Sequence[str], tokenizer, seq_len: int, *, task_rate: float = 0.0,
-                 tasks: Sequence[str] = TASKS, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        texts: Sequence[str],
+        tokenizer,
+        seq_len: int,
+        *,
+        task_rate: float = 0.0,
+        tasks: Sequence[str] = TASKS,
+        seed: int = 0,
+    ) -> None:
         if not 0 <= task_rate <= 1:
             raise ValueError(f"task_rate={task_rate} must be within [0, 1]")
         self.tokenizer = tokenizer

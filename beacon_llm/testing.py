@@ -83,8 +83,9 @@ def tiny_base_model(model_type: str = "llama", seed: int = 0, **overrides: Any) 
     return model.eval()
 
 
-def tiny_beacon_model(config: BeaconConfig | None = None, model_type: str = "llama", seed: int = 0,
-                      perturb: float = 0.3, **overrides: Any) -> BeaconModel:  # fmt: skip
+def tiny_beacon_model(
+    config: BeaconConfig | None = None, model_type: str = "llama", seed: int = 0, perturb: float = 0.3, **overrides: Any
+) -> BeaconModel:
     """A tiny model with beacons whose weights differ from the base (``perturb``), so beacons matter."""
     base = tiny_base_model(model_type, seed, **overrides)
     config = config or BeaconConfig(window=16, ratios=(2, 4), ratio_mix="adapt-16")

@@ -152,8 +152,9 @@ def train(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                             mixed_precision=cfg.mixed_precision)  # fmt: skip
+    accelerator = accelerator or Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision
+    )
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
@@ -173,8 +174,13 @@ def train(
     module = BeaconLoss(bm)
     module, optimizer = accelerator.prepare(module, optimizer)
     bm.model.train()
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or not accelerator.is_main_process,
-               desc="training beacons", unit="step")  # fmt: skip
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state.step,
+        disable=not progress or not accelerator.is_main_process,
+        desc="training beacons",
+        unit="step",
+    )
     last = cfg.steps if stop_after is None else min(cfg.steps, state.step + stop_after)
     try:
         while state.step < last:
@@ -200,8 +206,13 @@ def train(
             state.step += 1
             state.tokens += n_tok
             state.elapsed_s += dt
-            record = {"step": state.step, "loss": float(np.mean(losses)), "tokens": state.tokens,
-                      "lr": optimizer.param_groups[0]["lr"], "tok_per_s": n_tok / dt}  # fmt: skip
+            record = {
+                "step": state.step,
+                "loss": float(np.mean(losses)),
+                "tokens": state.tokens,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tok_per_s": n_tok / dt,
+            }
             state.history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}")

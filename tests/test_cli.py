@@ -24,8 +24,18 @@ def run(tiny_dirs, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BEACON_LLM_HOME", str(tmp_path / "home"))
 
     def _run(*args):
-        code = main([args[0], *args[1:], "--model", str(tiny_dirs / "base"), "--adapter", str(tiny_dirs / "adapter"),
-                     "--max-new-tokens", "8"])  # fmt: skip
+        code = main(
+            [
+                args[0],
+                *args[1:],
+                "--model",
+                str(tiny_dirs / "base"),
+                "--adapter",
+                str(tiny_dirs / "adapter"),
+                "--max-new-tokens",
+                "8",
+            ]
+        )
         out = capsys.readouterr()
         return code, out.out, out.err
 
@@ -97,10 +107,16 @@ def test_epub_is_read(run, tmp_path):
 
     path = tmp_path / "book.epub"
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("META-INF/container.xml", '<container xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
-                    '<rootfiles><rootfile full-path="OEBPS/content.opf"/></rootfiles></container>')  # fmt: skip
-        zf.writestr("OEBPS/content.opf", '<package xmlns="http://www.idpf.org/2007/opf"><manifest>'
-                    '<item id="c1" href="c1.xhtml"/></manifest><spine><itemref idref="c1"/></spine></package>')  # fmt: skip
+        zf.writestr(
+            "META-INF/container.xml",
+            '<container xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
+            '<rootfiles><rootfile full-path="OEBPS/content.opf"/></rootfiles></container>',
+        )
+        zf.writestr(
+            "OEBPS/content.opf",
+            '<package xmlns="http://www.idpf.org/2007/opf"><manifest>'
+            '<item id="c1" href="c1.xhtml"/></manifest><spine><itemref idref="c1"/></spine></package>',
+        )
         zf.writestr("OEBPS/c1.xhtml", "<html><body><p>Toto was a little black dog.</p></body></html>")
     from beacon_llm.documents import read_document
 

@@ -9,10 +9,14 @@ from beacon_llm import BeaconConfig
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"window": 64, "stride": 100, "era": "v2", "pos": "append", "attn": "step-expansion"},
-         "beacon_stride=100 exceeds beacon_window=64"),
-        ({"window": 128, "stride": 100, "ratios": (8,), "era": "v2", "pos": "append", "attn": "step-expansion"},
-         "beacon_stride=100 is not divisible by ratio 8"),
+        (
+            {"window": 64, "stride": 100, "era": "v2", "pos": "append", "attn": "step-expansion"},
+            "beacon_stride=100 exceeds beacon_window=64",
+        ),
+        (
+            {"window": 128, "stride": 100, "ratios": (8,), "era": "v2", "pos": "append", "attn": "step-expansion"},
+            "beacon_stride=100 is not divisible by ratio 8",
+        ),
         ({"window": 64, "ratios": (3,)}, "beacon_stride=64 is not divisible by ratio 3"),
         ({"window": 64, "stride": 32}, "only supported in era v2"),
         ({"attn": "sliding"}, "beacon_attn='sliding' is not one of"),
@@ -35,7 +39,7 @@ from beacon_llm import BeaconConfig
         ({"era": "v4"}, "era='v4'"),
         ({"embed_init": "pad"}, "beacon_embed_init='pad'"),
     ],
-)  # fmt: skip
+)
 def test_invalid_configs_name_value_and_rule(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         BeaconConfig(**kwargs)
@@ -46,11 +50,20 @@ def test_invalid_configs_name_value_and_rule(kwargs, message):
     [
         BeaconConfig(),
         BeaconConfig(window=2048, ratios=(2, 4, 8, 16, 32), ratio_mix="adapt-1024", param=("q", "k", "v")),
-        BeaconConfig(era="v2", pos="append", attn="segmentation", window=64, stride=32, ratios=(0, 2, 4),
-                     ratio_mix="sequence", attend_previous=False, param=("q", "k", "v", "o")),
+        BeaconConfig(
+            era="v2",
+            pos="append",
+            attn="segmentation",
+            window=64,
+            stride=32,
+            ratios=(0, 2, 4),
+            ratio_mix="sequence",
+            attend_previous=False,
+            param=("q", "k", "v", "o"),
+        ),
         BeaconConfig(pos="append", attn="step-expansion", attend_prev=False, sink_size=1, embed_init="bos"),
     ],
-)  # fmt: skip
+)
 def test_json_round_trip(config, tmp_path):
     path = tmp_path / "beacon_config.json"
     config.to_json_file(path)
@@ -61,13 +74,34 @@ def test_json_round_trip(config, tmp_path):
 @pytest.mark.parametrize(
     "folder,expected",
     [
-        ("v2_llama", dict(era="v2", window=32, stride=32, attn="step-expansion", pos="append", attend_previous=True,
-                          ratios=(2,), param=("q", "k", "v", "o"))),
-        ("v3_llama", dict(era="v3", window=32, attn="full-coverage", pos="interleave", attend_prev=True,
-                          sink_size=0, param=("q", "k", "v"))),
+        (
+            "v2_llama",
+            dict(
+                era="v2",
+                window=32,
+                stride=32,
+                attn="step-expansion",
+                pos="append",
+                attend_previous=True,
+                ratios=(2,),
+                param=("q", "k", "v", "o"),
+            ),
+        ),
+        (
+            "v3_llama",
+            dict(
+                era="v3",
+                window=32,
+                attn="full-coverage",
+                pos="interleave",
+                attend_prev=True,
+                sink_size=0,
+                param=("q", "k", "v"),
+            ),
+        ),
         ("v3_qwen2", dict(era="v3", pos="interleave", param=("q", "k", "v"))),
     ],
-)  # fmt: skip
+)
 def test_reads_official_config_json(folder, expected):
     with open(f"{FIXTURES}/{folder}/config.json") as f:
         config = BeaconConfig.from_dict(json.load(f))
@@ -76,9 +110,18 @@ def test_reads_official_config_json(folder, expected):
 
 
 def test_official_mistral_style_config_without_beacon_pos_is_append():
-    cfg = BeaconConfig.from_dict({"beacon_window": 2048, "beacon_stride": 2048, "beacon_attn": "step-expansion",
-                                  "beacon_attend_prev": False, "beacon_sink_size": 1, "beacon_ratio": [2, 4, 8],
-                                  "beacon_ratio_mix": "adapt-1024", "beacon_param": ["q", "k", "v", "o"]})  # fmt: skip
+    cfg = BeaconConfig.from_dict(
+        {
+            "beacon_window": 2048,
+            "beacon_stride": 2048,
+            "beacon_attn": "step-expansion",
+            "beacon_attend_prev": False,
+            "beacon_sink_size": 1,
+            "beacon_ratio": [2, 4, 8],
+            "beacon_ratio_mix": "adapt-1024",
+            "beacon_param": ["q", "k", "v", "o"],
+        }
+    )
     assert (cfg.era, cfg.pos, cfg.sink_size, cfg.attend_prev) == ("v3", "append", 1, False)
 
 

@@ -36,8 +36,15 @@ def test_transformers_style_call_with_tokenizer_inputs(bm):
 
 def test_sampling_is_reproducible_with_a_generator_and_varies_without(bm):
     prompt = _ids(30, 1)
-    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2,
-              eos_token_id=[])  # fmt: skip
+    kw = dict(
+        max_new_tokens=10,
+        do_sample=True,
+        temperature=1.5,
+        top_k=50,
+        top_p=0.95,
+        repetition_penalty=1.2,
+        eos_token_id=[],
+    )
     a = bm.generate(prompt, generator=torch.Generator().manual_seed(0), **kw)
     b = bm.generate(prompt, generator=torch.Generator().manual_seed(0), **kw)
     c = bm.generate(prompt, generator=torch.Generator().manual_seed(1), **kw)

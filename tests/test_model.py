@@ -14,15 +14,15 @@ CONFIGS = {
     "v2-stepexp": BeaconConfig(window=16, ratios=(4,), **V2),
     "v2-stride8": BeaconConfig(window=16, stride=8, ratios=(2,), **V2),
     "v2-adapt-r0": BeaconConfig(window=16, ratios=(0, 2, 4), ratio_mix="adapt-16", **V2),
-    "v2-segmentation-noprev": BeaconConfig(window=16, ratios=(2,), era="v2", pos="append", attn="segmentation",
-                                           attend_previous=False),
+    "v2-segmentation-noprev": BeaconConfig(
+        window=16, ratios=(2,), era="v2", pos="append", attn="segmentation", attend_previous=False
+    ),
     "v3-interleave-adapt": BeaconConfig(window=16, ratios=(2, 4, 8), ratio_mix="adapt-16"),
     "v3-interleave-steprandom": BeaconConfig(window=16, ratios=(2, 4, 8), ratio_mix="step-random"),
-    "v3-append-stepexp-sink": BeaconConfig(window=16, ratios=(4,), pos="append", attn="step-expansion",
-                                           sink_size=2),
+    "v3-append-stepexp-sink": BeaconConfig(window=16, ratios=(4,), pos="append", attn="step-expansion", sink_size=2),
     "v3-append-segmentation": BeaconConfig(window=16, ratios=(4,), pos="append", attn="segmentation"),
     "v3-interleave-stepexp": BeaconConfig(window=16, ratios=(4,), attn="step-expansion", attend_prev=False),
-}  # fmt: skip
+}
 
 
 def _ids(n, seed=0, vocab=128):
@@ -106,8 +106,12 @@ def test_64k_tokens_keep_the_cache_at_the_spec_size(pos, raw):
         out = bm.forward(_ids(n, seed=2), return_token_logprobs=False)
     full_windows = n // window
     assert full_windows == 256
-    assert out.cache.memory_size() == {"sink": 1, "beacon": full_windows * window // ratio, "raw": raw,
-                                       "total": 1 + 2048 + raw}  # fmt: skip
+    assert out.cache.memory_size() == {
+        "sink": 1,
+        "beacon": full_windows * window // ratio,
+        "raw": raw,
+        "total": 1 + 2048 + raw,
+    }
     assert out.cache.mem_k[0].shape[2] == 1 + 2048
     assert out.cache.n_seen == n
 

@@ -67,8 +67,7 @@ def test_official_parity(folder: Path, case_file: Path):
             assert abs(out.loss.item() - meta["official_loss"]) < ATOL
         else:
             n_new = int(meta["max_new_tokens"])
-            res = bm.generate(None, cache=cache, max_new_tokens=n_new, return_dict_in_generate=True,
-                              eos_token_id=[])  # fmt: skip
+            res = bm.generate(None, cache=cache, max_new_tokens=n_new, return_dict_in_generate=True, eos_token_id=[])
             assert res.new_tokens == arrays["generated_ids"].tolist()
             # step logits: re-run a manual loop on a fresh cache and compare each step's logits
             cache2 = bm.new_cache(generator=np.random.default_rng(42))

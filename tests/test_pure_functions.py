@@ -72,7 +72,11 @@ def test_plan_step(cfg, raw_in_window, remaining, ratio, n_raw, n_beacons, compl
     rem = raw_in_window % ratio if (ratio and cfg.interleave) else 0
     plan = plan_step(cfg, raw_in_window=raw_in_window, remaining=remaining, ratio=ratio, remainder=rem)
     assert (plan.n_raw, plan.n_beacons, plan.completes_window, plan.trace_beacon_size) == (
-        n_raw, n_beacons, completes, size)  # fmt: skip
+        n_raw,
+        n_beacons,
+        completes,
+        size,
+    )
 
 
 def test_pick_ratio_mixes():

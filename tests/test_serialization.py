@@ -50,11 +50,19 @@ def test_official_format_checkpoint_round_trip(tmp_path):
     assert over.config.ratios == (8,)
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda t: t.pop("model.layers.1.self_attn.beacon_k_proj.weight"), r"missing \['model.layers.1.self_attn.beacon_k"),
-    (lambda t: t.__setitem__("model.layers.0.self_attn.beacon_o_proj.weight", torch.zeros(32, 32)),
-     r"unexpected \['model.layers.0.self_attn.beacon_o_proj"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda t: t.pop("model.layers.1.self_attn.beacon_k_proj.weight"),
+            r"missing \['model.layers.1.self_attn.beacon_k",
+        ),
+        (
+            lambda t: t.__setitem__("model.layers.0.self_attn.beacon_o_proj.weight", torch.zeros(32, 32)),
+            r"unexpected \['model.layers.0.self_attn.beacon_o_proj",
+        ),
+    ],
+)
 def test_checkpoint_with_missing_or_unexpected_beacon_keys_is_an_error(tmp_path, mutate, message):
     bm = tiny_beacon_model()
     _write_checkpoint(bm, tmp_path / "ckpt")
@@ -71,8 +79,9 @@ def test_plain_model_folder_needs_an_adapter_or_a_config(tmp_path):
     base.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="plain model.*adapter="):
         beacon_llm.from_pretrained(str(tmp_path / "plain"), tokenizer=False)
-    fresh = beacon_llm.from_pretrained(str(tmp_path / "plain"), tokenizer=False,
-                                       beacon_config=BeaconConfig(window=16, ratios=(4,)))  # fmt: skip
+    fresh = beacon_llm.from_pretrained(
+        str(tmp_path / "plain"), tokenizer=False, beacon_config=BeaconConfig(window=16, ratios=(4,))
+    )
     emb = fresh.model.model.embed_tokens.weight
     assert torch.equal(fresh.model.model.beacon_embed_tokens.weight[0], emb[2])  # eos row (spec §4)
     attn = fresh.model.model.layers[0].self_attn
