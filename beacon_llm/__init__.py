@@ -2,11 +2,24 @@
 
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
+from .documents import DocumentError, read_document
+from .engine import BeaconEngine, Completion, Usage, get_engine
+from .generation import GenerateOutput
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
 from .model import BeaconModel, BeaconOutput
+from .loading import capacity_from_files, load
 from .serialization import from_pretrained, load_adapter, load_cache, save_adapter, save_cache
 
 __all__ = [
+    "BeaconEngine",
+    "Completion",
+    "DocumentError",
+    "GenerateOutput",
+    "Usage",
+    "capacity_from_files",
+    "get_engine",
+    "load",
+    "read_document",
     "BeaconCache",
     "BeaconConfig",
     "BeaconModel",

@@ -53,6 +53,16 @@ def max_positions(config: PretrainedConfig) -> int:
     return base
 
 
+def max_positions_from_dict(config: dict[str, Any]) -> int:
+    """:func:`max_positions` from a raw ``config.json`` dict (``rope_parameters`` or the 4.x ``rope_scaling``)."""
+    base = int(config["max_position_embeddings"])
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default" and params.get("factor"):
+        base = int(base * float(params["factor"]))
+    return base
+
+
 def check_llama_shaped(model: nn.Module) -> None:
     """Raise ``ValueError`` unless ``model`` is a Llama-family causal LM that beacon-llm can drive."""
     config = getattr(model, "config", None)

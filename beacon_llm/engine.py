@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,7 @@ class BeaconEngine:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.min_prefix = min_prefix
         self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
+        self._recent: deque[list[int]] = deque(maxlen=4)  # recent prompts, to find shared prefixes
         self._lock = threading.Lock()
         self._identity: str | None = None
 
@@ -232,12 +233,15 @@ class BeaconEngine:
     ) -> tuple[BeaconCache, Usage]:
         """Condense ``ids`` into a fresh cache, reusing the longest stored prefix.
 
-        Checkpoints are stored at ``boundary`` (e.g. where the question starts) and at the last window boundary
-        inside the prompt, so follow-up prompts with the same beginning skip it.
+        Checkpoints are stored at ``boundary`` (e.g. where the question starts; by default the longest prefix
+        shared with a recent prompt) and at the last window boundary inside the prompt, so follow-up prompts with the
+        same beginning skip it.
         """
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("the prompt is empty")
+        if boundary is None:
+            boundary = self._shared_prefix(ids)
         if len(ids) > self.capacity:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, more than this model's beacon capacity of {self.capacity} tokens; "
@@ -270,6 +274,39 @@ class BeaconEngine:
             if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
                 raise RuntimeError("internal error: reused prefix carries no logits")
         return cache, usage
+
+    def _shared_prefix(self, ids: list[int]) -> int | None:
+        best = 0
+        with self._lock:
+            for prev in self._recent:
+                n = min(len(prev), len(ids))
+                a, b = np.asarray(prev[:n]), np.asarray(ids[:n])
+                diff = np.flatnonzero(a != b)
+                best = max(best, int(diff[0]) if diff.size else n)
+            self._recent.append(ids)
+        return best if best >= 32 else None
+
+    def export_prefix(self, ids: Sequence[int], path: str | os.PathLike[str]) -> None:
+        """Condense ``ids`` (reusing stored prefixes) and write the result to ``path`` (safetensors + JSON)."""
+        ids = [int(i) for i in ids]
+        cache, _ = self.read(ids, boundary=len(ids))
+        save_cache(cache, str(path), extra={"n_tokens": len(ids), "digest": _prefix_hash(ids), "model": self.identity})
+
+    def import_prefix(self, path: str | os.PathLike[str]) -> int:
+        """Load a prefix written by :meth:`export_prefix`; later prompts starting with it skip reading it.
+
+        Raises ``ValueError`` for a corrupt file or one made with another model or beacon config.
+        """
+        cache, extra = load_cache(str(path), self.bm)
+        if extra.get("model") not in (None, self.identity):
+            raise ValueError(f"{path} was condensed by another model or beacon weights ({extra.get('model')}), "
+                             f"not this one ({self.identity})")
+        if "digest" not in extra or "n_tokens" not in extra:
+            raise ValueError(f"{path} carries no prefix key; write it with export_prefix")
+        entry = _Entry(int(extra["n_tokens"]), str(extra["digest"]), cache)
+        with self._lock:
+            self._entries[(entry.n_tokens, entry.digest)] = entry
+        return entry.n_tokens
 
     # ------------------------------------------------------------------ generating
     def stream(
@@ -347,3 +384,31 @@ class BeaconEngine:
             final = item
         assert isinstance(final, Completion)
         return final
+
+
+_ENGINES: dict[tuple, BeaconEngine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(
+    model: str | None = None,
+    *,
+    adapter: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    max_prefixes: int = 4,
+    **beacon_overrides: Any,
+) -> BeaconEngine:
+    """The process-wide engine for these arguments: weights are loaded once and condensed prefixes are shared by
+    every caller (LangChain / LlamaIndex objects, threads)."""
+    import json
+
+    from .loading import load
+
+    key = (model, adapter, dtype, device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
+            _ENGINES[key] = BeaconEngine(bm, max_prefixes=max_prefixes, cache_dir=cache_dir)
+        return _ENGINES[key]

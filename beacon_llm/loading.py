@@ -97,3 +97,30 @@ def model_identity(bm: BeaconModel) -> str:
                 h.update(name.encode())
                 h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def capacity_from_files(model: str | None = None, adapter: str | None = None, **beacon_overrides: Any) -> int | None:
+    """The context capacity, read from config files only (no weights are loaded); None when unknown."""
+    from . import _compat
+    from .config import CONFIG_NAME
+    from .schedule import ratio_capacity
+
+    try:
+        if model in (None, "", EMBEDDED_MODEL):
+            folder = Path(os.environ.get("BEACON_LLM_HOME") or Path.home() / ".cache" / "beacon-llm") / EMBEDDED_MODEL
+            positions = 8192
+            if (folder / "config.json").is_file():
+                positions = int(json.loads((folder / "config.json").read_text())["max_position_embeddings"])
+            adapter = adapter or shipped_adapter()
+            base_cfg: dict[str, Any] = {}
+        else:
+            if not os.path.isdir(model):
+                return None
+            base_cfg = json.loads((Path(model) / "config.json").read_text())
+            positions = _compat.max_positions_from_dict(base_cfg)
+        source = json.loads((Path(adapter) / CONFIG_NAME).read_text()) if adapter else base_cfg
+        cfg = BeaconConfig.from_dict(source, **beacon_overrides)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ratio = max(cfg.ratios) if (len(cfg.ratios) == 1 or cfg.is_adaptive) else min(cfg.ratios)
+    return ratio_capacity(ratio, positions, cfg.window)

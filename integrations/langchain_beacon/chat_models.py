@@ -1,0 +1,152 @@
+"""``ChatBeacon``: a LangChain chat model that reads whole books (Activation Beacon, arXiv 2401.03462)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+import beacon_llm
+
+from ._common import BeaconFields, aiterate, usage_metadata
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "chat": None}
+
+
+def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
+    out = []
+    for m in messages:
+        role = _ROLES.get(m.type, "unsupported")
+        if role is None:
+            role = getattr(m, "role", "user")
+        if role == "unsupported":
+            raise ValueError(f"{type(m).__name__} messages are not supported (no tool calling); use system/human/ai")
+        out.append({"role": role, "content": m.text if hasattr(m, "text") else str(m.content)})
+    return out
+
+
+class ChatBeacon(BeaconFields, BaseChatModel):
+    """Chat model over a local beacon model: whole documents in one call, ingest once and ask many.
+
+    Every call reads its messages into its own condensed cache; the conversation before the last message is kept as
+    a reusable prefix, so a second question about the same book reads only the question
+    (``usage_metadata["input_token_details"]["cache_read"]`` counts the reused tokens).
+
+    Example:
+        .. code-block:: python
+
+            from langchain_beacon import ChatBeacon
+            chat = ChatBeacon(max_tokens=200)   # the embedded SmolLM2 + shipped beacons
+            chat.invoke([("system", book_text), ("human", "Who is the narrator?")])
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "beacon-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "adapter": self.beacon, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "beacon_overrides": self.beacon_overrides}  # fmt: skip
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="beacon", ls_model_name=kwargs.get("model", self.model_name),
+                                 ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature),
+                                 ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))  # fmt: skip
+        if stop or self.stop:
+            params["ls_stop"] = list(stop or self.stop or [])
+        return params
+
+    def _resolve_model_profile(self) -> dict[str, Any] | None:
+        capacity = self.capacity()
+        if capacity is None:
+            return None
+        return {"max_input_tokens": capacity, "max_output_tokens": self.max_tokens, "tool_calling": False,
+                "structured_output": False, "text_inputs": True, "text_outputs": True}  # fmt: skip
+
+    def get_num_tokens(self, text: str) -> int:
+        return self.get_engine().count_tokens(text)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.get_engine().encode(text)
+
+    # ---------------------------------------------------------------- core
+    def _events(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
+                cancel: threading.Event | None = None) -> Iterator[str | beacon_llm.Completion]:  # fmt: skip
+        options = self.call_options(stop, kwargs)
+        engine = self.get_engine()
+        ids, boundary = engine.encode_chat(to_chat_dicts(messages))
+        yield from engine.stream(ids, boundary=boundary or None, cancel=cancel, **options)
+
+    def _final_message(self, completion: beacon_llm.Completion, chunk: bool) -> AIMessage | AIMessageChunk:
+        meta = {"model_name": self.model_name, "finish_reason": completion.finish_reason}
+        usage = usage_metadata(completion.usage)
+        if chunk:
+            return AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last")
+        return AIMessage(content=completion.text, usage_metadata=usage, response_metadata=meta)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:  # fmt: skip
+        completion = None
+        for item in self._events(messages, stop, kwargs):
+            if isinstance(item, str):
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(item)
+            else:
+                completion = item
+        assert completion is not None
+        return ChatResult(generations=[ChatGeneration(message=self._final_message(completion, chunk=False))])
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:  # fmt: skip
+        for item in self._events(messages, stop, kwargs):
+            if isinstance(item, str):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(item, chunk=chunk)
+                yield chunk
+            else:
+                yield ChatGenerationChunk(message=self._final_message(item, chunk=True))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:  # fmt: skip
+        completion = None
+        async for item in aiterate(lambda cancel: self._events(messages, stop, kwargs, cancel)):
+            if isinstance(item, str):
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(item)
+            else:
+                completion = item
+        assert completion is not None
+        return ChatResult(generations=[ChatGeneration(message=self._final_message(completion, chunk=False))])
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:  # fmt: skip
+        async for item in aiterate(lambda cancel: self._events(messages, stop, kwargs, cancel)):
+            if isinstance(item, str):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(item, chunk=chunk)
+                yield chunk
+            else:
+                yield ChatGenerationChunk(message=self._final_message(item, chunk=True))
+
+    # ---------------------------------------------------------------- documents
+    def save_document_cache(self, messages: list[BaseMessage], path: str) -> None:
+        """Condense ``messages`` (e.g. ``[("system", book)]``) and write them to ``path`` for later sessions."""
+        from langchain_core.messages import convert_to_messages
+
+        engine = self.get_engine()
+        ids, _ = engine.encode_chat(to_chat_dicts(convert_to_messages(messages)), add_generation_prompt=False)
+        engine.export_prefix(ids, path)
+
+    def load_document_cache(self, path: str) -> int:
+        """Load a file written by :meth:`save_document_cache`; returns its token count. A file made with another
+        model or beacon config raises ``ValueError``."""
+        return self.get_engine().import_prefix(path)

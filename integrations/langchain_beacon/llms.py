@@ -1,0 +1,94 @@
+"""``BeaconLLM``: string-in, string-out LangChain LLM over a local beacon model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import GenerationChunk
+
+import beacon_llm
+
+from ._common import BeaconFields, aiterate, usage_metadata
+
+
+class BeaconLLM(BeaconFields, LLM):
+    """A LangChain ``LLM``: the prompt (a whole book plus a question, say) is read in one call; only the completion
+    is returned (never the prompt), cut before the first stop string. Prompts that share a beginning with a recent
+    one (the same book, another question) reuse its condensed prefix."""
+
+    last_usage: dict[str, Any] | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "beacon-llm"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "adapter": self.beacon, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "beacon_overrides": self.beacon_overrides}  # fmt: skip
+
+    def get_num_tokens(self, text: str) -> int:
+        return self.get_engine().count_tokens(text)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.get_engine().encode(text)
+
+    def _events(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any],
+                cancel: threading.Event | None = None) -> Iterator[str | beacon_llm.Completion]:  # fmt: skip
+        options = self.call_options(stop, kwargs)
+        engine = self.get_engine()
+        yield from engine.stream(engine.encode(prompt), cancel=cancel, **options)
+
+    def _done(self, completion: beacon_llm.Completion) -> None:
+        object.__setattr__(self, "last_usage", usage_metadata(completion.usage))
+
+    def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
+              **kwargs: Any) -> str:  # fmt: skip
+        text = ""
+        for item in self._events(prompt, stop, kwargs):
+            if isinstance(item, str):
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(item)
+            else:
+                self._done(item)
+                text = item.text
+        return text
+
+    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:  # fmt: skip
+        for item in self._events(prompt, stop, kwargs):
+            if isinstance(item, str):
+                chunk = GenerationChunk(text=item)
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(item, chunk=chunk)
+                yield chunk
+            else:
+                self._done(item)
+
+    async def _acall(self, prompt: str, stop: list[str] | None = None,
+                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:  # fmt: skip
+        text = ""
+        async for item in aiterate(lambda cancel: self._events(prompt, stop, kwargs, cancel)):
+            if isinstance(item, str):
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(item)
+            else:
+                self._done(item)
+                text = item.text
+        return text
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:  # fmt: skip
+        async for item in aiterate(lambda cancel: self._events(prompt, stop, kwargs, cancel)):
+            if isinstance(item, str):
+                chunk = GenerationChunk(text=item)
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(item, chunk=chunk)
+                yield chunk
+            else:
+                self._done(item)
