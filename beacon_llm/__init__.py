@@ -6,8 +6,8 @@ from .documents import DocumentError, read_document
 from .engine import BeaconEngine, Completion, Usage, get_engine
 from .generation import GenerateOutput
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
-from .model import BeaconModel, BeaconOutput
 from .loading import capacity_from_files, load
+from .model import BeaconModel, BeaconOutput
 from .serialization import from_pretrained, load_adapter, load_cache, save_adapter, save_cache
 
 __all__ = [

@@ -299,8 +299,10 @@ class BeaconEngine:
         """
         cache, extra = load_cache(str(path), self.bm)
         if extra.get("model") not in (None, self.identity):
-            raise ValueError(f"{path} was condensed by another model or beacon weights ({extra.get('model')}), "
-                             f"not this one ({self.identity})")
+            raise ValueError(
+                f"{path} was condensed by another model or beacon weights ({extra.get('model')}), "
+                f"not this one ({self.identity})"
+            )
         if "digest" not in extra or "n_tokens" not in extra:
             raise ValueError(f"{path} carries no prefix key; write it with export_prefix")
         entry = _Entry(int(extra["n_tokens"]), str(extra["digest"]), cache)

@@ -17,7 +17,9 @@ CALL_OPTIONS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "repetiti
 class BeaconFields(BaseModel):
     """Model selection and generation defaults (all optional: no argument = the embedded default model)."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=()
+    )
 
     model: str | None = None
     """Base model or official beacon checkpoint (folder or hub id); None = embedded SmolLM2-135M-Instruct."""
@@ -38,6 +40,8 @@ class BeaconFields(BaseModel):
     max_tokens: int = 256
     seed: int | None = None
     stop: list[str] | None = None
+    streaming: bool = False
+    """Generate through the streaming path in ``invoke`` too (callbacks then see every token)."""
     timeout: float | None = None
     """Accepted for API compatibility; a local model has no request timeout."""
     max_retries: int = 0
@@ -68,11 +72,18 @@ class BeaconFields(BaseModel):
                     elif isinstance(self.engine, beacon_llm.BeaconModel):
                         self._engine = beacon_llm.BeaconEngine(self.engine, cache_dir=self.cache_dir)
                     elif self.engine is not None:
-                        raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(self.engine).__name__}")
+                        raise TypeError(
+                            f"engine must be a BeaconEngine or BeaconModel, got {type(self.engine).__name__}"
+                        )
                     else:
-                        self._engine = beacon_llm.get_engine(self.model, adapter=self.beacon, dtype=self.dtype,
-                                                             device=self.device, cache_dir=self.cache_dir,
-                                                             **self.beacon_overrides)  # fmt: skip
+                        self._engine = beacon_llm.get_engine(
+                            self.model,
+                            adapter=self.beacon,
+                            dtype=self.dtype,
+                            device=self.device,
+                            cache_dir=self.cache_dir,
+                            **self.beacon_overrides,
+                        )
         return self._engine
 
     @property

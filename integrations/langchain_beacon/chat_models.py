@@ -10,6 +10,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict
 
 import beacon_llm
 
@@ -45,19 +46,32 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             chat.invoke([("system", book_text), ("human", "Who is the narrator?")])
     """
 
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=()
+    )
+
     @property
     def _llm_type(self) -> str:
         return "beacon-chat"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "adapter": self.beacon, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "beacon_overrides": self.beacon_overrides}  # fmt: skip
+        return {
+            "model_name": self.model_name,
+            "adapter": self.beacon,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "beacon_overrides": self.beacon_overrides,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="beacon", ls_model_name=kwargs.get("model", self.model_name),
-                                 ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature),
-                                 ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))  # fmt: skip
+        params = LangSmithParams(
+            ls_provider="beacon",
+            ls_model_name=kwargs.get("model", self.model_name),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
         if stop or self.stop:
             params["ls_stop"] = list(stop or self.stop or [])
         return params
@@ -66,8 +80,14 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         capacity = self.capacity()
         if capacity is None:
             return None
-        return {"max_input_tokens": capacity, "max_output_tokens": self.max_tokens, "tool_calling": False,
-                "structured_output": False, "text_inputs": True, "text_outputs": True}  # fmt: skip
+        return {
+            "max_input_tokens": capacity,
+            "max_output_tokens": self.max_tokens,
+            "tool_calling": False,
+            "structured_output": False,
+            "text_inputs": True,
+            "text_outputs": True,
+        }
 
     def get_num_tokens(self, text: str) -> int:
         return self.get_engine().count_tokens(text)
@@ -76,8 +96,13 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         return self.get_engine().encode(text)
 
     # ---------------------------------------------------------------- core
-    def _events(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
-                cancel: threading.Event | None = None) -> Iterator[str | beacon_llm.Completion]:  # fmt: skip
+    def _events(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str | beacon_llm.Completion]:
         options = self.call_options(stop, kwargs)
         engine = self.get_engine()
         ids, boundary = engine.encode_chat(to_chat_dicts(messages))
@@ -90,8 +115,13 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             return AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last")
         return AIMessage(content=completion.text, usage_metadata=usage, response_metadata=meta)
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:  # fmt: skip
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         completion = None
         for item in self._events(messages, stop, kwargs):
             if isinstance(item, str):
@@ -102,8 +132,13 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         assert completion is not None
         return ChatResult(generations=[ChatGeneration(message=self._final_message(completion, chunk=False))])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:  # fmt: skip
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         for item in self._events(messages, stop, kwargs):
             if isinstance(item, str):
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
@@ -113,8 +148,13 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             else:
                 yield ChatGenerationChunk(message=self._final_message(item, chunk=True))
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:  # fmt: skip
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         completion = None
         async for item in aiterate(lambda cancel: self._events(messages, stop, kwargs, cancel)):
             if isinstance(item, str):
@@ -125,9 +165,13 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         assert completion is not None
         return ChatResult(generations=[ChatGeneration(message=self._final_message(completion, chunk=False))])
 
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:  # fmt: skip
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
         async for item in aiterate(lambda cancel: self._events(messages, stop, kwargs, cancel)):
             if isinstance(item, str):
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))

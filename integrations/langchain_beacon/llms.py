@@ -9,6 +9,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
+from pydantic import ConfigDict
 
 import beacon_llm
 
@@ -20,7 +21,12 @@ class BeaconLLM(BeaconFields, LLM):
     is returned (never the prompt), cut before the first stop string. Prompts that share a beginning with a recent
     one (the same book, another question) reuse its condensed prefix."""
 
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=()
+    )
+
     last_usage: dict[str, Any] | None = None
+    """Usage of the latest call (input tokens, cache_read, output tokens)."""
 
     @property
     def _llm_type(self) -> str:
@@ -28,8 +34,13 @@ class BeaconLLM(BeaconFields, LLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "adapter": self.beacon, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "beacon_overrides": self.beacon_overrides}  # fmt: skip
+        return {
+            "model_name": self.model_name,
+            "adapter": self.beacon,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "beacon_overrides": self.beacon_overrides,
+        }
 
     def get_num_tokens(self, text: str) -> int:
         return self.get_engine().count_tokens(text)
@@ -37,17 +48,26 @@ class BeaconLLM(BeaconFields, LLM):
     def get_token_ids(self, text: str) -> list[int]:
         return self.get_engine().encode(text)
 
-    def _events(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any],
-                cancel: threading.Event | None = None) -> Iterator[str | beacon_llm.Completion]:  # fmt: skip
+    def _events(
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any], cancel: threading.Event | None = None
+    ) -> Iterator[str | beacon_llm.Completion]:
         options = self.call_options(stop, kwargs)
         engine = self.get_engine()
         yield from engine.stream(engine.encode(prompt), cancel=cancel, **options)
 
+    def _info(self, completion: beacon_llm.Completion) -> dict[str, Any]:
+        return {"finish_reason": completion.finish_reason, "usage": usage_metadata(completion.usage)}
+
     def _done(self, completion: beacon_llm.Completion) -> None:
         object.__setattr__(self, "last_usage", usage_metadata(completion.usage))
 
-    def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
-              **kwargs: Any) -> str:  # fmt: skip
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         text = ""
         for item in self._events(prompt, stop, kwargs):
             if isinstance(item, str):
@@ -58,8 +78,13 @@ class BeaconLLM(BeaconFields, LLM):
                 text = item.text
         return text
 
-    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[GenerationChunk]:  # fmt: skip
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
         for item in self._events(prompt, stop, kwargs):
             if isinstance(item, str):
                 chunk = GenerationChunk(text=item)
@@ -68,9 +93,16 @@ class BeaconLLM(BeaconFields, LLM):
                 yield chunk
             else:
                 self._done(item)
+                yield GenerationChunk(text="", generation_info=self._info(item))
+                yield GenerationChunk(text="", generation_info=self._info(item))
 
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:  # fmt: skip
+    async def _acall(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         text = ""
         async for item in aiterate(lambda cancel: self._events(prompt, stop, kwargs, cancel)):
             if isinstance(item, str):
@@ -81,9 +113,13 @@ class BeaconLLM(BeaconFields, LLM):
                 text = item.text
         return text
 
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:  # fmt: skip
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
         async for item in aiterate(lambda cancel: self._events(prompt, stop, kwargs, cancel)):
             if isinstance(item, str):
                 chunk = GenerationChunk(text=item)
@@ -92,3 +128,4 @@ class BeaconLLM(BeaconFields, LLM):
                 yield chunk
             else:
                 self._done(item)
+                yield GenerationChunk(text="", generation_info=self._info(item))

@@ -4,12 +4,12 @@ import pytest
 
 pytest.importorskip("langchain_tests")
 
+from langchain_beacon import ChatBeacon  # noqa: E402
 from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
 from beacon_llm import BeaconEngine  # noqa: E402
 from beacon_llm.testing import tiny_beacon_model  # noqa: E402
-from langchain_beacon import ChatBeacon  # noqa: E402
 
 ENGINE = BeaconEngine(tiny_beacon_model())
 

@@ -1,0 +1,195 @@
+"""ChatBeacon / BeaconLLM behaviour on a tiny model: stops, streaming, async, batches, the document cache."""
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_beacon import BeaconLLM, ChatBeacon  # noqa: E402
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.output_parsers import StrOutputParser  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
+
+import beacon_llm  # noqa: E402
+from beacon_llm import BeaconEngine  # noqa: E402
+from beacon_llm.testing import tiny_beacon_model  # noqa: E402
+
+BOOK = "Chapter one. The lighthouse keeper counted ships every night and wrote them in a red book. " * 20
+
+
+@pytest.fixture
+def engine():
+    return BeaconEngine(tiny_beacon_model())
+
+
+class Tokens(BaseCallbackHandler):
+    def __init__(self):
+        self.tokens, self.starts = [], 0
+
+    def on_llm_new_token(self, token, **kwargs):
+        self.tokens.append(token)
+
+    def on_chat_model_start(self, *args, **kwargs):
+        self.starts += 1
+
+    def on_llm_start(self, *args, **kwargs):
+        self.starts += 1
+
+
+def _free_text(model, messages, **kw):
+    return model.invoke(messages, **kw).content
+
+
+def test_stop_strings_in_invoke_stream_and_async(engine):
+    chat = ChatBeacon(engine=engine, max_tokens=30)
+    messages = [("human", "Tell me about the keeper.")]
+    free = _free_text(chat, messages)
+    assert len(free) >= 8
+    stop = free[5:7]
+    cut = free[: free.find(stop)]
+    assert chat.invoke(messages, stop=[stop]).content == cut
+    assert "".join(c.content for c in chat.stream(messages, stop=[stop])) == cut
+    assert asyncio.run(chat.ainvoke(messages, stop=[stop])).content == cut
+
+    async def astream():
+        return "".join([c.content async for c in chat.astream(messages, stop=[stop])])
+
+    assert asyncio.run(astream()) == cut
+    assert ChatBeacon(engine=engine, max_tokens=30, stop=[stop]).invoke(messages).content == cut
+    llm = BeaconLLM(engine=engine, max_tokens=30)
+    text = llm.invoke("Once upon a time")
+    s = text[3:5]
+    assert llm.invoke("Once upon a time", stop=[s]) == text[: text.find(s)]
+    assert "".join(llm.stream("Once upon a time", stop=[s])) == text[: text.find(s)]
+    assert asyncio.run(llm.ainvoke("Once upon a time", stop=[s])) == text[: text.find(s)]
+
+
+def test_streaming_callbacks_fire_per_token_and_no_prompt_echo(engine):
+    handler = Tokens()
+    chat = ChatBeacon(engine=engine, max_tokens=10, callbacks=[handler])
+    chunks = [c.content for c in chat.stream([("human", "hi")])]
+    assert handler.tokens and "".join(handler.tokens) == "".join(chunks)
+    llm = BeaconLLM(engine=engine, max_tokens=10)
+    handler2 = Tokens()
+    out = llm.invoke("PROMPT-MARKER", config={"callbacks": [handler2]})
+    assert "PROMPT-MARKER" not in out and "".join(handler2.tokens) == out
+
+
+def test_batch_of_eight_concurrent_equals_sequential(engine):
+    chat = ChatBeacon(engine=engine, max_tokens=12)
+    prompts = [[("system", BOOK[: 200 + 40 * i]), ("human", f"Question {i}?")] for i in range(8)]
+    sequential = [chat.invoke(p).content for p in prompts]
+    engine.clear()
+    parallel = [m.content for m in chat.batch(prompts, config={"max_concurrency": 8})]
+    assert parallel == sequential
+    assert [m.content for m in asyncio.run(chat.abatch(prompts))] == sequential
+
+
+def test_second_question_reads_only_the_question(engine):
+    chat = ChatBeacon(engine=engine, max_tokens=5)
+    first = chat.invoke([("system", BOOK), ("human", "How many ships?")])
+    u1 = first.usage_metadata
+    assert u1["input_token_details"]["cache_read"] == 0
+    second = chat.invoke([("system", BOOK), ("human", "What colour is the book?")])
+    u2 = second.usage_metadata
+    question_ids, boundary = engine.encode_chat(
+        [{"role": "system", "content": BOOK}, {"role": "user", "content": "What colour is the book?"}]
+    )
+    assert u2["input_token_details"]["cache_read"] == boundary
+    assert u2["input_tokens"] - u2["input_token_details"]["cache_read"] == len(question_ids) - boundary < 60
+
+
+def test_one_model_call_for_a_whole_document_chain(engine):
+    """LCEL 'stuff documents' over a long text: no splitter, one model call."""
+    handler = Tokens()
+    chat = ChatBeacon(engine=engine, max_tokens=5, callbacks=[handler])
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer from this text:\n{context}"), ("human", "{question}")]
+    )
+    chain = prompt | chat | StrOutputParser()
+    long_text = BOOK * 1  # 1,900 characters = 1,900 tokens of the character tokenizer, ~120 windows of 16
+    answer = chain.invoke({"context": long_text, "question": "Who counted?"})
+    assert isinstance(answer, str) and handler.starts == 1
+    assert chat.get_num_tokens(long_text) == len(long_text)
+    assert chat.profile["max_input_tokens"] == engine.capacity == 2000
+
+
+def test_document_cache_persists_and_mismatch_or_corruption_is_refused(engine, tmp_path):
+    chat = ChatBeacon(engine=engine, max_tokens=5)
+    doc = [("system", BOOK)]
+    path = str(tmp_path / "book.safetensors")
+    chat.save_document_cache(doc, path)
+    fresh = ChatBeacon(engine=BeaconEngine(engine.bm), max_tokens=5)
+    n = fresh.load_document_cache(path)
+    assert n > 1000
+    reply = fresh.invoke(doc + [("human", "Who?")])
+    assert reply.usage_metadata["input_token_details"]["cache_read"] == n
+    other = ChatBeacon(engine=BeaconEngine(tiny_beacon_model(seed=5)), max_tokens=5)
+    with pytest.raises(ValueError, match="another model or beacon weights"):
+        other.load_document_cache(path)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="unreadable"):
+        fresh.load_document_cache(str(tmp_path / "bad.safetensors"))
+
+
+def test_cache_dir_round_trip_across_engines(engine, tmp_path):
+    a = ChatBeacon(engine=BeaconEngine(engine.bm, cache_dir=tmp_path), max_tokens=5)
+    a.invoke([("system", BOOK), ("human", "One?")])
+    b = ChatBeacon(engine=BeaconEngine(engine.bm, cache_dir=tmp_path), max_tokens=5)
+    reply = b.invoke([("system", BOOK), ("human", "Two?")])
+    assert reply.usage_metadata["input_token_details"]["cache_read"] > 1000
+    for f in tmp_path.glob("*.safetensors"):
+        f.write_bytes(b"broken")
+    c = ChatBeacon(engine=BeaconEngine(engine.bm, cache_dir=tmp_path), max_tokens=5)
+    reply = c.invoke([("system", BOOK), ("human", "Three?")])  # a corrupt file is ignored: read again
+    assert reply.usage_metadata["input_token_details"]["cache_read"] == 0
+
+
+def test_bad_parameters_are_clear_errors(engine):
+    with pytest.raises(ValueError, match="max_tokens=-1"):
+        ChatBeacon(engine=engine, max_tokens=-1)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        ChatBeacon(engine=engine, frobnicate=True)
+    chat = ChatBeacon(engine=engine)
+    with pytest.raises(TypeError, match=r"unknown generation options \['frobnicate'\]"):
+        chat.invoke("hi", frobnicate=1)
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        chat.invoke("hi", max_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens=-3"):
+        BeaconLLM(engine=engine, max_tokens=-3)
+
+
+def test_construction_is_lazy_and_loading_is_shared(tmp_path, monkeypatch):
+    bm = tiny_beacon_model()
+    bm.model.save_pretrained(tmp_path / "m")
+    bm.tokenizer.save_pretrained(tmp_path / "m")
+    beacon_llm.save_adapter(bm, str(tmp_path / "a"))
+    calls = []
+    real = beacon_llm.loading.from_pretrained
+    monkeypatch.setattr(beacon_llm.loading, "from_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
+    x = ChatBeacon(model=str(tmp_path / "m"), adapter=str(tmp_path / "a"), max_tokens=3)
+    y = BeaconLLM(model=str(tmp_path / "m"), adapter=str(tmp_path / "a"), max_tokens=3)
+    assert calls == []
+    assert x.profile["max_input_tokens"] == 2000  # from the config files, no weights loaded
+    x.invoke("hello")
+    y.invoke("hello")
+    assert len(calls) == 1 and x.get_engine().bm is y.get_engine().bm
+
+
+def test_async_prefill_does_not_block_the_event_loop(engine):
+    chat = ChatBeacon(engine=engine, max_tokens=3)
+
+    async def main():
+        ticks = 0
+        task = asyncio.create_task(chat.ainvoke([("system", BOOK), ("human", "?")]))
+        start = time.perf_counter()
+        while not task.done():
+            await asyncio.sleep(0.001)
+            ticks += 1
+        await task
+        return ticks, time.perf_counter() - start
+
+    ticks, elapsed = asyncio.run(main())
+    assert ticks >= 5, (ticks, elapsed)
