@@ -9,12 +9,13 @@ what follows the longest stored prefix.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,19 @@ class BeaconEngine:
 
         The document part is tokenised on its own, so every question about it shares the exact same prefix.
         """
+        prefix_text, rest_text = self.document_prompt_text(document, question, system=system, instruction=instruction)
+        prefix = self.encode(prefix_text)
+        return prefix + self.encode(rest_text), len(prefix)
+
+    def document_prompt_text(
+        self,
+        document: str,
+        question: str,
+        *,
+        system: str | None = None,
+        instruction: str = "Read the document and answer the question after it.",
+    ) -> tuple[str, str]:
+        """The two halves of :meth:`document_prompt` as text: (everything up to the question, the rest)."""
         tok = self.tokenizer
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": _SENTINEL}
@@ -161,9 +175,7 @@ class BeaconEngine:
         else:
             rendered = f"{system + chr(10) if system else ''}{_SENTINEL}\nAnswer: "
         head, tail = rendered.split(_SENTINEL)
-        prefix = self.encode(f"{head}{instruction}\n\n<document>\n{document}\n</document>\n\n")
-        rest = self.encode(f"Question: {question}{tail}")
-        return prefix + rest, len(prefix)
+        return f"{head}{instruction}\n\n<document>\n{document}\n</document>\n\n", f"Question: {question}{tail}"
 
     # ------------------------------------------------------------------ prefixes
     def _lookup(self, ids: Sequence[int]) -> tuple[BeaconCache | None, int]:
@@ -378,6 +390,35 @@ class BeaconEngine:
             yield text[len(emitted) :]
         usage.output_tokens = len(tokens) + (1 if finish == "eos" else 0)
         yield Completion(text=text, token_ids=tokens, finish_reason=finish, usage=usage)
+
+    async def astream(self, ids: Sequence[int], **kwargs: Any) -> AsyncIterator[str | Completion]:
+        """:meth:`stream` for asyncio: reading and generating run in a worker thread, never on the event loop.
+        Leaving the loop early (or cancelling the task) stops generation at the next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def worker() -> None:
+            try:
+                for item in self.stream(ids, cancel=cancel, **kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+            except BaseException as exc:  # re-raised on the event loop
+                loop.call_soon_threadsafe(queue.put_nowait, (done, exc))
+                return
+            loop.call_soon_threadsafe(queue.put_nowait, (done, None))
+
+        threading.Thread(target=worker, name="beacon-generate", daemon=True).start()
+        try:
+            while True:
+                item, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if item is done:
+                    break
+                yield item
+        finally:
+            cancel.set()
 
     def complete(self, ids: Sequence[int], **kwargs: Any) -> Completion:
         """Like :meth:`stream`, returning only the final :class:`Completion`."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -125,35 +123,3 @@ def usage_metadata(usage: beacon_llm.Usage) -> dict[str, Any]:
         "total_tokens": usage.input_tokens + usage.output_tokens,
         "input_token_details": {"cache_read": usage.cache_read_tokens},
     }
-
-
-async def aiterate(make: Callable[[threading.Event], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Run a blocking iterator in a worker thread and yield its items on the event loop (never blocking it)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-    done = object()
-
-    def worker() -> None:
-        try:
-            for item in make(cancel):
-                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
-                if cancel.is_set():
-                    break
-        except BaseException as exc:  # re-raised in the event loop
-            loop.call_soon_threadsafe(queue.put_nowait, (done, exc))
-            return
-        loop.call_soon_threadsafe(queue.put_nowait, (done, None))
-
-    thread = threading.Thread(target=worker, name="beacon-generate", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                break
-            yield item
-    finally:
-        cancel.set()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -14,7 +14,7 @@ from pydantic import ConfigDict
 
 import beacon_llm
 
-from ._common import BeaconFields, aiterate, usage_metadata
+from ._common import BeaconFields, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "chat": None}
 
@@ -96,17 +96,23 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         return self.get_engine().encode(text)
 
     # ---------------------------------------------------------------- core
-    def _events(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        kwargs: dict[str, Any],
-        cancel: threading.Event | None = None,
-    ) -> Iterator[str | beacon_llm.Completion]:
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Token ids, the start of the last message (the reusable prefix ends there) and generation options."""
         options = self.call_options(stop, kwargs)
-        engine = self.get_engine()
-        ids, boundary = engine.encode_chat(to_chat_dicts(messages))
-        yield from engine.stream(ids, boundary=boundary or None, cancel=cancel, **options)
+        ids, boundary = self.get_engine().encode_chat(to_chat_dicts(messages))
+        return {"ids": ids, "boundary": boundary or None, **options}
+
+    def _events(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[str | beacon_llm.Completion]:
+        yield from self.get_engine().stream(**self._request(messages, stop, kwargs))
+
+    async def _aevents(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> AsyncIterator[str | beacon_llm.Completion]:
+        request = await asyncio.to_thread(self._request, messages, stop, kwargs)  # tokenising a book takes seconds
+        async for item in self.get_engine().astream(**request):
+            yield item
 
     def _final_message(self, completion: beacon_llm.Completion, chunk: bool) -> AIMessage | AIMessageChunk:
         meta = {"model_name": self.model_name, "finish_reason": completion.finish_reason}
@@ -156,7 +162,7 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         completion = None
-        async for item in aiterate(lambda cancel: self._events(messages, stop, kwargs, cancel)):
+        async for item in self._aevents(messages, stop, kwargs):
             if isinstance(item, str):
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(item)
@@ -172,7 +178,7 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for item in aiterate(lambda cancel: self._events(messages, stop, kwargs, cancel)):
+        async for item in self._aevents(messages, stop, kwargs):
             if isinstance(item, str):
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
                 if run_manager is not None:

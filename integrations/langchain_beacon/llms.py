@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,7 +13,7 @@ from pydantic import ConfigDict
 
 import beacon_llm
 
-from ._common import BeaconFields, aiterate, usage_metadata
+from ._common import BeaconFields, usage_metadata
 
 
 class BeaconLLM(BeaconFields, LLM):
@@ -48,12 +48,21 @@ class BeaconLLM(BeaconFields, LLM):
     def get_token_ids(self, text: str) -> list[int]:
         return self.get_engine().encode(text)
 
-    def _events(
-        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any], cancel: threading.Event | None = None
-    ) -> Iterator[str | beacon_llm.Completion]:
+    def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         options = self.call_options(stop, kwargs)
-        engine = self.get_engine()
-        yield from engine.stream(engine.encode(prompt), cancel=cancel, **options)
+        return {"ids": self.get_engine().encode(prompt), **options}
+
+    def _events(
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[str | beacon_llm.Completion]:
+        yield from self.get_engine().stream(**self._request(prompt, stop, kwargs))
+
+    async def _aevents(
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> AsyncIterator[str | beacon_llm.Completion]:
+        request = await asyncio.to_thread(self._request, prompt, stop, kwargs)
+        async for item in self.get_engine().astream(**request):
+            yield item
 
     def _info(self, completion: beacon_llm.Completion) -> dict[str, Any]:
         return {"finish_reason": completion.finish_reason, "usage": usage_metadata(completion.usage)}
@@ -104,7 +113,7 @@ class BeaconLLM(BeaconFields, LLM):
         **kwargs: Any,
     ) -> str:
         text = ""
-        async for item in aiterate(lambda cancel: self._events(prompt, stop, kwargs, cancel)):
+        async for item in self._aevents(prompt, stop, kwargs):
             if isinstance(item, str):
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(item)
@@ -120,7 +129,7 @@ class BeaconLLM(BeaconFields, LLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        async for item in aiterate(lambda cancel: self._events(prompt, stop, kwargs, cancel)):
+        async for item in self._aevents(prompt, stop, kwargs):
             if isinstance(item, str):
                 chunk = GenerationChunk(text=item)
                 if run_manager is not None:
