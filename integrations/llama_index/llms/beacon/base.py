@@ -1,0 +1,228 @@
+"""``BeaconLLM``: a LlamaIndex LLM over a local Activation Beacon model (arXiv 2401.03462)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+import beacon_llm
+
+DEFAULT_CONTEXT = 8192
+
+
+class BeaconLLM(CustomLLM):
+    """Local beacon model for LlamaIndex. ``metadata.context_window`` is the real condensed capacity (e.g. ~230K
+    tokens for the embedded SmolLM2 at ratio 32), so LlamaIndex does not re-chunk whole books.
+
+    Every call works on its own cache; a prompt sharing a beginning with an earlier one (the same documents)
+    reuses the condensed prefix (``complete(..., cached_prefix=...)`` marks it exactly).
+    """
+
+    model: str | None = Field(default=None, description="base model or official beacon checkpoint; None = embedded")
+    adapter: str | None = Field(default=None, description="beacon adapter folder for `model`")
+    beacon_overrides: dict[str, Any] = Field(default_factory=dict, description="beacon_* config keys applied on load")
+    device: str | None = Field(default=None, description="torch device, e.g. 'cuda'")
+    dtype: str | None = Field(default=None, description="weights dtype, e.g. 'bfloat16'")
+    cache_dir: str | None = Field(default=None, description="persist condensed documents here (safetensors + JSON)")
+    max_new_tokens: int = Field(default=256, gt=0, description="tokens generated per call (num_output)")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None)
+    stop: list[str] | None = Field(default=None, description="stop strings (output is cut before them)")
+
+    _engine: Any = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def __init__(self, engine: beacon_llm.BeaconEngine | beacon_llm.BeaconModel | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(engine, beacon_llm.BeaconModel):
+            engine = beacon_llm.BeaconEngine(engine, cache_dir=self.cache_dir)
+        if engine is not None and not isinstance(engine, beacon_llm.BeaconEngine):
+            raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(engine).__name__}")
+        self._engine = engine
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "BeaconLLM"
+
+    def get_engine(self) -> beacon_llm.BeaconEngine:
+        """The shared engine: loaded on first use, shared by every object over the same weights."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = beacon_llm.get_engine(
+                        self.model, adapter=self.adapter, dtype=self.dtype, device=self.device,
+                        cache_dir=self.cache_dir, **self.beacon_overrides,
+                    )  # fmt: skip
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        if self._engine is not None:
+            capacity = self._engine.capacity
+            name = str(getattr(self._engine.bm.model.config, "_name_or_path", "") or "beacon")
+        else:
+            capacity = beacon_llm.capacity_from_files(self.model, self.adapter, **self.beacon_overrides)
+            name = self.model or "smollm2-135m-instruct"
+        return LLMMetadata(
+            context_window=capacity or DEFAULT_CONTEXT,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=name,
+        )
+
+    @property
+    def tokenizer_fn(self) -> Callable[[str], list[int]]:
+        """The model's own tokenizer, for ``Settings.tokenizer = llm.tokenizer_fn``."""
+        return self.get_engine().encode
+
+    # ---------------------------------------------------------------- requests
+    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"max_new_tokens", "max_tokens", "temperature", "top_p", "seed", "stop", "formatted"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(
+                f"unknown generation options {sorted(unknown)}; supported: {sorted(allowed - {'formatted'})}"
+            )
+        max_new = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
+        if not isinstance(max_new, int) or max_new < 1:
+            raise ValueError(f"max_new_tokens={max_new!r} must be a positive int")
+        stops = list(self.stop or []) + list(kwargs.get("stop") or [])
+        return {"max_new_tokens": max_new, "temperature": kwargs.get("temperature", self.temperature),
+                "top_p": kwargs.get("top_p", self.top_p), "seed": kwargs.get("seed", self.seed),
+                "stop": stops or None}  # fmt: skip
+
+    def _completion_request(self, prompt: str, cached_prefix: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        engine = self.get_engine()
+        options = self._options(kwargs)
+        if cached_prefix is not None:
+            if not prompt.startswith(cached_prefix):
+                raise ValueError("cached_prefix must be the beginning of the prompt")
+            head = engine.encode(cached_prefix)
+            ids = head + engine.encode(prompt[len(cached_prefix) :])
+            return {"ids": ids, "boundary": len(head), **options}
+        return {"ids": engine.encode(prompt), **options}
+
+    def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> dict[str, Any]:
+        options = self._options(kwargs)
+        dicts = [{"role": _role(m.role), "content": m.content or ""} for m in messages]
+        ids, boundary = self.get_engine().encode_chat(dicts)
+        return {"ids": ids, "boundary": boundary or None, **options}
+
+    @staticmethod
+    def _raw(completion: beacon_llm.Completion) -> dict[str, Any]:
+        u = completion.usage
+        return {"finish_reason": completion.finish_reason, "usage": {
+            "prompt_tokens": u.input_tokens, "cache_read_tokens": u.cache_read_tokens, "read_tokens": u.read_tokens,
+            "completion_tokens": u.output_tokens}}  # fmt: skip
+
+    def _complete_stream(self, request: dict[str, Any]) -> CompletionResponseGen:
+        text = ""
+        for item in self.get_engine().stream(**request):
+            if isinstance(item, str):
+                text += item
+                yield CompletionResponse(text=text, delta=item)
+            else:
+                yield CompletionResponse(text=item.text, delta="", additional_kwargs=self._raw(item))
+
+    async def _acomplete_stream(self, request_fn: Callable[[], dict[str, Any]]) -> AsyncIterator[CompletionResponse]:
+        request = await asyncio.to_thread(request_fn)  # tokenising a book takes seconds: off the event loop
+        text = ""
+        async for item in self.get_engine().astream(**request):
+            if isinstance(item, str):
+                text += item
+                yield CompletionResponse(text=text, delta=item)
+            else:
+                yield CompletionResponse(text=item.text, delta="", additional_kwargs=self._raw(item))
+
+    # ---------------------------------------------------------------- completion API
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
+                 **kwargs: Any) -> CompletionResponse:  # fmt: skip
+        """Complete ``prompt``; ``cached_prefix`` (a beginning of the prompt, e.g. the documents) is condensed once
+        and reused by later prompts that start with it."""
+        last = None
+        for last in self._complete_stream(self._completion_request(prompt, cached_prefix, kwargs)):
+            pass
+        return last
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
+                        **kwargs: Any) -> CompletionResponseGen:  # fmt: skip
+        return self._complete_stream(self._completion_request(prompt, cached_prefix, kwargs))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
+                        **kwargs: Any) -> CompletionResponse:  # fmt: skip
+        last = None
+        async for last in self._acomplete_stream(lambda: self._completion_request(prompt, cached_prefix, kwargs)):
+            pass
+        return last
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:  # fmt: skip
+        return self._acomplete_stream(lambda: self._completion_request(prompt, cached_prefix, kwargs))
+
+    # ---------------------------------------------------------------- chat API
+    @staticmethod
+    def _to_chat(response: CompletionResponse) -> ChatResponse:
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
+                            delta=response.delta, additional_kwargs=response.additional_kwargs)  # fmt: skip
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        last = None
+        for last in self._complete_stream(self._chat_request(messages, kwargs)):
+            pass
+        return self._to_chat(last)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        def gen() -> ChatResponseGen:
+            for response in self._complete_stream(self._chat_request(messages, kwargs)):
+                yield self._to_chat(response)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        last = None
+        async for last in self._acomplete_stream(lambda: self._chat_request(messages, kwargs)):
+            pass
+        return self._to_chat(last)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        async def gen() -> ChatResponseAsyncGen:
+            async for response in self._acomplete_stream(lambda: self._chat_request(messages, kwargs)):
+                yield self._to_chat(response)
+
+        return gen()
+
+
+def _role(role: MessageRole | str) -> str:
+    value = role.value if isinstance(role, MessageRole) else str(role)
+    if value in ("system", "user", "assistant"):
+        return value
+    if value == "developer":
+        return "system"
+    raise ValueError(f"message role {value!r} is not supported (no tool calling); use system/user/assistant")

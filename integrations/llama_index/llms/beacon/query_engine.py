@@ -1,0 +1,101 @@
+"""``BeaconQueryEngine``: answer questions over whole documents in ONE LLM call, no chunking, no retrieval."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.query_engine import CustomQueryEngine
+from llama_index.core.schema import Document, NodeWithScore, TextNode
+from llama_index.llms.beacon.base import BeaconLLM
+
+SYSTEM = "You are a helpful assistant. Answer questions about the documents briefly and accurately."
+
+
+def _header(doc: Document, index: int) -> str:
+    meta = {k: v for k, v in (doc.metadata or {}).items() if k not in doc.excluded_llm_metadata_keys}
+    fields = "; ".join(f"{k}: {v}" for k, v in meta.items())
+    return f"### Document {index + 1}" + (f" ({fields})" if fields else "")
+
+
+class BeaconQueryEngine(CustomQueryEngine):
+    """Concatenate the documents (with their metadata headers) and read them in one call per question.
+
+    The condensed documents are cached by the LLM's engine, so follow-up questions read only the question. A set of
+    documents beyond the model's capacity raises ``ValueError`` with the token count and the capacity (never silent
+    truncation). ``source_nodes`` of every response name the documents that were read (all of them).
+    """
+
+    llm: BeaconLLM = Field(description="the beacon LLM")
+    documents_text: str = Field(description="the concatenated documents")
+    system_prompt: str = Field(default=SYSTEM)
+    streaming: bool = Field(default=False)
+    _nodes: list[TextNode] = PrivateAttr(default_factory=list)
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[Document], llm: BeaconLLM | None = None, *, streaming: bool = False,
+                       system_prompt: str = SYSTEM, check_capacity: bool = True) -> BeaconQueryEngine:  # fmt: skip
+        if not documents:
+            raise ValueError("no documents given")
+        llm = llm or BeaconLLM()
+        parts = [f"{_header(d, i)}\n{d.get_content()}" for i, d in enumerate(documents)]
+        engine = cls(llm=llm, documents_text="\n\n".join(parts), system_prompt=system_prompt, streaming=streaming)
+        engine._nodes = [TextNode(text=d.get_content(), metadata=dict(d.metadata or {}), id_=d.doc_id)
+                         for d in documents]  # fmt: skip
+        if check_capacity:
+            engine._check_capacity("")
+        return engine
+
+    def _prompt(self, question: str) -> tuple[str, str]:
+        return self.llm.get_engine().document_prompt_text(self.documents_text, question, system=self.system_prompt)
+
+    def _check_capacity(self, question: str) -> None:
+        engine = self.llm.get_engine()
+        prefix, rest = self._prompt(question)
+        n = engine.count_tokens(prefix) + engine.count_tokens(rest) + self.llm.max_new_tokens
+        if n > engine.capacity:
+            raise ValueError(
+                f"the documents need {n} tokens (with the question and {self.llm.max_new_tokens} output tokens), "
+                f"more than this model's beacon capacity of {engine.capacity} tokens; use fewer documents or a "
+                "larger compression ratio (beacon_overrides={'beacon_ratio': [...]})"
+            )
+
+    def _sources(self) -> list[NodeWithScore]:
+        return [NodeWithScore(node=n, score=1.0) for n in self._nodes]
+
+    def custom_query(self, query_str: str) -> Response | StreamingResponse:
+        self._check_capacity(query_str)
+        prefix, rest = self._prompt(query_str)
+        if self.streaming:
+            stream = self.llm.stream_complete(prefix + rest, formatted=True, cached_prefix=prefix)
+
+            def deltas() -> Iterator[str]:
+                for r in stream:
+                    if r.delta:
+                        yield r.delta
+
+            return StreamingResponse(response_gen=deltas(), source_nodes=self._sources())
+        out = self.llm.complete(prefix + rest, formatted=True, cached_prefix=prefix)
+        return Response(response=out.text, source_nodes=self._sources(), metadata=dict(out.additional_kwargs))
+
+    async def acustom_query(self, query_str: str) -> Response | AsyncStreamingResponse:
+        self._check_capacity(query_str)
+        prefix, rest = self._prompt(query_str)
+        if self.streaming:
+            stream = await self.llm.astream_complete(prefix + rest, formatted=True, cached_prefix=prefix)
+
+            async def deltas() -> AsyncIterator[str]:
+                async for r in stream:
+                    if r.delta:
+                        yield r.delta
+
+            return AsyncStreamingResponse(response_gen=deltas(), source_nodes=self._sources())
+        out = await self.llm.acomplete(prefix + rest, formatted=True, cached_prefix=prefix)
+        return Response(response=out.text, source_nodes=self._sources(), metadata=dict(out.additional_kwargs))
+
+    def __repr__(self) -> str:
+        return f"BeaconQueryEngine(documents={len(self._nodes)}, chars={len(self.documents_text)})"
+
+    model_config: Any = {"arbitrary_types_allowed": True}
