@@ -125,28 +125,69 @@ def from_pretrained(
         tok = _compat.load_tokenizer(folder)
     bm = BeaconModel.attach(base, bcfg, tok)
     if adapter is not None:
-        files = [os.path.join(_resolve(adapter), ADAPTER_WEIGHTS_NAME)]
-        load_beacon_weights(base, load_file(files[0]), files[0])
+        path = os.path.join(_resolve(adapter), ADAPTER_WEIGHTS_NAME)
+        load_beacon_weights(base, expand_adapter_tensors(base, load_file(path)), path)
     elif beacon_config is None:
         load_beacon_weights(base, _read_beacon_tensors(_safetensors_files(folder)), folder)
     base.eval()
     return bm
 
 
-def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = None) -> None:
-    """Write only the beacon weights (``beacon_model.safetensors``) and ``beacon_config.json``."""
+DELTA_A, DELTA_B = ".delta_a", ".delta_b"
+
+
+def _base_key(beacon_key: str) -> str:
+    return beacon_key.replace("beacon_", "", 1)
+
+
+@torch.no_grad()
+def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = None, rank: int | None = None) -> None:
+    """Write only the beacon weights (``beacon_model.safetensors``) and ``beacon_config.json``.
+
+    Args:
+        dtype: store tensors in this dtype (e.g. ``torch.bfloat16`` halves the size).
+        rank: store each beacon projection as a rank-``rank`` delta over the base projection
+            (``W_beacon ≈ W_base + A @ B``, from a truncated SVD): a much smaller adapter, rebuilt exactly from
+            the same base weights at load time up to the truncation.
+    """
     os.makedirs(folder, exist_ok=True)
-    tensors = {
-        k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
-        for k, v in beacon_state_dict(bm.model).items()
-    }
+    state = bm.model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in beacon_state_dict(bm.model).items():
+        if rank is not None and key.endswith("_proj.weight"):
+            delta = (value - state[_base_key(key)]).float()  # (out, in)
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            r = min(rank, sv.numel())
+            pieces = {key + DELTA_A: u[:, :r] * sv[:r], key + DELTA_B: vh[:r]}  # (out, r), (r, in)
+        else:
+            pieces = {key: value}
+        for k, v in pieces.items():
+            tensors[k] = (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
     c = bm.model.config
-    save_file(
-        tensors,
-        os.path.join(folder, ADAPTER_WEIGHTS_NAME),
-        metadata={"format": "pt", "base_model_type": str(c.model_type), "base_name_or_path": str(c._name_or_path)},
-    )
+    meta = {"format": "pt", "base_model_type": str(c.model_type), "base_name_or_path": str(c._name_or_path)}
+    if rank is not None:
+        meta["beacon_delta_rank"] = str(rank)
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata=meta)
     bm.config.to_json_file(os.path.join(folder, CONFIG_NAME))
+
+
+@torch.no_grad()
+def expand_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn low-rank delta pairs (see :func:`save_adapter`) back into full beacon weights over ``model``'s base."""
+    if not any(k.endswith(DELTA_A) for k in tensors):
+        return tensors
+    state = model.state_dict()
+    out = {k: v for k, v in tensors.items() if not k.endswith((DELTA_A, DELTA_B))}
+    for key in [k[: -len(DELTA_A)] for k in tensors if k.endswith(DELTA_A)]:
+        b_key = key + DELTA_B
+        if b_key not in tensors:
+            raise ValueError(f"adapter has {key}{DELTA_A} without {b_key}")
+        base = state.get(_base_key(key))
+        if base is None:
+            raise ValueError(f"adapter delta {key} has no base projection {_base_key(key)} in the model")
+        delta = tensors[key + DELTA_A].float() @ tensors[b_key].float()  # (out, in)
+        out[key] = (base.float().cpu() + delta).to(base.dtype)
+    return out
 
 
 def load_adapter(model: nn.Module, folder: str, tokenizer: object | None = None) -> BeaconModel:
@@ -154,7 +195,7 @@ def load_adapter(model: nn.Module, folder: str, tokenizer: object | None = None)
     bcfg = BeaconConfig.from_json_file(os.path.join(folder, CONFIG_NAME))
     bm = BeaconModel.attach(model, bcfg, tokenizer)
     path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
-    load_beacon_weights(model, load_file(path), path)
+    load_beacon_weights(model, expand_adapter_tensors(model, load_file(path)), path)
     return bm
 
 

@@ -120,3 +120,20 @@ def test_corrupt_or_foreign_cache_file_is_an_error(tmp_path):
     other = tiny_beacon_model(BeaconConfig(window=32, ratios=(4,)))
     with pytest.raises(ValueError, match="another beacon config"):
         beacon_llm.load_cache(str(path), other)
+
+
+def test_low_rank_bf16_adapter_rebuilds_the_beacons(tmp_path):
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(4,), param=("q", "k", "v", "o")))
+    full_rank = 32  # hidden size: a rank-32 delta is exact
+    beacon_llm.save_adapter(bm, str(tmp_path / "exact"), rank=full_rank)
+    beacon_llm.save_adapter(bm, str(tmp_path / "small"), rank=2, dtype=torch.bfloat16)
+    tensors = load_file(tmp_path / "small" / "beacon_model.safetensors")
+    assert "model.layers.0.self_attn.beacon_q_proj.weight.delta_a" in tensors
+    assert tensors["model.layers.0.self_attn.beacon_q_proj.weight.delta_a"].shape == (32, 2)
+    exact = beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "exact"))
+    small = beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "small"))
+    ref = dict(bm.model.named_parameters())
+    for name, p in exact.model.named_parameters():
+        torch.testing.assert_close(p, ref[name], atol=1e-5, rtol=0)
+    err = {n: (p - ref[n]).abs().max().item() for n, p in small.model.named_parameters() if "beacon_q" in n}
+    assert 0 < max(err.values()) < 1.0
