@@ -1,0 +1,158 @@
+"""Speed and memory against context length: beacons at several ratios vs the plain model (full SDPA attention).
+
+Each measurement runs in its own process so peak RSS is its own. Reported per row: ingestion tokens/s, peak RSS,
+condensed KV entries, first-token latency and decode tokens/s after the context. Also the plain model reading the
+same text in independent windows of the beacon window size (the "same window" reference for the beacon overhead).
+
+    python benchmarks/efficiency.py                       # embedded model, 2K..32K
+    python benchmarks/efficiency.py --lengths 2048 131072  # longer
+    python benchmarks/efficiency.py --fast                 # tiny model, seconds (CI smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _tokens(bm, n: int) -> list[int]:
+    import beacon_llm
+
+    book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+    if bm.tokenizer is not None and bm.vocab_size > 1000:
+        ids = bm.tokenizer(book, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [3 + (ord(c) % (bm.vocab_size - 3)) for c in book]
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    import beacon_llm
+
+    torch.set_num_threads(spec["threads"])
+    if spec["fast"]:
+        from beacon_llm.testing import tiny_beacon_model
+
+        cfg = beacon_llm.BeaconConfig(window=spec["window"], ratios=(spec.get("ratio") or 2,))
+        bm = tiny_beacon_model(cfg, max_position_embeddings=4096)
+    else:
+        overrides = {"beacon_window": spec["window"]}
+        if spec.get("ratio"):
+            overrides.update(beacon_ratio=[spec["ratio"]], beacon_ratio_mix="step-random")
+        bm = beacon_llm.load(**overrides)
+    ids = _tokens(bm, spec["length"])
+    n_decode = spec["decode"]
+    out = {**spec}
+    with torch.no_grad():
+        if spec["method"] == "beacon":
+            cache = bm.new_cache()
+            t0 = time.perf_counter()
+            bm.forward(ids, cache, return_token_logprobs=False)
+            t1 = time.perf_counter()
+            res = bm.generate(None, cache=cache, max_new_tokens=n_decode, eos_token_id=[], return_dict_in_generate=True)
+            t2 = time.perf_counter()
+            out["kv_entries"] = cache.get_seq_length() + 0
+            out["kv_bytes"] = cache.nbytes()
+        elif spec["method"] == "plain":
+            model = bm.model
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            o = model(input_ids=x, use_cache=True, logits_to_keep=1)
+            t1 = time.perf_counter()
+            kv = o.past_key_values
+            tok = o.logits[:, -1:].argmax(-1)
+            for _ in range(n_decode - 1):
+                o = model(input_ids=tok, past_key_values=kv, use_cache=True)
+                kv, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            out["kv_entries"] = len(ids)
+            out["kv_bytes"] = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in kv.layers)
+        else:  # plain-window: independent windows of the beacon window size (no memory)
+            model, w = bm.model, spec["window"]
+            t0 = time.perf_counter()
+            for start in range(0, len(ids), w):
+                model(input_ids=torch.tensor([ids[start : start + w]]), use_cache=False, logits_to_keep=1)
+            t1 = t2 = time.perf_counter()
+            n_decode = 0
+    out["ingest_s"] = round(t1 - t0, 3)
+    out["ingest_tok_s"] = round(len(ids) / (t1 - t0), 1)
+    out["first_token_s"] = round(t1 - t0, 3)
+    out["decode_tok_s"] = round((n_decode - 1) / (t2 - t1), 2) if n_decode > 1 else None
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def run(spec: dict, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--ratios", type=int, nargs="+", default=None)
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--plain-max", type=int, default=8192, help="longest context for the plain model")
+    parser.add_argument("--decode", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    lengths = args.lengths or ([512, 2048] if args.fast else [2048, 8192, 32768])
+    ratios = args.ratios or ([8] if args.fast else [8, 32])
+    window = args.window or (64 if args.fast else 512)
+    base = {"fast": args.fast, "window": window, "threads": args.threads, "decode": args.decode}
+    rows = []
+    for n in lengths:
+        specs = [{**base, "method": "beacon", "ratio": r, "length": n} for r in ratios]
+        specs.append({**base, "method": "plain-window", "ratio": None, "length": n})
+        if n <= args.plain_max:
+            specs.append({**base, "method": "plain", "ratio": None, "length": n})
+        for spec in specs:
+            row = run(spec, args.timeout)
+            rows.append(row)
+            print(json.dumps({k: row.get(k) for k in ("method", "ratio", "length", "ingest_tok_s", "kv_entries",
+                                                        "peak_rss_mb", "decode_tok_s", "error")}), flush=True)  # fmt: skip
+    if args.plain_max < max(lengths):
+        rows.append({"method": "plain", "note": f"not run beyond {args.plain_max} tokens: the base model has "
+                     f"{8192 if not args.fast else 4096} trained positions and full attention grows quadratically"})  # fmt: skip
+    summary = {}
+    for r in ratios:
+        beacon = {row["length"]: row for row in rows if row.get("method") == "beacon" and row.get("ratio") == r}
+        window_ref = {row["length"]: row for row in rows if row.get("method") == "plain-window"}
+        lo, hi = min(beacon), max(beacon)
+        summary[f"ratio_{r}"] = {
+            "ingest_vs_plain_same_window": {n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3)
+                                            for n in beacon if n in window_ref and "error" not in beacon[n]},
+            f"tok_s_{hi}_over_{lo}": round(beacon[hi]["ingest_tok_s"] / beacon[lo]["ingest_tok_s"], 3),
+            f"peak_rss_{hi}_over_{lo}": round(beacon[hi]["peak_rss_mb"] / beacon[lo]["peak_rss_mb"], 3),
+        }  # fmt: skip
+    result = {"rows": rows, "summary": summary, "args": vars(args)}
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"efficiency{'_fast' if args.fast else ''}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
