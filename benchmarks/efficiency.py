@@ -60,7 +60,7 @@ def worker(spec: dict) -> dict:
             t0 = time.perf_counter()
             bm.forward(ids, cache, return_token_logprobs=False)
             t1 = time.perf_counter()
-            res = bm.generate(None, cache=cache, max_new_tokens=n_decode, eos_token_id=[], return_dict_in_generate=True)
+            bm.generate(None, cache=cache, max_new_tokens=n_decode, eos_token_id=[], return_dict_in_generate=True)
             t2 = time.perf_counter()
             out["kv_entries"] = cache.get_seq_length() + 0
             out["kv_bytes"] = cache.nbytes()
@@ -94,8 +94,9 @@ def worker(spec: dict) -> dict:
 
 
 def run(spec: dict, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -130,22 +131,46 @@ def main() -> None:
         for spec in specs:
             row = run(spec, args.timeout)
             rows.append(row)
-            print(json.dumps({k: row.get(k) for k in ("method", "ratio", "length", "ingest_tok_s", "kv_entries",
-                                                        "peak_rss_mb", "decode_tok_s", "error")}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        k: row.get(k)
+                        for k in (
+                            "method",
+                            "ratio",
+                            "length",
+                            "ingest_tok_s",
+                            "kv_entries",
+                            "peak_rss_mb",
+                            "decode_tok_s",
+                            "error",
+                        )
+                    }
+                ),
+                flush=True,
+            )
     if args.plain_max < max(lengths):
-        rows.append({"method": "plain", "note": f"not run beyond {args.plain_max} tokens: the base model has "
-                     f"{8192 if not args.fast else 4096} trained positions and full attention grows quadratically"})  # fmt: skip
+        rows.append(
+            {
+                "method": "plain",
+                "note": f"not run beyond {args.plain_max} tokens: the base model has "
+                f"{8192 if not args.fast else 4096} trained positions and full attention grows quadratically",
+            }
+        )
     summary = {}
     for r in ratios:
         beacon = {row["length"]: row for row in rows if row.get("method") == "beacon" and row.get("ratio") == r}
         window_ref = {row["length"]: row for row in rows if row.get("method") == "plain-window"}
         lo, hi = min(beacon), max(beacon)
         summary[f"ratio_{r}"] = {
-            "ingest_vs_plain_same_window": {n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3)
-                                            for n in beacon if n in window_ref and "error" not in beacon[n]},
+            "ingest_vs_plain_same_window": {
+                n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3)
+                for n in beacon
+                if n in window_ref and "error" not in beacon[n]
+            },
             f"tok_s_{hi}_over_{lo}": round(beacon[hi]["ingest_tok_s"] / beacon[lo]["ingest_tok_s"], 3),
             f"peak_rss_{hi}_over_{lo}": round(beacon[hi]["peak_rss_mb"] / beacon[lo]["peak_rss_mb"], 3),
-        }  # fmt: skip
+        }
     result = {"rows": rows, "summary": summary, "args": vars(args)}
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"efficiency{'_fast' if args.fast else ''}.json"

@@ -31,8 +31,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import beacon_llm
     from langchain_beacon import ChatBeacon
+
+    import beacon_llm
 
     if args.fast:
         from beacon_llm.testing import tiny_beacon_model
@@ -57,22 +58,35 @@ def main() -> None:
             final = chunk if final is None else final + chunk
         total = time.perf_counter() - start
         usage = final.usage_metadata
-        rows.append({"question": q, "seconds_total": round(total, 3),
-                     "seconds_to_first_token": round(first_chunk or total, 3),
-                     "input_tokens": usage["input_tokens"],
-                     "cache_read_tokens": usage["input_token_details"]["cache_read"],
-                     "output_tokens": usage["output_tokens"], "answer": final.content})  # fmt: skip
+        rows.append(
+            {
+                "question": q,
+                "seconds_total": round(total, 3),
+                "seconds_to_first_token": round(first_chunk or total, 3),
+                "input_tokens": usage["input_tokens"],
+                "cache_read_tokens": usage["input_token_details"]["cache_read"],
+                "output_tokens": usage["output_tokens"],
+                "answer": final.content,
+            }
+        )
     first, follow = rows[0], rows[1:]
     speedup = first["seconds_to_first_token"] / max(min(r["seconds_to_first_token"] for r in follow), 1e-9)
-    result = {"model": name, "text_tokens": chat.get_num_tokens(text), "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "rows": rows,
-              "first_token_speedup_of_follow_ups": round(speedup, 1)}  # fmt: skip
+    result = {
+        "model": name,
+        "text_tokens": chat.get_num_tokens(text),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+        "first_token_speedup_of_follow_ups": round(speedup, 1),
+    }
     print(f"{name}: text of {result['text_tokens']} tokens")
     print(f"{'question':48} {'first token s':>13} {'total s':>8} {'read':>7} {'cached':>7}")
     for r in rows:
         read = r["input_tokens"] - r["cache_read_tokens"]
-        print(f"{r['question']:48} {r['seconds_to_first_token']:13.2f} {r['seconds_total']:8.2f} {read:7d} "
-              f"{r['cache_read_tokens']:7d}")  # fmt: skip
+        print(
+            f"{r['question']:48} {r['seconds_to_first_token']:13.2f} {r['seconds_total']:8.2f} {read:7d} "
+            f"{r['cache_read_tokens']:7d}"
+        )
     print(f"follow-up first-token speed-up: {speedup:.0f}x")
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"followup_latency{'_fast' if args.fast else ''}.json"

@@ -14,7 +14,12 @@ SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_fast_mode(script, tmp_path):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(script), "--fast", "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script), "--fast", "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())

@@ -1,0 +1,93 @@
+"""Training on a tiny model: loss goes down, only beacons change, resume is bit-identical, data is seeded."""
+
+import numpy as np
+import pytest
+import torch
+
+import beacon_llm
+from beacon_llm import BeaconConfig
+from beacon_llm.tasks import IGNORE, SampleStream, make_task, read_corpus
+from beacon_llm.testing import tiny_base_model, tiny_beacon_model
+from beacon_llm.training import TrainConfig, train
+
+TEXT = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry, who was a farmer. " * 40
+CFG = BeaconConfig(window=16, ratios=(2, 4, 8), ratio_mix="step-random")
+
+
+def _run(out, steps, stop_after=None, task_rate=0.3, lr=3e-3):
+    bm = tiny_beacon_model(CFG)
+    stream = SampleStream([TEXT], bm.tokenizer, 64, task_rate=task_rate, seed=1)
+    tcfg = TrainConfig(
+        output_dir=str(out), steps=steps, seq_len=64, grad_accum=2, lr=lr, save_every=2, gradient_checkpointing=True
+    )
+    state = train(bm, stream, tcfg, progress=False, stop_after=stop_after)
+    return bm, state
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch_and_change_only_beacons(tmp_path):
+    bm = tiny_beacon_model(CFG)
+    before = {n: p.detach().clone() for n, p in bm.model.named_parameters()}
+    ids = bm.tokenizer(TEXT[:80])["input_ids"]
+
+    def loss():
+        with torch.no_grad():
+            return bm.forward(ids, bm.new_cache(generator=np.random.default_rng(0))).loss.item()
+
+    start = loss()
+
+    class Fixed:  # the same sample again and again
+        rng = np.random.default_rng(0)
+
+        def __next__(self):
+            from beacon_llm.tasks import Sample
+
+            return Sample(ids, ids, "text")
+
+    train(
+        bm,
+        Fixed(),
+        TrainConfig(output_dir=str(tmp_path), steps=8, seq_len=80, grad_accum=1, lr=1e-2, save_every=100),
+        progress=False,
+    )
+    assert loss() < start - 0.05
+    for name, p in bm.model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == ("beacon_" in name and not name.startswith("model.layers.1.self_attn.beacon_q")), name
+        assert not p.requires_grad or "beacon_" in name
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    straight, s1 = _run(tmp_path / "a", steps=4)
+    _run(tmp_path / "b", steps=4, stop_after=2)
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final").exists()
+    resumed, s2 = _run(tmp_path / "b", steps=4)
+    assert [h["loss"] for h in s1.history] == [h["loss"] for h in s2.history]
+    ref = dict(straight.model.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in resumed.model.named_parameters())
+    # the final adapter round-trips onto a fresh base
+    again = beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "b" / "final"))
+    assert all(torch.equal(p, ref[n]) for n, p in again.model.named_parameters())
+
+
+def test_generated_tasks_score_only_the_answer():
+    bm = tiny_beacon_model()
+    rng = np.random.default_rng(3)
+    for kind in ("passkey", "needle", "kv"):
+        sample = make_task(kind, TEXT * 3, bm.tokenizer, 600, rng)
+        scored = [t for t in sample.labels if t != IGNORE]
+        assert 0 < len(scored) < 20 and abs(len(sample.input_ids) - 600) < 120
+        answer = bm.tokenizer.decode(scored[:-1])
+        assert answer in bm.tokenizer.decode(sample.input_ids[: sample.labels.index(scored[0])])
+    a = [next(SampleStream([TEXT], bm.tokenizer, 64, task_rate=0.5, seed=9)).input_ids for _ in range(2)]
+    assert a[0] == a[1]  # seeded
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_corpus([tmp_path / "none.txt"])
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="x.jsonl:1: JSONL records need a 'text' field"):
+        read_corpus([bad])
+    with pytest.raises(ValueError, match="steps=0"):
+        TrainConfig(output_dir=str(tmp_path), steps=0)
