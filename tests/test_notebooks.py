@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom in fast mode (tiny model, small sizes); any cell error fails."""
 
-import os
 from pathlib import Path
 
 import pytest
