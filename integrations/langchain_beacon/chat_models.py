@@ -54,16 +54,6 @@ class ChatBeacon(BeaconFields, BaseChatModel):
     def _llm_type(self) -> str:
         return "beacon-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "adapter": self.beacon,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "beacon_overrides": self.beacon_overrides,
-        }
-
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="beacon",
@@ -88,12 +78,6 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             "text_inputs": True,
             "text_outputs": True,
         }
-
-    def get_num_tokens(self, text: str) -> int:
-        return self.get_engine().count_tokens(text)
-
-    def get_token_ids(self, text: str) -> list[int]:
-        return self.get_engine().encode(text)
 
     # ---------------------------------------------------------------- core
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -32,22 +32,6 @@ class BeaconLLM(BeaconFields, LLM):
     def _llm_type(self) -> str:
         return "beacon-llm"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "adapter": self.beacon,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "beacon_overrides": self.beacon_overrides,
-        }
-
-    def get_num_tokens(self, text: str) -> int:
-        return self.get_engine().count_tokens(text)
-
-    def get_token_ids(self, text: str) -> list[int]:
-        return self.get_engine().encode(text)
-
     def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         options = self.call_options(stop, kwargs)
         return {"ids": self.get_engine().encode(prompt), **options}
