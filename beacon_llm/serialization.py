@@ -84,6 +84,7 @@ def from_pretrained(
     device_map: Any = None,
     attn_implementation: str = "sdpa",
     tokenizer: bool = True,
+    torch_dtype: torch.dtype | str | None = None,
     **beacon_overrides: Any,
 ) -> BeaconModel:
     """Load a beacon model.
@@ -94,8 +95,15 @@ def from_pretrained(
     * a base model plus ``beacon_config=``: fresh beacons (initialised from the base weights).
 
     ``beacon_overrides`` are official ``beacon_*`` keys applied on top of the checkpoint config (e.g.
-    ``beacon_ratio=[8]``). Remote code is never executed.
+    ``beacon_ratio=[8]``). ``torch_dtype`` is accepted as the older name of ``dtype``. Remote code is never executed.
     """
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
+        dtype = torch_dtype
+    unknown = sorted(k for k in beacon_overrides if not k.startswith("beacon_"))
+    if unknown:
+        raise TypeError(f"unknown arguments {unknown}; beacon config overrides are named beacon_* (e.g. beacon_ratio)")
     folder = _resolve(path_or_id)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         raw_config = json.load(f)

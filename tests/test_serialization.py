@@ -137,3 +137,12 @@ def test_low_rank_bf16_adapter_rebuilds_the_beacons(tmp_path):
         torch.testing.assert_close(p, ref[name], atol=1e-5, rtol=0)
     err = {n: (p - ref[n]).abs().max().item() for n, p in small.model.named_parameters() if "beacon_q" in n}
     assert 0 < max(err.values()) < 1.0
+
+
+def test_from_pretrained_accepts_torch_dtype_and_rejects_unknown_arguments(tmp_path):
+    bm = tiny_beacon_model()
+    _write_checkpoint(bm, tmp_path / "ckpt")
+    loaded = beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False, torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"unknown arguments \['window'\]"):
+        beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False, window=8)
