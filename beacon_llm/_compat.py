@@ -148,3 +148,14 @@ def logits_processors(
         if top_p is not None and top_p < 1.0:
             out.append(TopPLogitsWarper(top_p))
     return out
+
+
+def plain_forward(
+    model: nn.Module, input_ids: torch.Tensor, cache: Any = None, **kwargs: Any
+) -> tuple[torch.Tensor, Any]:
+    """The stock model's forward with a KV cache (``cache=`` in transformers 5; ``past_key_values`` is deprecated).
+
+    Returns ``(logits, cache)``.
+    """
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, **kwargs)
+    return out.logits, out.cache

@@ -24,6 +24,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def _tokens(bm, n: int) -> list[int]:
     import beacon_llm
+    from beacon_llm._compat import plain_forward
 
     book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
     if bm.tokenizer is not None and bm.vocab_size > 1000:
@@ -68,13 +69,10 @@ def worker(spec: dict) -> dict:
             model = bm.model
             x = torch.tensor([ids])
             t0 = time.perf_counter()
-            o = model(input_ids=x, use_cache=True, logits_to_keep=1)
+            logits, kv = plain_forward(model, x, logits_to_keep=1)
             t1 = time.perf_counter()
-            kv = o.past_key_values
-            tok = o.logits[:, -1:].argmax(-1)
             for _ in range(n_decode - 1):
-                o = model(input_ids=tok, past_key_values=kv, use_cache=True)
-                kv, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                logits, kv = plain_forward(model, logits[:, -1:].argmax(-1), kv)
             t2 = time.perf_counter()
             out["kv_entries"] = len(ids)
             out["kv_bytes"] = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in kv.layers)
