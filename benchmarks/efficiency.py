@@ -24,7 +24,6 @@ RESULTS = Path(__file__).parent / "results"
 
 def _tokens(bm, n: int) -> list[int]:
     import beacon_llm
-    from beacon_llm._compat import plain_forward
 
     book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
     if bm.tokenizer is not None and bm.vocab_size > 1000:
@@ -40,6 +39,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     import beacon_llm
+    from beacon_llm._compat import plain_forward
 
     torch.set_num_threads(spec["threads"])
     if spec["fast"]:
