@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--no-cache", action="store_true", help="do not read or write the condensed-book cache")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ex = sub.add_parser("export", help="re-save a beacon adapter smaller (bf16, low-rank deltas over the base)")
+    ex.add_argument("adapter", help="adapter or training checkpoint folder")
+    ex.add_argument("output", help="new adapter folder")
+    ex.add_argument("--model", default=None, help="the base model the adapter belongs to (default: embedded)")
+    ex.add_argument("--rank", type=int, default=None, help="store rank-N deltas over the base projections")
+    ex.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
 
     prep = sub.add_parser("prepare", help="fetch and convert the embedded model (idempotent)")
     prep.add_argument("--cache-dir", default=None)
@@ -142,6 +150,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import from_pretrained, save_adapter
+    from .loading import resolve_model
+
+    if args.rank is not None and args.rank < 1:
+        raise CliError(f"--rank={args.rank} must be >= 1")
+    try:
+        bm = from_pretrained(resolve_model(args.model), adapter=args.adapter, tokenizer=False)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    save_adapter(bm, args.output, dtype=getattr(torch, args.dtype), rank=args.rank)
+    size = sum(f.stat().st_size for f in Path(args.output).iterdir())
+    print(f"wrote {args.output} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .embedded import embedded_model_path
 
@@ -155,7 +181,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    handlers = {"train": cmd_train, "prepare": cmd_prepare}
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export}
     if args.command in ("ask", "chat"):
         from .ask import cmd_ask, cmd_chat
 
