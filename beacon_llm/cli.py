@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None, help="the base model the adapter belongs to (default: embedded)")
     ex.add_argument("--rank", type=int, default=None, help="store rank-N deltas over the base projections")
     ex.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ex.add_argument("--ratio-mix", default=None, help="ratio mix saved with it, e.g. adapt-1024 for inference")
 
     prep = sub.add_parser("prepare", help="fetch and convert the embedded model (idempotent)")
     prep.add_argument("--cache-dir", default=None)
@@ -159,7 +160,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank={args.rank} must be >= 1")
     try:
-        bm = from_pretrained(resolve_model(args.model), adapter=args.adapter, tokenizer=False)
+        overrides = {"beacon_ratio_mix": args.ratio_mix} if args.ratio_mix else {}
+        bm = from_pretrained(resolve_model(args.model), adapter=args.adapter, tokenizer=False, **overrides)
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from exc
     save_adapter(bm, args.output, dtype=getattr(torch, args.dtype), rank=args.rank)
