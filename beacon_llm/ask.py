@@ -74,6 +74,7 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
             progress=progress,
         ):
             if isinstance(item, str):

@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ask, chat):
         _add_model_args(p)
         _add_beacon_args(p)
-        p.add_argument("--max-new-tokens", type=int, default=200)
+        p.add_argument("--max-new-tokens", type=int, default=120)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--repetition-penalty", type=float, default=1.15, help="over the answer's own tokens")
         p.add_argument("--no-cache", action="store_true", help="do not read or write the condensed-book cache")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 

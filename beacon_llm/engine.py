@@ -363,7 +363,8 @@ class BeaconEngine:
         finish = "length"
         hold = max((len(s) for s in stops), default=1) - 1
         text = ""
-        gen = iter_tokens(self.bm, cache, cache.last_logits, list(ids), sampler, max_new_tokens)
+        # the repetition penalty looks at the answer only: penalising every word of a whole book would be absurd
+        gen = iter_tokens(self.bm, cache, cache.last_logits, [], sampler, max_new_tokens)
         try:
             for token in gen:
                 if token in eos:

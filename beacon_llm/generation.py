@@ -53,7 +53,7 @@ class TokenSampler:
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         scores = logits.float()[None]  # (1, V)
         if self.processors:
-            context = torch.tensor([history if self.needs_history else history[-1:] or [0]], dtype=torch.long)
+            context = torch.tensor([history if self.needs_history and history else history[-1:] or [0]])
             for proc in self.processors:
                 scores = proc(context.to(scores.device), scores)
         if self.do_sample:
