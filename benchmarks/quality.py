@@ -5,9 +5,9 @@ Each seeded sample hides two facts in held-out book text (The Wonderful Wizard o
 random depths: a pass key and a "special magic number" (needle). The context is read once per method and both
 questions are asked of forks of the same condensed cache. Every method except full attention sees the same number of
 KV entries as the trained beacon memory after the context. Scores are exact match (the answer string appears in the
-first 16 generated tokens), reported as k/n.
+first 32 generated tokens), reported as k/n.
 
-    python benchmarks/quality.py --lengths 16384 32768 --n 3     # the model card's table (2x / 4x of 8K positions)
+    python benchmarks/quality.py --lengths 16384 32768 --n 2 1   # the model card's table (2x / 4x of 8K positions)
     python benchmarks/quality.py --fast                           # tiny model, CI smoke run
 """
 
@@ -83,7 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--n", type=int, default=3, help="samples per length (each asks two questions)")
+    parser.add_argument(
+        "--n", type=int, nargs="+", default=[3], help="samples per length (one value, or one per length)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer")
     parser.add_argument("--adapter", default=None, help="trained beacons (default: the shipped adapter)")
     parser.add_argument("--methods", nargs="+", default=["trained", "untrained", "truncation", "streamingllm", "full"])
     parser.add_argument("--threads", type=int, default=2)
@@ -113,9 +116,10 @@ def main() -> None:
     while len(filler) < 2 * max(lengths):
         filler = filler + filler
     rows = []
-    for length in lengths:
+    counts = args.n if len(args.n) == len(lengths) else [args.n[0]] * len(lengths)
+    for length, count in zip(lengths, counts):
         rng = np.random.default_rng([args.seed, length])
-        for i in range(args.n):
+        for i in range(count):
             ctx, questions = make_sample(tok, filler, length, rng)
             budget = ratio = None
             results = {
@@ -143,20 +147,23 @@ def main() -> None:
                     if method in ("trained", "untrained"):
                         with torch.no_grad():
                             out = bm.generate(
-                                q["ids"], cache=cache.fork(), max_new_tokens=16, return_dict_in_generate=True
+                                q["ids"],
+                                cache=cache.fork(),
+                                max_new_tokens=args.new_tokens,
+                                return_dict_in_generate=True,
                             )
                         new = out.new_tokens
                     elif method == "full":
-                        if len(ctx) + len(q["ids"]) + 16 > native:
+                        if len(ctx) + len(q["ids"]) + args.new_tokens > native:
                             results[q["task"]][method] = None
                             continue
-                        new = _plain_generate(trained.model, ctx + q["ids"], 16, eos)
+                        new = _plain_generate(trained.model, ctx + q["ids"], args.new_tokens, eos)
                     else:
                         if budget is None:
                             raise ValueError("truncation/streamingllm need the 'trained' method first (KV budget)")
                         keep = budget - len(q["ids"])
                         kept = ctx[-keep:] if method == "truncation" else ctx[:SINK] + ctx[-(keep - SINK) :]
-                        new = _plain_generate(trained.model, kept + q["ids"], 16, eos)
+                        new = _plain_generate(trained.model, kept + q["ids"], args.new_tokens, eos)
                     text = tok.decode(new, skip_special_tokens=True)
                     results[q["task"]][method] = {"correct": q["answer"] in text, "output": text}
                 for q in questions:
