@@ -1,7 +1,7 @@
 """Execute notebooks in place in real mode (the embedded model; the outputs that are committed).
 
-    python notebooks/execute.py                       # all notebooks
-    python notebooks/execute.py 01_quickstart.ipynb   # some
+python notebooks/execute.py                       # all notebooks
+python notebooks/execute.py 01_quickstart.ipynb   # some
 """
 
 import sys
@@ -18,8 +18,9 @@ def main() -> None:
     for name in names:
         path = HERE / name
         notebook = nbformat.read(path, as_version=4)
-        nbclient.NotebookClient(notebook, timeout=3600, kernel_name="python3",
-                                resources={"metadata": {"path": str(HERE)}}).execute()  # fmt: skip
+        nbclient.NotebookClient(
+            notebook, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+        ).execute()
         nbformat.write(notebook, path)
         print(f"executed {name}")
 
