@@ -87,7 +87,7 @@ class BeaconEngine:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.min_prefix = min_prefix
         self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
-        self._recent: deque[list[int]] = deque(maxlen=4)  # recent prompts, to find shared prefixes
+        self._recent: deque[np.ndarray] = deque(maxlen=4)  # recent prompts (int64), to find shared prefixes
         self._lock = threading.Lock()
         self._identity: str | None = None
 
@@ -289,13 +289,13 @@ class BeaconEngine:
 
     def _shared_prefix(self, ids: list[int]) -> int | None:
         best = 0
+        current = np.asarray(ids, dtype=np.int64)
         with self._lock:
             for prev in self._recent:
-                n = min(len(prev), len(ids))
-                a, b = np.asarray(prev[:n]), np.asarray(ids[:n])
-                diff = np.flatnonzero(a != b)
+                n = min(len(prev), len(current))
+                diff = np.flatnonzero(prev[:n] != current[:n])
                 best = max(best, int(diff[0]) if diff.size else n)
-            self._recent.append(ids)
+            self._recent.append(current)
         return best if best >= 32 else None
 
     def export_prefix(self, ids: Sequence[int], path: str | os.PathLike[str]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import BeaconConfig
-from .embedded import EMBEDDED_MODEL, embedded_model_path
+from .embedded import EMBEDDED_MODEL, embedded_model_path, home
 from .model import BeaconModel
 from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained
 
@@ -103,11 +103,11 @@ def capacity_from_files(model: str | None = None, adapter: str | None = None, **
     """The context capacity, read from config files only (no weights are loaded); None when unknown."""
     from . import _compat
     from .config import CONFIG_NAME
-    from .schedule import ratio_capacity
+    from .schedule import config_capacity
 
     try:
         if model in (None, "", EMBEDDED_MODEL):
-            folder = Path(os.environ.get("BEACON_LLM_HOME") or Path.home() / ".cache" / "beacon-llm") / EMBEDDED_MODEL
+            folder = home() / EMBEDDED_MODEL
             positions = 8192
             if (folder / "config.json").is_file():
                 positions = int(json.loads((folder / "config.json").read_text())["max_position_embeddings"])
@@ -122,5 +122,4 @@ def capacity_from_files(model: str | None = None, adapter: str | None = None, **
         cfg = BeaconConfig.from_dict(source, **beacon_overrides)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    ratio = max(cfg.ratios) if (len(cfg.ratios) == 1 or cfg.is_adaptive) else min(cfg.ratios)
-    return ratio_capacity(ratio, positions, cfg.window)
+    return config_capacity(cfg, positions)

@@ -23,7 +23,15 @@ from .config import BeaconConfig
 from .layers import attach_beacon_modules, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
 from .positions import window_positions
-from .schedule import StepPlan, adaptive_ratio, pick_ratio, plan_step, ratio_capacity, smallest_fitting_power_of_two
+from .schedule import (
+    StepPlan,
+    adaptive_ratio,
+    config_capacity,
+    pick_ratio,
+    plan_step,
+    ratio_capacity,
+    smallest_fitting_power_of_two,
+)
 
 _SCORE_CHUNK = 256  # rows per lm_head call: never materialise (tokens x vocab) logits for a whole input
 
@@ -123,9 +131,7 @@ class BeaconModel:
     def capacity(self) -> int:
         """Most tokens a context can hold within the base model's positions: ``(P - W)·α + W`` for the largest
         ratio this config may use (the smallest, for random mixes)."""
-        ratios = self.config.ratios
-        ratio = max(ratios) if (len(ratios) == 1 or self.config.is_adaptive) else min(ratios)
-        return ratio_capacity(ratio, self.max_positions, self.config.window)
+        return config_capacity(self.config, self.max_positions)
 
     def new_cache(
         self, *, generator: np.random.Generator | None = None, seed: int = 42, trace: bool = False

@@ -22,6 +22,14 @@ def ratio_capacity(ratio: int, max_positions: int, window: int) -> int:
     return (max_positions - window) * ratio + window
 
 
+def config_capacity(config: BeaconConfig, max_positions: int) -> int:
+    """Most tokens a context can hold: the capacity of the largest ratio this config may use (adaptive or a single
+    ratio), or of the smallest one for random and sequence mixes, whose small draws bound the positions."""
+    ratios = config.ratios
+    ratio = max(ratios) if (len(ratios) == 1 or config.is_adaptive) else min(ratios)
+    return ratio_capacity(ratio, max_positions, config.window)
+
+
 def adaptive_ratio(ratios: tuple[int, ...], needed: int, max_positions: int, window: int) -> int:
     """``adapt-X``: the ratio with the smallest capacity that is still >= ``needed``; else the largest ratio."""
     fitting = [(ratio_capacity(r, max_positions, window), r) for r in ratios]
