@@ -150,10 +150,8 @@ def generate(
         logits = bm.forward(prompt, cache, return_token_logprobs=False).last_logits
     else:
         prompt = torch.empty(0, dtype=torch.long, device=bm.device)
-        if cache.state.pending:
-            pending = list(cache.state.pending)
-            cache.state.pending = []
-            logits = bm.forward(pending, cache, return_token_logprobs=False).last_logits
+        if cache.state.pending:  # forward feeds the pending token itself (and restores it if the read fails)
+            logits = bm.forward([], cache, return_token_logprobs=False).last_logits
         elif cache.last_logits is None:
             raise ValueError("input_ids=None but the cache holds no context: give a prompt")
         else:

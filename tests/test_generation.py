@@ -102,3 +102,17 @@ def test_conversation_continues_with_the_pending_token(bm):
     ref = bm.generate(whole, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True)
     assert a2.new_tokens == ref.new_tokens
     assert cache.n_seen == 25 + 6 + 9 + 5
+
+
+def test_generate_without_input_feeds_the_pending_token(bm):
+    prompt = _ids(30, 7)
+    cache = bm.new_cache()
+    first = bm.generate(prompt, cache=cache, max_new_tokens=4, eos_token_id=[], return_dict_in_generate=True)
+    more = bm.generate(None, cache=cache, max_new_tokens=4, eos_token_id=[], return_dict_in_generate=True)
+    ref = bm.generate(
+        torch.cat([prompt, torch.tensor(first.new_tokens)]),
+        max_new_tokens=4,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
+    assert more.new_tokens == ref.new_tokens and cache.n_seen == 30 + 4 + 3
