@@ -88,7 +88,41 @@ def worker(spec: dict) -> dict:
     out["first_token_s"] = round(t1 - t0, 3)
     out["decode_tok_s"] = round((n_decode - 1) / (t2 - t1), 2) if n_decode > 1 else None
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    c = bm.model.config
+    out["dims"] = {
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "intermediate": c.intermediate_size,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    }
     return out
+
+
+def flop_ratio(dims: dict, length: int, window: int, ratio: int, kv_final: int) -> float:
+    """FLOP-model prediction of beacon ingest tok/s over same-window plain tok/s (paper v2 §2.2 cost model).
+
+    Per step the beacon model runs W raw + W/ratio beacon rows through every projection and MLP, and each row attends
+    to the memory (grown linearly to ``kv_final``) plus its window; the plain reference runs W rows attending to its
+    window only. Equal FLOP efficiency for matmuls and attention is assumed, so the number is what a perfect
+    implementation would measure.
+    """
+    d = dims
+    per_row_linear = 2 * d["layers"] * (
+        2 * d["hidden"] * d["heads"] * d["head_dim"]  # q, o
+        + 2 * d["hidden"] * d["kv_heads"] * d["head_dim"]  # k, v
+        + 3 * d["hidden"] * d["intermediate"]  # gate, up, down
+    )
+    per_row_key = 4 * d["layers"] * d["heads"] * d["head_dim"]  # q.k and p.v for one key
+    steps = -(-length // window)
+    rows = window + window // ratio
+    beacon = plain = 0.0
+    for s in range(steps):
+        memory = kv_final * s / steps
+        beacon += rows * per_row_linear + rows * per_row_key * (memory + rows / 2)
+        plain += window * per_row_linear + window * per_row_key * window / 2
+    return plain / beacon
 
 
 def run(spec: dict, timeout: float) -> dict:
@@ -111,6 +145,12 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--methods", nargs="+", default=["beacon", "plain-window", "plain"])
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="merge into the existing results file: replace the rows measured again, keep the others",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.worker:
@@ -127,7 +167,10 @@ def main() -> None:
         if n <= args.plain_max:
             specs.append({**base, "method": "plain", "ratio": None, "length": n})
         for spec in specs:
+            if spec["method"] not in args.methods:
+                continue
             row = run(spec, args.timeout)
+            row["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             rows.append(row)
             print(
                 json.dumps(
@@ -147,7 +190,17 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    if args.plain_max < max(lengths):
+    out = Path(args.out) if args.out else RESULTS / f"efficiency{'_fast' if args.fast else ''}.json"
+    if args.update and out.is_file():
+        measured = {(r["method"], r.get("ratio"), r["length"]) for r in rows}
+        kept = [
+            r
+            for r in json.loads(out.read_text())["rows"]
+            if "length" in r and (r["method"], r.get("ratio"), r["length"]) not in measured
+        ]
+        rows = sorted(kept + rows, key=lambda r: (r["length"], r["method"] != "beacon", r["method"], r.get("ratio") or 0))
+    longest = max(r["length"] for r in rows)
+    if args.plain_max < longest:
         rows.append(
             {
                 "method": "plain",
@@ -156,22 +209,32 @@ def main() -> None:
             }
         )
     summary = {}
-    for r in ratios:
-        beacon = {row["length"]: row for row in rows if row.get("method") == "beacon" and row.get("ratio") == r}
-        window_ref = {row["length"]: row for row in rows if row.get("method") == "plain-window"}
-        lo, hi = min(beacon), max(beacon)
-        summary[f"ratio_{r}"] = {
-            "ingest_vs_plain_same_window": {
-                n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3)
-                for n in beacon
-                if n in window_ref and "error" not in beacon[n]
-            },
-            f"tok_s_{hi}_over_{lo}": round(beacon[hi]["ingest_tok_s"] / beacon[lo]["ingest_tok_s"], 3),
-            f"peak_rss_{hi}_over_{lo}": round(beacon[hi]["peak_rss_mb"] / beacon[lo]["peak_rss_mb"], 3),
+    for r in sorted({row["ratio"] for row in rows if row.get("method") == "beacon"}):
+        beacon = {
+            row["length"]: row
+            for row in rows
+            if row.get("method") == "beacon" and row.get("ratio") == r and "error" not in row
         }
+        window_ref = {row["length"]: row for row in rows if row.get("method") == "plain-window" and "error" not in row}
+        refused = {row["length"]: row["error"] for row in rows if row.get("ratio") == r and "error" in row}
+        entry: dict = {
+            "ingest_vs_plain_same_window": {
+                n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3) for n in beacon if n in window_ref
+            },
+            "flop_model_ingest_vs_plain_same_window": {
+                n: round(flop_ratio(beacon[n]["dims"], n, window, r, beacon[n]["kv_entries"]), 3) for n in beacon
+            },
+        }
+        if refused:
+            entry["refused"] = refused
+        if len(beacon) > 1:
+            hi = max(beacon)
+            ref = 8192 if 8192 in beacon and hi != 8192 else min(beacon)
+            entry[f"tok_s_{hi}_over_{ref}"] = round(beacon[hi]["ingest_tok_s"] / beacon[ref]["ingest_tok_s"], 3)
+            entry[f"peak_rss_{hi}_over_{ref}"] = round(beacon[hi]["peak_rss_mb"] / beacon[ref]["peak_rss_mb"], 3)
+        summary[f"ratio_{r}"] = entry
     result = {"rows": rows, "summary": summary, "args": vars(args)}
-    RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"efficiency{'_fast' if args.fast else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")

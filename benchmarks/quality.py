@@ -1,94 +1,103 @@
-"""Answer quality at an equal KV budget: trained beacons vs untrained beacons vs truncation vs StreamingLLM
-(vs full attention where the context fits the base model's positions).
+"""Answer quality at an equal KV budget: trained beacons, untrained beacons, truncation, StreamingLLM and chunked RAG,
+with full attention as the upper bound where the context fits the base model's positions.
 
-Each seeded sample hides two facts in held-out book text (The Wonderful Wizard of Oz, not used in training) at
-random depths: a pass key and a "special magic number" (needle). The context is read once per method and both
-questions are asked of forks of the same condensed cache. Every method except full attention sees the same number of
-KV entries as the trained beacon memory after the context. Scores are exact match (the answer string appears in the
-first 32 generated tokens), reported as k/n.
+Each seeded sample is a slice of held-out book text (The Wonderful Wizard of Oz, not used in training) with every probe
+of ``beacon_llm.probes`` planted at random sentence boundaries: passkey, needle, multi-needle, key-value, an inserted
+fact, BABILong-style two- and three-fact chains, variable tracking and counting. A method reads the context once and
+answers every question from a copy of its state. Budget: the trained beacon memory's KV entries after the context
+(``B``); truncation keeps the last ``B`` tokens, StreamingLLM 4 sink tokens + the last ``B - 4``, RAG the top-k
+128-token chunks (LlamaIndex ``VectorStoreIndex``, all-MiniLM-L6-v2 from PyPI) that fill ``B``, in document order. Each
+question (chat-formatted) follows the kept context. Scores are exact match (``Probe.score``), reported as k/n.
 
-    python benchmarks/quality.py --lengths 16384 32768 --n 2 1   # the model card's table (2x / 4x of 8K positions)
-    python benchmarks/quality.py --fast                           # tiny model, CI smoke run
+    python benchmarks/quality.py                                    # 4K, 8K, 16K, 32K, 2 samples each
+    python benchmarks/quality.py --lengths 16384 32768 --n 3 2      # chosen lengths and sample counts
+    python benchmarks/quality.py --fast                             # tiny model, mock embeddings (CI smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import string
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
 SINK = 4
+METHODS = ("trained", "untrained", "truncation", "streamingllm", "rag", "full")
 
 
-def make_sample(tok, filler_ids: list[int], length: int, rng: np.random.Generator) -> tuple[list[int], list[dict]]:
-    """Context ids with two facts planted at random depths, and the two questions with their answers."""
-    key = str(rng.integers(10000, 99999))
-    city = "".join(rng.choice(list(string.ascii_uppercase), 1)) + "".join(rng.choice(list("aeioulnrst"), 6))
-    num = str(rng.integers(1000, 9999))
-    facts = [
-        (
-            f" The pass key is {key}. Remember it. {key} is the pass key. ",
-            "What is the pass key mentioned in the text above? Answer with the number only.",
-            key,
-            "passkey",
-        ),
-        (
-            f" The special magic number of {city} is {num}. ",
-            f"What is the special magic number of {city} mentioned in the text above? Answer with the number only.",
-            num,
-            "needle",
-        ),
-    ]
-    fact_ids = [tok(f[0], add_special_tokens=False)["input_ids"] for f in facts]
-    budget = length - sum(len(f) for f in fact_ids) - 64
-    start = int(rng.integers(0, len(filler_ids) - budget))
-    body = filler_ids[start : start + budget]
-    depths = sorted(int(d) for d in rng.integers(0, len(body), 2))
-    order = rng.permutation(2)
-    ctx = body[: depths[0]] + fact_ids[order[0]] + body[depths[0] : depths[1]] + fact_ids[order[1]] + body[depths[1] :]
-    questions = []
-    for i, (_, q, answer, kind) in enumerate(facts):
-        chat = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-        depth = depths[list(order).index(i)] / len(body)
-        questions.append(
-            {
-                "task": kind,
-                "ids": tok(chat, add_special_tokens=False)["input_ids"],
-                "answer": answer,
-                "depth": round(depth, 2),
-            }
-        )
-    return ctx, questions
+def chat_ids(tok, question: str) -> list[int]:
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    else:
+        text = f"\n{question}\nAnswer: "
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _plain_generate(model, ids: list[int], n_new: int, eos: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n_new,
-            do_sample=False,
-            pad_token_id=eos,
-        )
-    return out[0, len(ids) :].tolist()
+@torch.no_grad()
+def greedy(model, cache: Any, ids: list[int], n_new: int, eos: int | None) -> list[int]:
+    """Greedy continuation of ``ids`` after a prefilled plain-model ``cache`` (a copy is used)."""
+    from beacon_llm._compat import plain_forward
+
+    kv = copy.deepcopy(cache) if cache is not None else None
+    logits, kv = plain_forward(model, torch.tensor([ids]), kv, logits_to_keep=1)
+    out: list[int] = []
+    for _ in range(n_new):
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        logits, kv = plain_forward(model, torch.tensor([[nxt]]), kv, logits_to_keep=1)
+    return out
+
+
+@torch.no_grad()
+def prefill(model, ids: list[int]) -> Any:
+    from beacon_llm._compat import plain_forward
+
+    _, kv = plain_forward(model, torch.tensor([ids]), None, logits_to_keep=1)
+    return kv
+
+
+class ChunkRetriever:
+    """Chunked RAG over one context: ``chunk``-token pieces in a LlamaIndex ``VectorStoreIndex``."""
+
+    def __init__(self, tok, ctx: list[int], chunk: int, embed_model: Any) -> None:
+        from llama_index.core import VectorStoreIndex
+        from llama_index.core.schema import TextNode
+
+        self.pieces = [ctx[i : i + chunk] for i in range(0, len(ctx), chunk)]
+        nodes = [TextNode(text=tok.decode(p), id_=str(i)) for i, p in enumerate(self.pieces)]
+        self.index = VectorStoreIndex(nodes, embed_model=embed_model)
+        self.chunk = chunk
+
+    def context(self, question: str, budget: int) -> list[int]:
+        """Token ids of the best chunks that fit ``budget`` tokens, in document order."""
+        k = max(1, budget // self.chunk)
+        hits = self.index.as_retriever(similarity_top_k=k).retrieve(question)
+        chosen = sorted(int(h.node.node_id) for h in hits)
+        ids: list[int] = []
+        for i in chosen:
+            if len(ids) + len(self.pieces[i]) <= budget:
+                ids += self.pieces[i]
+        return ids
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument(
-        "--n", type=int, nargs="+", default=[3], help="samples per length (one value, or one per length)"
-    )
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per answer")
+    parser.add_argument("--n", type=int, nargs="+", default=[2], help="samples per length (one value, or one per length)")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens generated per answer")
+    parser.add_argument("--reserve", type=int, default=96, help="positions left for the question and the answer")
+    parser.add_argument("--chunk", type=int, default=128, help="RAG chunk size in tokens")
     parser.add_argument("--adapter", default=None, help="trained beacons (default: the shipped adapter)")
-    parser.add_argument("--methods", nargs="+", default=["trained", "untrained", "truncation", "streamingllm", "full"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", default=None)
@@ -96,18 +105,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import beacon_llm
+    from beacon_llm.probes import PROBE_TASKS, make_probe_context
 
     if args.fast:
+        from llama_index.core.embeddings import MockEmbedding
+
         from beacon_llm.testing import tiny_beacon_model
 
         cfg = beacon_llm.BeaconConfig(window=64, ratios=(2, 4, 8), ratio_mix="adapt-32")
-        trained = tiny_beacon_model(cfg, max_position_embeddings=1024)
-        untrained = tiny_beacon_model(cfg, max_position_embeddings=1024, perturb=0.0)
-        lengths = args.lengths or [768, 1536]
+        trained = tiny_beacon_model(cfg, max_position_embeddings=6656)
+        untrained = tiny_beacon_model(cfg, max_position_embeddings=6656, perturb=0.0)
+        embed = MockEmbedding(embed_dim=16)
+        lengths = args.lengths or [6144]
     else:
+        from rag_vs_beacon import minilm_embedding
+
         trained = beacon_llm.load(adapter=args.adapter, beacon_ratio_mix="adapt-1024")
         untrained = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=trained.config)
-        lengths = args.lengths or [16384, 32768]
+        embed = minilm_embedding() if "rag" in args.methods else None
+        lengths = args.lengths or [4096, 8192, 16384, 32768]
     native = trained.max_positions
     tok = trained.tokenizer
     eos = tok.eos_token_id
@@ -115,24 +131,26 @@ def main() -> None:
     filler = tok(book, add_special_tokens=False)["input_ids"]
     while len(filler) < 2 * max(lengths):
         filler = filler + filler
-    rows = []
     counts = args.n if len(args.n) == len(lengths) else [args.n[0]] * len(lengths)
+    rows: list[dict] = []
+    timing: dict[str, float] = {m: 0.0 for m in args.methods}
     for length, count in zip(lengths, counts):
         rng = np.random.default_rng([args.seed, length])
-        for i in range(count):
-            ctx, questions = make_sample(tok, filler, length, rng)
+        for sample in range(count):
+            ctx, probes = make_probe_context(tok, filler, length - args.reserve, rng)
+            questions = [chat_ids(tok, p.question) for p in probes]
             budget = ratio = None
-            results = {
-                q["task"]: {
-                    "task": q["task"],
+            results = [
+                {
+                    "task": p.task,
                     "length": length,
-                    "sample": i,
-                    "answer": q["answer"],
-                    "depth": q["depth"],
+                    "sample": sample,
                     "context_tokens": len(ctx),
+                    "answer": p.answer,
+                    "depths": p.depths,
                 }
-                for q in questions
-            }
+                for p in probes
+            ]
             for method in args.methods:
                 t0 = time.perf_counter()
                 if method in ("trained", "untrained"):
@@ -141,53 +159,69 @@ def main() -> None:
                     with torch.no_grad():
                         bm.forward(ctx, cache, return_token_logprobs=False)
                     if method == "trained":
-                        budget = cache.get_seq_length()
-                        ratio = cache.state.window_ratio
-                for q in questions:
-                    if method in ("trained", "untrained"):
-                        with torch.no_grad():
+                        budget, ratio = cache.get_seq_length(), cache.state.window_ratio
+                elif budget is None:
+                    raise ValueError(f"method {method!r} needs 'trained' first: it sets the KV budget")
+                plain_cache = None
+                if method == "full":
+                    if len(ctx) + max(map(len, questions)) + args.new_tokens > native:
+                        for r in results:
+                            r[method] = None
+                        continue
+                    plain_cache = prefill(trained.model, ctx)
+                elif method == "truncation":
+                    plain_cache = prefill(trained.model, ctx[-budget:])
+                elif method == "streamingllm":
+                    plain_cache = prefill(trained.model, ctx[:SINK] + ctx[-(budget - SINK) :])
+                elif method == "rag":
+                    retriever = ChunkRetriever(tok, ctx, args.chunk, embed)
+                for probe, q_ids, r in zip(probes, questions, results):
+                    with torch.no_grad():
+                        if method in ("trained", "untrained"):
                             out = bm.generate(
-                                q["ids"],
-                                cache=cache.fork(),
-                                max_new_tokens=args.new_tokens,
-                                return_dict_in_generate=True,
+                                q_ids, cache=cache.fork(), max_new_tokens=args.new_tokens, return_dict_in_generate=True
                             )
-                        new = out.new_tokens
-                    elif method == "full":
-                        if len(ctx) + len(q["ids"]) + args.new_tokens > native:
-                            results[q["task"]][method] = None
-                            continue
-                        new = _plain_generate(trained.model, ctx + q["ids"], args.new_tokens, eos)
-                    else:
-                        if budget is None:
-                            raise ValueError("truncation/streamingllm need the 'trained' method first (KV budget)")
-                        keep = budget - len(q["ids"])
-                        kept = ctx[-keep:] if method == "truncation" else ctx[:SINK] + ctx[-(keep - SINK) :]
-                        new = _plain_generate(trained.model, kept + q["ids"], args.new_tokens, eos)
+                            new = out.new_tokens
+                        elif method == "rag":
+                            kept = retriever.context(probe.question, budget)
+                            new = greedy(trained.model, None, kept + q_ids, args.new_tokens, eos)
+                        else:
+                            new = greedy(trained.model, plain_cache, q_ids, args.new_tokens, eos)
                     text = tok.decode(new, skip_special_tokens=True)
-                    results[q["task"]][method] = {"correct": q["answer"] in text, "output": text}
-                for q in questions:
-                    results[q["task"]]["kv_budget"], results[q["task"]]["ratio"] = budget, ratio
-                    if results[q["task"]].get(method):
-                        results[q["task"]][method]["seconds"] = round(time.perf_counter() - t0, 1)
-            for r in results.values():
+                    r[method] = {"correct": probe.score(text), "output": text}
+                timing[method] += time.perf_counter() - t0
+            for r in results:
+                r["kv_budget"], r["ratio"] = budget, ratio
                 rows.append(r)
-                print(json.dumps({k: (v["correct"] if isinstance(v, dict) else v) for k, v in r.items()}), flush=True)
-    table = {}
-    tasks = sorted({r["task"] for r in rows})
-    for length in lengths:
-        for task in tasks:
+            line = {m: sum(bool(r.get(m) and r[m]["correct"]) for r in results) for m in args.methods}
+            print(json.dumps({"length": length, "sample": sample, "budget": budget, "ratio": ratio, **line}), flush=True)
+
+    def score(sel: list[dict], method: str) -> str:
+        if not sel or not all(r.get(method) for r in sel):
+            return "n/a"
+        return f"{sum(r[method]['correct'] for r in sel)}/{len(sel)}"
+
+    table: dict[str, dict[str, str]] = {}
+    for task in PROBE_TASKS:
+        for length in lengths:
             sel = [r for r in rows if r["length"] == length and r["task"] == task]
-            table[f"{task}@{length}"] = {
-                m: (f"{sum(r[m]['correct'] for r in sel)}/{len(sel)}" if all(r.get(m) for r in sel) else "n/a")
-                for m in args.methods
-            }
-    print(f"{'task@length':18}" + "".join(f"{m:>14}" for m in args.methods))
+            table[f"{task}@{length}"] = {m: score(sel, m) for m in args.methods}
+    for length in lengths:
+        sel = [r for r in rows if r["length"] == length]
+        table[f"all@{length}"] = {m: score(sel, m) for m in args.methods}
+    print(f"{'task@length':26}" + "".join(f"{m:>14}" for m in args.methods))
     for key, vals in table.items():
-        print(f"{key:18}" + "".join(f"{vals[m]:>14}" for m in args.methods))
+        print(f"{key:26}" + "".join(f"{vals[m]:>14}" for m in args.methods))
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"quality{'_fast' if args.fast else ''}.json"
-    out.write_text(json.dumps({"table": table, "rows": rows, "args": vars(args), "native_positions": native}, indent=2))
+    result = {
+        "table": table,
+        "rows": rows,
+        "seconds_per_method": {m: round(s, 1) for m, s in timing.items()},
+        "args": vars(args),
+        "native_positions": native,
+    }
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

@@ -23,3 +23,17 @@ def test_fast_mode(script, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())
+
+
+def test_flop_model_of_the_beacon_overhead():
+    """The efficiency script's FLOP model: W/ratio extra rows bound the ratio; a larger memory lowers it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("efficiency", ROOT / "benchmarks" / "efficiency.py")
+    eff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eff)
+    dims = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16}
+    no_memory = eff.flop_ratio(dims, 4096, 512, 8, 0)
+    assert 0.8 < no_memory < 512 / 576
+    assert eff.flop_ratio(dims, 4096, 512, 8, 512) < no_memory
+    assert eff.flop_ratio(dims, 4096, 512, 32, 0) > no_memory
