@@ -362,6 +362,8 @@ class BeaconModel:
         if impl == "eager":
             additive = torch.zeros(mask.shape, dtype=like.dtype, device=like.device)
             mask = additive.masked_fill(~mask, torch.finfo(like.dtype).min)
+        elif impl == "sdpa" and like.device.type == "cpu":
+            fn = _compat.masked_gqa_sdpa
         return fn, mask, False
 
     def _run_step(self, cache: BeaconCache, raw_ids: torch.Tensor, plan: StepPlan) -> torch.Tensor:

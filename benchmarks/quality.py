@@ -100,6 +100,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--first-sample", type=int, default=0, help="skip the samples before this one (same seeds)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="merge into the existing results file: replace the samples measured again, keep the others",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -138,6 +144,8 @@ def main() -> None:
         rng = np.random.default_rng([args.seed, length])
         for sample in range(count):
             ctx, probes = make_probe_context(tok, filler, length - args.reserve, rng)
+            if sample < args.first_sample:
+                continue  # drawn all the same, so that later samples are the ones a full run makes
             questions = [chat_ids(tok, p.question) for p in probes]
             budget = ratio = None
             results = [
@@ -196,6 +204,20 @@ def main() -> None:
             line = {m: sum(bool(r.get(m) and r[m]["correct"]) for r in results) for m in args.methods}
             print(json.dumps({"length": length, "sample": sample, "budget": budget, "ratio": ratio, **line}), flush=True)
 
+    out = Path(args.out) if args.out else RESULTS / f"quality{'_fast' if args.fast else ''}.json"
+    runs = [vars(args)]
+    if args.update and out.is_file():
+        previous = json.loads(out.read_text())
+        if previous["args"]["methods"] != args.methods or previous["args"]["seed"] != args.seed:
+            raise SystemExit(f"{out} was made with other methods or another seed; cannot merge")
+        done = {(r["length"], r["sample"]) for r in rows}
+        rows = [r for r in previous["rows"] if (r["length"], r["sample"]) not in done] + rows
+        rows.sort(key=lambda r: (r["length"], r["sample"]))
+        lengths = sorted({r["length"] for r in rows})
+        for m, sec in previous["seconds_per_method"].items():
+            timing[m] = timing.get(m, 0.0) + sec
+        runs = previous.get("runs", [previous["args"]]) + runs
+
     def score(sel: list[dict], method: str) -> str:
         if not sel or not all(r.get(method) for r in sel):
             return "n/a"
@@ -212,13 +234,13 @@ def main() -> None:
     print(f"{'task@length':26}" + "".join(f"{m:>14}" for m in args.methods))
     for key, vals in table.items():
         print(f"{key:26}" + "".join(f"{vals[m]:>14}" for m in args.methods))
-    RESULTS.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"quality{'_fast' if args.fast else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "table": table,
         "rows": rows,
         "seconds_per_method": {m: round(s, 1) for m, s in timing.items()},
         "args": vars(args),
+        "runs": runs,
         "native_positions": native,
     }
     out.write_text(json.dumps(result, indent=2))

@@ -195,6 +195,24 @@ def test_eager_matches_sdpa():
     torch.testing.assert_close(eager.token_logprobs, sdpa.token_logprobs, atol=1e-4, rtol=0)
 
 
+def test_masked_gqa_sdpa_equals_the_transformers_kernel():
+    """The CPU masked-GQA kernel (no per-head key copies) gives transformers' repeat_kv result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from beacon_llm._compat import masked_gqa_sdpa
+
+    bm = tiny_beacon_model(CONFIGS["v2-stepexp"])
+    attn = bm.model.model.layers[0].self_attn
+    assert attn.num_key_value_groups > 1
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, 8, generator=gen) for h, t in ((4, 12), (2, 40), (2, 40)))
+    mask = (torch.rand(1, 1, 12, 40, generator=gen) > 0.3) | torch.eye(12, 40, dtype=torch.bool)[None, None]
+    ours, _ = masked_gqa_sdpa(attn, q, k, v, mask, scaling=attn.scaling)
+    ref, _ = sdpa_attention_forward(attn, q, k, v, mask, scaling=attn.scaling)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    assert ours.shape == (1, 12, 4, 8)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_families_run_and_loss_is_mean_nll(model_type):
     bm = tiny_beacon_model(model_type=model_type)
