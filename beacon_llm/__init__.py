@@ -2,7 +2,7 @@
 
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
-from .documents import DocumentError, read_document
+from .documents import BUNDLED_BOOK, DocumentError, read_document
 from .engine import BeaconEngine, Completion, Usage, get_engine
 from .generation import GenerateOutput
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
@@ -11,6 +11,7 @@ from .model import BeaconModel, BeaconOutput
 from .serialization import from_pretrained, load_adapter, load_cache, save_adapter, save_cache
 
 __all__ = [
+    "BUNDLED_BOOK",
     "BeaconEngine",
     "Completion",
     "DocumentError",

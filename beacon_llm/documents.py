@@ -11,6 +11,8 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 SUPPORTED = (".txt", ".md", ".markdown", ".text", ".epub", ".pdf")
+# The public-domain book shipped with the package (demos, benchmarks, tests): The Wonderful Wizard of Oz
+BUNDLED_BOOK = Path(__file__).parent / "books" / "wonderful_wizard_of_oz.txt"
 
 
 class DocumentError(ValueError):

@@ -47,14 +47,20 @@ def read_corpus(paths: Sequence[str | Path]) -> list[str]:
     return texts
 
 
-def _chat(tokenizer, user: str, answer: str) -> tuple[list[int], list[int]]:
-    """Chat-formatted prompt + answer; labels only on the answer (and its end-of-turn token)."""
-    messages = [{"role": "user", "content": user}]
+def chat_prompt_ids(tokenizer, user: str) -> list[int]:
+    """Token ids of one user turn, ready for the assistant's answer (a plain "Answer:" cue without a template)."""
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
     else:
         prompt = f"{user}\nAnswer: "
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _chat(tokenizer, user: str, answer: str) -> tuple[list[int], list[int]]:
+    """Chat-formatted prompt + answer; labels only on the answer (and its end-of-turn token)."""
+    p_ids = chat_prompt_ids(tokenizer, user)
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         a_ids = a_ids + [tokenizer.eos_token_id]

@@ -32,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import beacon_llm
 
-    book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     overrides = {"beacon_ratio": [args.ratio], "beacon_ratio_mix": "step-random"}
     if args.fast:
         from beacon_llm.testing import tiny_base_model, tiny_beacon_model

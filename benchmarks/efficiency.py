@@ -25,7 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 def _tokens(bm, n: int) -> list[int]:
     import beacon_llm
 
-    book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     if bm.tokenizer is not None and bm.vocab_size > 1000:
         ids = bm.tokenizer(book, add_special_tokens=False)["input_ids"]
     else:
@@ -109,11 +109,12 @@ def flop_ratio(dims: dict, length: int, window: int, ratio: int, kv_final: int) 
     implementation would measure.
     """
     d = dims
-    per_row_linear = 2 * d["layers"] * (
+    per_layer_macs = (
         2 * d["hidden"] * d["heads"] * d["head_dim"]  # q, o
         + 2 * d["hidden"] * d["kv_heads"] * d["head_dim"]  # k, v
         + 3 * d["hidden"] * d["intermediate"]  # gate, up, down
     )
+    per_row_linear = 2 * d["layers"] * per_layer_macs
     per_row_key = 4 * d["layers"] * d["heads"] * d["head_dim"]  # q.k and p.v for one key
     steps = -(-length // window)
     rows = window + window // ratio
@@ -198,7 +199,9 @@ def main() -> None:
             for r in json.loads(out.read_text())["rows"]
             if "length" in r and (r["method"], r.get("ratio"), r["length"]) not in measured
         ]
-        rows = sorted(kept + rows, key=lambda r: (r["length"], r["method"] != "beacon", r["method"], r.get("ratio") or 0))
+        rows = sorted(
+            kept + rows, key=lambda r: (r["length"], r["method"] != "beacon", r["method"], r.get("ratio") or 0)
+        )
     longest = max(r["length"] for r in rows)
     if args.plain_max < longest:
         rows.append(
@@ -219,7 +222,9 @@ def main() -> None:
         refused = {row["length"]: row["error"] for row in rows if row.get("ratio") == r and "error" in row}
         entry: dict = {
             "ingest_vs_plain_same_window": {
-                n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3) for n in beacon if n in window_ref
+                n: round(beacon[n]["ingest_tok_s"] / window_ref[n]["ingest_tok_s"], 3)
+                for n in beacon
+                if n in window_ref
             },
             "flop_model_ingest_vs_plain_same_window": {
                 n: round(flop_ratio(beacon[n]["dims"], n, window, r, beacon[n]["kv_entries"]), 3) for n in beacon

@@ -43,7 +43,7 @@ def main() -> None:
         name = "tiny random Llama (2 layers, hidden 32), window 64, ratio 64"
     else:
         bm = beacon_llm.load()
-        text = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+        text = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
         name = "SmolLM2-135M-Instruct + shipped beacons"
     chat = ChatBeacon(engine=beacon_llm.BeaconEngine(bm), max_tokens=args.max_tokens)
     questions = ["Who is Toto?", "What does the Scarecrow want from the Wizard?", "Who is the Good Witch of the South?"]

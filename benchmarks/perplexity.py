@@ -41,7 +41,7 @@ def main() -> None:
 
     import beacon_llm
 
-    book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     if args.fast:
         from beacon_llm.testing import tiny_beacon_model
 

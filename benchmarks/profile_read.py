@@ -66,13 +66,15 @@ def main() -> None:
     if args.fast:
         from beacon_llm.testing import tiny_beacon_model
 
-        bm = tiny_beacon_model(beacon_llm.BeaconConfig(window=window, ratios=(args.ratio,)), max_position_embeddings=1024)
+        bm = tiny_beacon_model(
+            beacon_llm.BeaconConfig(window=window, ratios=(args.ratio,)), max_position_embeddings=1024
+        )
         length = args.length or 2048
         ids = [3 + (i * 7) % 120 for i in range(length)]
     else:
         bm = beacon_llm.load(beacon_window=window, beacon_ratio=[args.ratio], beacon_ratio_mix="step-random")
         length = args.length or 16384
-        book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+        book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
         ids = bm.tokenizer(book, add_special_tokens=False)["input_ids"]
         while len(ids) < length:
             ids = ids + ids

@@ -31,14 +31,6 @@ SINK = 4
 METHODS = ("trained", "untrained", "truncation", "streamingllm", "rag", "full")
 
 
-def chat_ids(tok, question: str) -> list[int]:
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
-    else:
-        text = f"\n{question}\nAnswer: "
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 @torch.no_grad()
 def greedy(model, cache: Any, ids: list[int], n_new: int, eos: int | None) -> list[int]:
     """Greedy continuation of ``ids`` after a prefilled plain-model ``cache`` (a copy is used)."""
@@ -92,7 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--n", type=int, nargs="+", default=[2], help="samples per length (one value, or one per length)")
+    parser.add_argument(
+        "--n", type=int, nargs="+", default=[2], help="samples per length (one value, or one per length)"
+    )
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens generated per answer")
     parser.add_argument("--reserve", type=int, default=96, help="positions left for the question and the answer")
     parser.add_argument("--chunk", type=int, default=128, help="RAG chunk size in tokens")
@@ -112,6 +106,7 @@ def main() -> None:
 
     import beacon_llm
     from beacon_llm.probes import PROBE_TASKS, make_probe_context
+    from beacon_llm.tasks import chat_prompt_ids
 
     if args.fast:
         from llama_index.core.embeddings import MockEmbedding
@@ -133,7 +128,7 @@ def main() -> None:
     native = trained.max_positions
     tok = trained.tokenizer
     eos = tok.eos_token_id
-    book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     filler = tok(book, add_special_tokens=False)["input_ids"]
     while len(filler) < 2 * max(lengths):
         filler = filler + filler
@@ -146,7 +141,7 @@ def main() -> None:
             ctx, probes = make_probe_context(tok, filler, length - args.reserve, rng)
             if sample < args.first_sample:
                 continue  # drawn all the same, so that later samples are the ones a full run makes
-            questions = [chat_ids(tok, p.question) for p in probes]
+            questions = [chat_prompt_ids(tok, p.question) for p in probes]
             budget = ratio = None
             results = [
                 {
@@ -202,7 +197,9 @@ def main() -> None:
                 r["kv_budget"], r["ratio"] = budget, ratio
                 rows.append(r)
             line = {m: sum(bool(r.get(m) and r[m]["correct"]) for r in results) for m in args.methods}
-            print(json.dumps({"length": length, "sample": sample, "budget": budget, "ratio": ratio, **line}), flush=True)
+            print(
+                json.dumps({"length": length, "sample": sample, "budget": budget, "ratio": ratio, **line}), flush=True
+            )
 
     out = Path(args.out) if args.out else RESULTS / f"quality{'_fast' if args.fast else ''}.json"
     runs = [vars(args)]

@@ -164,7 +164,7 @@ def main() -> None:
         chunk = 256
     else:
         bm = beacon_llm.load()
-        text = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+        text = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
         embed = minilm_embedding()
         chunk = 1024
     doc = Document(text=text, metadata={"title": "The Wonderful Wizard of Oz"})

@@ -42,7 +42,7 @@ def main() -> None:
     from beacon_llm import BeaconConfig, BeaconModel
     from beacon_llm.layers import detach_beacon_modules
 
-    book = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     if args.fast:
         from beacon_llm.testing import tiny_base_model
 

@@ -1,7 +1,6 @@
 """The evaluation probes: planted facts, their order, their depths, and exact-match scoring."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import beacon_llm
 from beacon_llm.probes import _COUNTED, PROBE_TASKS, Probe, make_probe_context, sentence_boundaries
 from beacon_llm.testing import tiny_tokenizer
 
-BOOK = beacon_llm.read_document(Path(beacon_llm.__file__).parent / "books" / "wonderful_wizard_of_oz.txt")
+BOOK = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
 
 
 @pytest.fixture(scope="module")
