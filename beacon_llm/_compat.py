@@ -25,6 +25,7 @@ __all__ = [
     "check_llama_shaped",
     "max_positions",
     "rotate_half",
+    "decoder_after_kv",
 ]
 
 
@@ -183,3 +184,23 @@ def plain_forward(
     """
     out = model(input_ids=input_ids, cache=cache, use_cache=True, **kwargs)
     return out.logits, out.cache
+
+
+def decoder_after_kv(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    keys: list[torch.Tensor | None],
+    values: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The stock decoder (``model.model``) on ``input_ids`` (1, n) after cached keys/values (per layer
+    (1, KVH, M, D), keys rotated at positions 0..M-1, or all None), through transformers' own ``DynamicCache``:
+    the same operations as the plain model continuing its KV cache.
+
+    Returns the final-normed hidden states (1, n, Dm) and the per-layer keys and values (1, KVH, M + n, D).
+    """
+    from transformers import DynamicCache
+
+    data = None if keys[0] is None else list(zip(keys, values))
+    kv = DynamicCache(ddp_cache_data=data, config=model.config)
+    out = model.model(input_ids=input_ids, cache=kv, use_cache=True)
+    return out.last_hidden_state, [layer.keys for layer in kv.layers], [layer.values for layer in kv.layers]

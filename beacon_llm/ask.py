@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from typing import Any
@@ -24,8 +25,8 @@ def load_for_cli(args: argparse.Namespace) -> Any:
     if args.ratio:
         overrides["beacon_ratio"] = list(args.ratio)
         overrides["beacon_ratio_mix"] = args.ratio_mix or "step-random"
-    else:  # inference: one ratio per document, the smallest that fits it (the official adapt-1024 mode)
-        overrides["beacon_ratio_mix"] = args.ratio_mix or f"adapt-{max(args.max_new_tokens, 1024)}"
+    else:  # inference: read raw what fits the positions, condense only the oldest windows of what does not
+        overrides["beacon_ratio_mix"] = args.ratio_mix or f"fit-{max(args.max_new_tokens, 1024)}"
     if args.window:
         overrides["beacon_window"] = args.window
     try:
@@ -46,7 +47,8 @@ class _Progress:
         self.bar.update(n)
         size = cache.memory_size()
         ratio = cache.state.window_ratio
-        self.bar.set_postfix(memory=size["total"], ratio=ratio if ratio >= 0 else "-", refresh=False)
+        shown = "raw" if ratio == 0 else (ratio if ratio > 0 else "-")
+        self.bar.set_postfix(memory=size["total"], condensed=size["beacon"], ratio=shown, refresh=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -56,19 +58,12 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
     from .embedded import home
 
     ids, boundary = engine.document_prompt(text, question, system=DEFAULT_SYSTEM)
-    if len(ids) > engine.capacity:
-        cfg = engine.bm.config
-        raise CliError(
-            f"{path}: {len(ids)} tokens (with the question) exceed this model's capacity of {engine.capacity} tokens "
-            f"(window {cfg.window}, ratios {list(cfg.ratios)}, {engine.bm.max_positions} positions); "
-            "pass a larger --ratio or a shorter document"
-        )
     progress = _Progress(len(ids), args.quiet)
     t0 = time.perf_counter()
     first_token = None
     completion = None
     try:
-        for item in engine.stream(
+        stream = engine.stream(
             ids,
             boundary=boundary,
             max_new_tokens=args.max_new_tokens,
@@ -76,7 +71,12 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
             top_p=args.top_p,
             repetition_penalty=args.repetition_penalty,
             progress=progress,
-        ):
+        )
+        try:
+            first = next(stream)  # reads the document: a prompt that cannot fit is refused before any reading
+        except ValueError as exc:
+            raise CliError(f"{path}: {exc}") from exc
+        for item in itertools.chain([first], stream):
             if isinstance(item, str):
                 if first_token is None:
                     progress.close()

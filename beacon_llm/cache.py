@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import BeaconConfig
+from .schedule import FitPlan
 
 
 @dataclass
@@ -43,6 +44,8 @@ class _State:
     window_flags: tuple[bool, ...] = ()  # layout of the open window's cached entries
     window_sizes: list[int] = field(default_factory=list)  # beacons committed per completed window
     pending: list[int] = field(default_factory=list)  # generated token not yet fed (see generate)
+    fit_plan: FitPlan | None = None  # fit-N: the read's plan, fixed at its first call
+    n_raw_memory: int = 0  # raw (uncondensed) entries in the memory: ratio-0 windows, fit-N's raw part
 
 
 class BeaconCache:
@@ -99,10 +102,12 @@ class BeaconCache:
         return self.memory_length + self.window_length
 
     def memory_size(self) -> dict[str, int]:
+        """KV entries by kind: sink, beacon (condensed), raw (kept as read), total."""
         sink = self.state.n_sink
         mem = self.memory_length
-        raw = self.window_length
-        return {"sink": sink, "beacon": mem - sink, "raw": raw, "total": mem + raw}
+        raw_mem = self.state.n_raw_memory
+        raw = self.window_length + raw_mem
+        return {"sink": sink, "beacon": mem - sink - raw_mem, "raw": raw, "total": mem + self.window_length}
 
     @property
     def n_seen(self) -> int:
@@ -118,6 +123,16 @@ class BeaconCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------ lifecycle
+    def append_raw_memory(self, keys: list[torch.Tensor], values: list[torch.Tensor], n_tokens: int) -> None:
+        """Make ``keys`` / ``values`` (per layer: the old memory followed by ``n_tokens`` raw entries, keys rotated
+        at their positions) the memory: a read past ``fit-N``'s condensed windows keeps every token raw."""
+        st = self.state
+        self.mem_k, self.mem_v = list(keys), list(values)
+        st.n_seen += n_tokens
+        st.n_steps += 1
+        st.n_raw_memory += n_tokens
+        st.window_ratio = 0
+
     def reset(self) -> None:
         """Forget everything read so far (the generator is kept, as in the official code)."""
         self.state = _State()

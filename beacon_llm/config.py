@@ -26,7 +26,7 @@ CONFIG_NAME = "beacon_config.json"
 ATTN_SCHEMES: tuple[str, ...] = ("step-expansion", "segmentation", "full-coverage")
 PLACEMENTS: tuple[str, ...] = ("append", "interleave")
 ERAS: tuple[str, ...] = ("v2", "v3")
-RATIO_MIXES: tuple[str, ...] = ("step-random", "instance-random", "sequence", "adapt-<N>")
+RATIO_MIXES: tuple[str, ...] = ("step-random", "instance-random", "sequence", "adapt-<N>", "fit-<N>")
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 EMBED_INITS: tuple[str, ...] = ("eos", "bos")
 # official config keys that select experimental modes we do not implement (spec §3.12)
@@ -48,7 +48,10 @@ class BeaconConfig:
         ratios: candidate compression ratios; a window of S tokens gets S / ratio beacons; 0 keeps raw KVs.
         ratio_mix: how a ratio is picked per window: ``step-random`` (per window, from ``generator``),
             ``instance-random`` (once per sequence), ``sequence`` (v2: list[min(step, n-1)], v3: cycle),
-            ``adapt-N`` (once: the largest compression that still fits input length + N in the base positions).
+            ``adapt-N`` (once: the largest compression that still fits input length + N in the base positions),
+            ``fit-N`` (this project's inference mode, not an official one: a read that fits the base positions is
+            read raw by the plain model; a longer one condenses only its oldest windows, at the largest ratio, and
+            keeps the rest raw; N is the answer reserve assumed when the caller gives no planned length).
         attn: which raw tokens of its window a beacon attends to (paper v2 §2.2, Fig. 3).
         pos: ``append`` beacons after the window's raw tokens, or ``interleave`` one after every ratio raw tokens.
         attend_previous: era v2 only: beacons may attend to the beacon memory of earlier windows.
@@ -71,7 +74,7 @@ class BeaconConfig:
     embed_init: str = "eos"
     sink_size: int = 0
     era: str = "v3"
-    adapt_extra: int = field(init=False, default=0)
+    adapt_extra: int = field(init=False, default=0)  # the N of adapt-N / fit-N
 
     def __post_init__(self) -> None:
         if isinstance(self.ratios, int) and not isinstance(self.ratios, bool):
@@ -112,6 +115,12 @@ class BeaconConfig:
             if r > 0 and self.stride % r != 0 and not exempt:
                 _fail(f"beacon_stride={self.stride} is not divisible by ratio {r}; pick ratios that divide the stride")
         self.adapt_extra = self._parse_mix(self.ratio_mix)
+        if self.is_fit:
+            if self.stride != self.window:
+                _fail(f"beacon_ratio_mix={self.ratio_mix!r} needs beacon_stride = beacon_window ({self.window})")
+            bad_fit = [r for r in self.ratios if r > 0 and self.window % r]
+            if bad_fit:
+                _fail(f"beacon_ratio_mix={self.ratio_mix!r}: ratios {bad_fit} do not divide the window {self.window}")
         if self.sink_size < 0:
             _fail(f"beacon_sink_size={self.sink_size} must be >= 0")
         if self.era == "v2":
@@ -145,17 +154,26 @@ class BeaconConfig:
     def _parse_mix(mix: str) -> int:
         if mix in ("step-random", "instance-random", "sequence"):
             return 0
-        if isinstance(mix, str) and mix.startswith("adapt-"):
-            tail = mix[len("adapt-") :]
-            if tail.isdigit():
-                return int(tail)
-        _fail(f"beacon_ratio_mix={mix!r} is not one of {RATIO_MIXES} (N a non-negative int, e.g. 'adapt-1024')")
+        for prefix in ("adapt-", "fit-"):
+            if isinstance(mix, str) and mix.startswith(prefix):
+                tail = mix[len(prefix) :]
+                if tail.isdigit():
+                    return int(tail)
+        _fail(
+            f"beacon_ratio_mix={mix!r} is not one of {RATIO_MIXES} (N a non-negative int, e.g. 'adapt-1024' or "
+            "'fit-256')"
+        )
         return 0  # unreachable
 
     # ------------------------------------------------------------------ derived
     @property
     def is_adaptive(self) -> bool:
         return self.ratio_mix.startswith("adapt-")
+
+    @property
+    def is_fit(self) -> bool:
+        """``fit-N``: condense only what does not fit the base positions (see :func:`schedule.fit_plan`)."""
+        return self.ratio_mix.startswith("fit-")
 
     @property
     def interleave(self) -> bool:

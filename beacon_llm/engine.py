@@ -26,6 +26,7 @@ import torch
 from .cache import BeaconCache
 from .generation import TokenSampler, _eos_ids, iter_tokens
 from .model import BeaconModel
+from .schedule import planned_read_length
 from .serialization import load_cache, save_cache
 
 logger = logging.getLogger(__name__)
@@ -241,33 +242,43 @@ class BeaconEngine:
         ids: Sequence[int],
         *,
         boundary: int | None = None,
+        answer_reserve: int = 0,
         progress: Callable[[int, BeaconCache], None] | None = None,
     ) -> tuple[BeaconCache, Usage]:
         """Condense ``ids`` into a fresh cache, reusing the longest stored prefix.
 
         Checkpoints are stored at ``boundary`` (e.g. where the question starts; by default the longest prefix
         shared with a recent prompt) and at the last window boundary inside the prompt, so follow-up prompts with the
-        same beginning skip it.
+        same beginning skip it. ``answer_reserve`` tokens must fit after the prompt: the read is planned for both,
+        and refused before anything is read when they do not fit.
         """
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("the prompt is empty")
         if boundary is None:
             boundary = self._shared_prefix(ids)
-        if len(ids) > self.capacity:
+        cfg, positions = self.bm.config, self.bm.max_positions
+        needed = len(ids) + answer_reserve
+        if needed > self.capacity:
             raise ValueError(
-                f"the prompt has {len(ids)} tokens, more than this model's beacon capacity of {self.capacity} tokens; "
-                "shorten it or use larger compression ratios"
+                f"the prompt has {len(ids)} tokens and the answer may take {answer_reserve} more: {needed} tokens, "
+                f"more than this model's capacity of {self.capacity} tokens (window {cfg.window}, ratios "
+                f"{list(cfg.ratios)}, {positions} positions); shorten the prompt, lower the answer length or use "
+                "larger compression ratios"
             )
+        planned = planned_read_length(cfg, positions, len(ids), answer_reserve, boundary)
         cache, start = self._lookup(ids)
+        if cache is not None and cfg.is_fit and cache.state.fit_plan is not None:
+            if cache.state.fit_plan.entries(needed) > positions:  # planned for a shorter follow-up: read afresh
+                cache, start = None, 0
         if cache is None:
             cache = self.bm.new_cache()
         usage = Usage(input_tokens=len(ids), cache_read_tokens=start)
         marks = set()
         if boundary is not None and start < boundary < len(ids):
             marks.add(boundary)
-        window = self.bm.config.window
-        if self.bm.config.stride == window:  # windows close every `window` raw tokens
+        window = cfg.window
+        if cfg.stride == window and not cfg.is_fit:  # windows close every `window` raw tokens
             last_full = start + ((len(ids) - 1 - start + cache.raw_in_window) // window) * window - cache.raw_in_window
             if start < last_full < len(ids):
                 marks.add(last_full)
@@ -278,7 +289,9 @@ class BeaconEngine:
             for mark in sorted(marks) + [len(ids)]:
                 if mark <= pos:
                     continue
-                self.bm.forward(ids[pos:mark], cache, return_token_logprobs=False, progress=progress)
+                self.bm.forward(
+                    ids[pos:mark], cache, return_token_logprobs=False, progress=progress, planned_length=planned
+                )
                 usage.read_tokens += mark - pos
                 pos = mark
                 if mark != len(ids):  # only the caller's boundary (a document's end) is worth a disk copy
@@ -348,7 +361,7 @@ class BeaconEngine:
         if temperature < 0:
             raise ValueError(f"temperature={temperature} must be >= 0")
         stops = [s for s in (stop or []) if s]
-        cache, usage = self.read(ids, boundary=boundary, progress=progress)
+        cache, usage = self.read(ids, boundary=boundary, answer_reserve=max_new_tokens, progress=progress)
         sampler = TokenSampler(
             do_sample=temperature > 0,
             temperature=temperature or 1.0,

@@ -147,7 +147,8 @@ def generate(
 
     if input_ids is not None:
         prompt = bm._as_ids(input_ids, attention_mask)
-        logits = bm.forward(prompt, cache, return_token_logprobs=False).last_logits
+        planned = cache.n_seen + len(cache.state.pending) + int(prompt.numel()) + max_new_tokens
+        logits = bm.forward(prompt, cache, return_token_logprobs=False, planned_length=planned).last_logits
     else:
         prompt = torch.empty(0, dtype=torch.long, device=bm.device)
         if cache.state.pending:  # forward feeds the pending token itself (and restores it if the read fails)

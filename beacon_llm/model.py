@@ -24,9 +24,11 @@ from .layers import attach_beacon_modules, detach_beacon_modules, mark_only_beac
 from .masks import window_visibility
 from .positions import window_positions
 from .schedule import (
+    FitPlan,
     StepPlan,
     adaptive_ratio,
     config_capacity,
+    fit_plan,
     pick_ratio,
     plan_step,
     ratio_capacity,
@@ -177,26 +179,48 @@ class BeaconModel:
                 )
         return input_ids.to(device=self.device, dtype=torch.long)
 
-    def _check_capacity(self, cache: BeaconCache, stream_total: int) -> None:
+    def _check_capacity(self, cache: BeaconCache, stream_total: int, planned: int) -> None:
+        """Refuse, before anything is read, a context whose planned length does not fit the positions."""
         cfg, st = self.config, cache.state
+        if cfg.is_fit:
+            plan = st.fit_plan
+            assert plan is not None
+            needed = plan.entries(stream_total)
+            if needed > self.max_positions:
+                raise ValueError(
+                    f"this context would hold {stream_total} tokens in {needed} positions, beyond the model's "
+                    f"{self.max_positions}: it was planned (once, at its first read) for {plan.planned_length} tokens "
+                    f"with {plan.condensed_windows} condensed windows, and text after the condensed windows stays raw. "
+                    "Plan the read for the whole conversation (planned_length=, or a larger max_new_tokens on the "
+                    "first call), or start a new cache"
+                )
+            return
         if len(cfg.ratios) == 1:
             ratio = cfg.ratios[0]
         elif st.fixed_ratio is not None:
             ratio = st.fixed_ratio
         elif cfg.is_adaptive:
-            ratio = adaptive_ratio(cfg.ratios, stream_total + cfg.adapt_extra, self.max_positions, cfg.window)
+            ratio = adaptive_ratio(cfg.ratios, planned + cfg.adapt_extra, self.max_positions, cfg.window)
         else:
             ratio = min(cfg.ratios)
         capacity = ratio_capacity(ratio, self.max_positions, cfg.window)
-        if stream_total <= capacity:
+        if planned <= capacity:
             return
-        fit = smallest_fitting_power_of_two(stream_total, self.max_positions, cfg.window)
+        fit = smallest_fitting_power_of_two(planned, self.max_positions, cfg.window)
         raise ValueError(
-            f"the context would hold {stream_total} tokens, beyond the capacity of compression ratio {ratio}: "
+            f"the context would hold {planned} tokens, beyond the capacity of compression ratio {ratio}: "
             f"(max_position_embeddings {self.max_positions} - window {cfg.window}) x {ratio} + {cfg.window} = "
             f"{capacity} tokens. A ratio of {fit} would fit: configure ratios including {fit} "
-            f"(e.g. ratio_mix='adapt-1024'), or shorten the input"
+            f"(e.g. ratio_mix='fit-256'), or shorten the input"
         )
+
+    def _resolve_fit_plan(self, cache: BeaconCache, stream_total: int, planned_length: int | None) -> FitPlan:
+        """``fit-N``: the plan is chosen once, at the first read of a cache, from the planned length."""
+        st = cache.state
+        if st.fit_plan is None:
+            total = stream_total + self.config.adapt_extra if planned_length is None else planned_length
+            st.fit_plan = fit_plan(self.config, max(total, stream_total), self.max_positions)
+        return st.fit_plan
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -209,6 +233,7 @@ class BeaconModel:
         return_token_logprobs: bool = True,
         return_logits: bool = False,
         progress: Callable[[int, BeaconCache], None] | None = None,
+        planned_length: int | None = None,
     ) -> BeaconOutput:
         """Read ``input_ids`` (any length) into ``cache``, window by window.
 
@@ -220,6 +245,10 @@ class BeaconModel:
             return_token_logprobs: score every raw token (log-prob of its successor) and its argmax.
             return_logits: also return the (L, V) logits (for short inputs only).
             progress: called after every window step with (raw tokens read in this step, cache).
+            planned_length: tokens this context is expected to hold in all (document + question + answer
+                reserve). ``adapt-N`` and ``fit-N`` choose their ratio or plan from it, once, at the first read of
+                a cache (default: the tokens read so far, plus N for ``fit-N``); it is refused at once if it does
+                not fit.
         """
         ids = self._as_ids(input_ids, attention_mask)
         if cache is None:
@@ -229,7 +258,7 @@ class BeaconModel:
         cache.acquire()
         snapshot = cache._snapshot()
         try:
-            return self._forward(ids, cache, labels, return_token_logprobs, return_logits, progress)
+            return self._forward(ids, cache, labels, return_token_logprobs, return_logits, progress, planned_length)
         except BaseException:
             cache._restore(snapshot)  # an error or interrupt never leaves a half-updated cache
             raise
@@ -254,6 +283,7 @@ class BeaconModel:
         want_scores: bool,
         want_logits: bool,
         progress: Callable[[int, BeaconCache], None] | None = None,
+        planned_length: int | None = None,
     ) -> BeaconOutput:
         fp = self._fingerprint()
         if cache.fingerprint is not None and cache.fingerprint != fp:
@@ -269,7 +299,9 @@ class BeaconModel:
         if n == 0:
             raise ValueError("input_ids is empty: give at least one token")
         stream_total = st.n_seen + n
-        self._check_capacity(cache, stream_total)
+        planned = max(stream_total, planned_length or 0)
+        fit = self._resolve_fit_plan(cache, stream_total, planned_length) if self.config.is_fit else None
+        self._check_capacity(cache, stream_total, planned)
         targets = self._targets(ids, labels)
         score = want_scores or labels is not None
         grad = torch.is_grad_enabled() and self.model.training
@@ -282,12 +314,18 @@ class BeaconModel:
         pos = 0
         with torch.set_grad_enabled(grad):
             while pos < n:
-                plan = self._plan(cache, n - pos, stream_total)
-                raw_hidden = self._run_step(cache, ids[pos : pos + plan.n_raw], plan)  # (n_raw, Dm)
-                rows_end = pos + plan.n_raw
+                if fit is not None and st.n_seen >= fit.raw_from:  # fit-N: past the condensed windows, all raw
+                    n_raw = n - pos
+                    raw_hidden = self._run_raw(cache, ids[pos:])  # (n_raw, Dm)
+                else:
+                    remaining = n - pos if fit is None else min(n - pos, fit.raw_from - st.n_seen)
+                    plan = self._plan(cache, remaining, planned)
+                    n_raw = plan.n_raw
+                    raw_hidden = self._run_step(cache, ids[pos : pos + n_raw], plan)  # (n_raw, Dm)
+                rows_end = pos + n_raw
                 if score or want_logits:
                     tgt = targets[pos + 1 : rows_end + 1]  # (<= n_raw,)
-                    for start in range(0, plan.n_raw, _SCORE_CHUNK):
+                    for start in range(0, n_raw, _SCORE_CHUNK):
                         h = raw_hidden[start : start + _SCORE_CHUNK]
                         logits = self.model.lm_head(h).float()  # (c, V)
                         logp = torch.log_softmax(logits, dim=-1)
@@ -307,7 +345,7 @@ class BeaconModel:
                     last_logits = self.model.lm_head(raw_hidden[-1:]).float()[0]
                 pos = rows_end
                 if progress is not None:
-                    progress(plan.n_raw, cache)
+                    progress(n_raw, cache)
         cache.last_logits = last_logits.detach()
         loss = None
         if loss_sum is not None and n_targets > 0:
@@ -328,6 +366,9 @@ class BeaconModel:
         opens_window = raw_in_window == 0 if cfg.interleave else remaining >= cfg.window - raw_in_window
         if cfg.interleave and not opens_window:
             ratio = st.window_ratio
+        elif opens_window and cfg.is_fit:
+            assert st.fit_plan is not None and st.fit_plan.ratio > 0
+            ratio = st.window_ratio = st.fit_plan.ratio
         elif opens_window:
             ratio, st.fixed_ratio = pick_ratio(
                 cfg,
@@ -420,6 +461,27 @@ class BeaconModel:
         self._commit(cache, plan, window_flags, new_k, new_v, hidden)
         return raw_hidden
 
+    def _run_raw(self, cache: BeaconCache, raw_ids: torch.Tensor) -> torch.Tensor:
+        """``fit-N`` past the condensed windows: the stock decoder reads ``raw_ids`` after the memory (keys already
+        at positions 0..M-1), exactly as the plain model continues its own KV cache; every new KV entry is kept raw.
+        Returns the final-normed hidden states (n_raw, Dm)."""
+        mem_len = cache.memory_length
+        hidden, keys, values = _compat.decoder_after_kv(self.model, raw_ids[None], cache.mem_k, cache.mem_v)
+        if cache.trace is not None:
+            n = int(raw_ids.numel())
+            cache.trace.append(
+                StepTrace(
+                    beacon_size=-1,
+                    n_new_tokens=n,
+                    n_input=n,
+                    mem_before=mem_len,
+                    is_beacon=(False,) * n,
+                    positions=tuple(range(mem_len, mem_len + n)),
+                )
+            )
+        cache.append_raw_memory(keys, values, int(raw_ids.numel()))
+        return hidden[0]  # (n_raw, Dm)
+
     def _commit(
         self,
         cache: BeaconCache,
@@ -463,6 +525,8 @@ class BeaconModel:
             cache.win_k[i] = win_k[i].index_select(2, keep_index) if keep else None
             cache.win_v[i] = win_v[i].index_select(2, keep_index) if keep else None
         st.window_flags = (False,) * len(keep)
+        if plan.ratio == 0:
+            st.n_raw_memory += n_beacons  # raw entries moved to memory
         st.n_windows += 1
         st.window_sizes.append(n_beacons if plan.ratio > 0 else -1)
 

@@ -235,3 +235,31 @@ def make_probe_context(
     for probe in probes:
         probe.depths.sort()
     return ctx, probes
+
+
+def plant_passkey(
+    tokenizer, filler_ids: list[int], n_tokens: int, depth: float, rng: np.random.Generator
+) -> tuple[list[int], Probe]:
+    """A context of exactly ``n_tokens`` tokens: a random slice of ``filler_ids`` with a 5-digit pass key planted at
+    the sentence boundary nearest to ``depth`` (0 = start, 1 = end), and its probe (the passkey wording above)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} must be within [0, 1]")
+    key = str(rng.integers(10000, 99999))
+    sentence = f"The pass key is {key}. Remember it. {key} is the pass key."
+    fact = tokenizer(" " + sentence, add_special_tokens=False)["input_ids"]
+    body_len = n_tokens - len(fact)
+    if body_len < 4 * len(fact) or len(filler_ids) < body_len:
+        raise ValueError(f"n_tokens={n_tokens} does not fit between {5 * len(fact)} and the filler's {len(filler_ids)}")
+    start = int(rng.integers(0, len(filler_ids) - body_len + 1))
+    body = filler_ids[start : start + body_len]
+    bounds = sentence_boundaries(tokenizer, body)
+    if len(bounds) == 0:
+        raise ValueError("the filler text has no sentence boundary to plant the pass key at")
+    at = int(bounds[np.argmin(np.abs(bounds - depth * body_len))])
+    probe = Probe(
+        "passkey",
+        "What is the pass key mentioned in the text above? Answer with the number only.",
+        key,
+        [round(at / n_tokens, 3)],
+    )
+    return body[:at] + fact + body[at:], probe

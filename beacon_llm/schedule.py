@@ -24,8 +24,11 @@ def ratio_capacity(ratio: int, max_positions: int, window: int) -> int:
 
 def config_capacity(config: BeaconConfig, max_positions: int) -> int:
     """Most tokens a context can hold: the capacity of the largest ratio this config may use (adaptive or a single
-    ratio), or of the smallest one for random and sequence mixes, whose small draws bound the positions."""
+    ratio), or of the smallest one for random and sequence mixes, whose small draws bound the positions.
+    ``fit-N`` holds a little more (see :func:`fit_capacity`)."""
     ratios = config.ratios
+    if config.is_fit:
+        return fit_capacity(max(ratios), max_positions, config.window, config.sink_size)
     ratio = max(ratios) if (len(ratios) == 1 or config.is_adaptive) else min(ratios)
     return ratio_capacity(ratio, max_positions, config.window)
 
@@ -37,6 +40,84 @@ def adaptive_ratio(ratios: tuple[int, ...], needed: int, max_positions: int, win
     if ok:
         return min(ok)[1]
     return max(ratios)
+
+
+def fit_capacity(ratio: int, max_positions: int, window: int, sink_size: int = 0) -> int:
+    """Longest read ``fit-N`` can always plan with ``ratio``: up to it, every length fits ``max_positions`` with its
+    full windows condensed to ``window / ratio`` beacons each (plus the sink) and its last partial window raw."""
+    if ratio == 0:
+        return max_positions
+    per_window, sink = window // ratio, min(sink_size, window)
+    safe = (max_positions - sink - window + 1) // per_window  # windows after which a whole raw window still fits
+    extra = max_positions - sink - (safe + 1) * per_window
+    return (safe + 1) * window + (extra if extra >= 0 else -1)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How ``fit-N`` reads one context (this project's mode): the first ``condensed_windows`` windows get beacons
+    at ``ratio``, everything after token ``raw_from`` stays raw. Chosen once per read from ``planned_length``
+    (document + question + answer reserve), so a condensed document stays reusable for follow-up questions."""
+
+    planned_length: int
+    ratio: int
+    condensed_windows: int
+    window: int
+    sink_size: int = 0
+
+    @property
+    def raw_from(self) -> int:
+        return self.condensed_windows * self.window
+
+    def entries(self, n_tokens: int) -> int:
+        """KV entries (= positions) in use once ``n_tokens`` tokens are read, past the condensed windows."""
+        if self.condensed_windows == 0:
+            return n_tokens
+        sink = min(self.sink_size, self.window)
+        return sink + self.condensed_windows * (self.window // self.ratio) + max(n_tokens - self.raw_from, 0)
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "planned_length": self.planned_length,
+            "ratio": self.ratio,
+            "condensed_windows": self.condensed_windows,
+            "window": self.window,
+            "sink_size": self.sink_size,
+        }
+
+
+def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int) -> FitPlan:
+    """``fit-N``: condense only what does not fit. A read of ``planned_length`` tokens that fits ``max_positions``
+    is read raw (the plain model). A longer one condenses its oldest windows at the largest configured ratio (each
+    condensed window frees the most positions, so the most recent text stays raw) and no more windows than needed.
+    Raises ``ValueError`` with the numbers when even condensing every window does not fit."""
+    window, sink = config.window, config.sink_size
+    if planned_length <= max_positions:
+        return FitPlan(planned_length, 0, 0, window, sink)
+    ratio = max(config.ratios)
+    capacity = fit_capacity(ratio, max_positions, window, sink)
+    if ratio == 0 or planned_length > capacity:
+        raise ValueError(
+            f"the read is planned for {planned_length} tokens (prompt + answer reserve), beyond the capacity of "
+            f"{capacity} tokens of ratio {ratio} with window {window} in {max_positions} positions; configure a "
+            "larger ratio, or shorten the document, the question or the answer length"
+        )
+    freed = window - window // ratio  # positions one condensed window gives back
+    windows = -(-(planned_length + min(sink, window) - max_positions) // freed)
+    return FitPlan(planned_length, ratio, windows, window, sink)
+
+
+def planned_read_length(
+    config: BeaconConfig, max_positions: int, prompt_tokens: int, answer_reserve: int, document_end: int | None
+) -> int:
+    """The length a read is planned for: the prompt plus its answer reserve. When ``fit-N`` must condense anyway,
+    room for follow-up questions is kept too: at least N tokens after ``document_end`` (where the question starts),
+    within the mode's capacity, so the condensed document can be reused for them."""
+    total = prompt_tokens + answer_reserve
+    if not config.is_fit or total <= max_positions:
+        return total
+    room = (document_end if document_end is not None else prompt_tokens) + config.adapt_extra
+    return max(total, min(room, config_capacity(config, max_positions)))
 
 
 def smallest_fitting_power_of_two(needed: int, max_positions: int, window: int) -> int | None:

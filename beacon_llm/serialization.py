@@ -17,6 +17,7 @@ from .cache import BeaconCache
 from .config import CONFIG_NAME, BeaconConfig
 from .layers import beacon_state_dict, is_beacon_parameter
 from .model import BeaconModel
+from .schedule import FitPlan
 
 ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
 CACHE_FORMAT = "beacon-llm-cache/1"
@@ -234,6 +235,8 @@ def save_cache(cache: BeaconCache, path: str, *, extra: dict[str, Any] | None = 
             "window_flags": [int(f) for f in st.window_flags],
             "window_sizes": st.window_sizes,
             "pending": st.pending,
+            "fit_plan": st.fit_plan.to_dict() if st.fit_plan is not None else None,
+            "n_raw_memory": st.n_raw_memory,
         },
         "generator": cache.generator.bit_generator.state,
         "extra": extra or {},
@@ -266,6 +269,8 @@ def load_cache(path: str, bm: BeaconModel) -> tuple[BeaconCache, dict[str, Any]]
     st.window_ratio, st.remainder, st.fixed_ratio = s["window_ratio"], s["remainder"], s["fixed_ratio"]
     st.window_flags = tuple(bool(f) for f in s["window_flags"])
     st.window_sizes, st.pending = list(s["window_sizes"]), list(s["pending"])
+    st.fit_plan = FitPlan(**s["fit_plan"]) if s.get("fit_plan") else None
+    st.n_raw_memory = int(s.get("n_raw_memory", 0))
     cache.generator.bit_generator.state = meta["generator"]
     cache.fingerprint = fp
     for name in ("mem_k", "mem_v", "win_k", "win_v"):

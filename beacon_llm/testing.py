@@ -96,3 +96,36 @@ def tiny_beacon_model(
             if "beacon_" in name:
                 p.add_(perturb * torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
     return bm
+
+
+def plain_reference_tokens(
+    model: nn.Module,
+    chunks: list[list[int]],
+    max_new_tokens: int,
+    *,
+    repetition_penalty: float | None = None,
+    eos_token_ids: tuple[int, ...] = (),
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The stock transformers model fed ``chunks`` one call each with its own ``DynamicCache``, then greedy decoding
+    one token per call (the repetition penalty over the answer's tokens, like the engine). Returns the tokens (the
+    eos included, if reached) and the next-token logits before each of them: the reference for bit-for-bit checks."""
+    from transformers import DynamicCache
+
+    from .generation import TokenSampler
+
+    kv = DynamicCache(config=model.config)
+    sampler = TokenSampler(repetition_penalty=repetition_penalty)
+    tokens: list[int] = []
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        for chunk in chunks:
+            out = model(input_ids=torch.tensor([chunk]), cache=kv, use_cache=True, logits_to_keep=1)
+        for step in range(max_new_tokens):
+            logits = out.logits[0, -1].float()  # (V,)
+            seen.append(logits)
+            token = sampler(logits, tokens)
+            tokens.append(token)
+            if token in eos_token_ids or step + 1 == max_new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[token]]), cache=kv, use_cache=True, logits_to_keep=1)
+    return tokens, seen

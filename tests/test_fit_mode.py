@@ -1,0 +1,219 @@
+"""``fit-N``: a read that fits the base positions is the plain model bit for bit (through every entry point); a longer
+one condenses only its oldest windows, planned once per read, and the official modes are unchanged."""
+
+import math
+
+import pytest
+import torch
+
+import beacon_llm
+from beacon_llm import BeaconConfig, BeaconEngine
+from beacon_llm.schedule import FitPlan, config_capacity, fit_capacity, fit_plan, planned_read_length
+from beacon_llm.testing import plain_reference_tokens, tiny_beacon_model
+
+FIT = BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-8")
+POSITIONS = 128
+
+
+def _ids(n, seed=0):
+    return torch.randint(4, 100, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _fit_model(model_type="llama", config=FIT, positions=POSITIONS):
+    return tiny_beacon_model(config, model_type=model_type, max_position_embeddings=positions)
+
+
+# ---------------------------------------------------------------------- the plan (pure)
+@pytest.mark.parametrize(
+    "planned,ratios,sink,expected",
+    [
+        (100, (2, 4), 0, (0, 0)),  # fits: nothing condensed
+        (128, (2, 4), 0, (0, 0)),  # exactly the positions
+        (129, (2, 4), 0, (4, 1)),  # one window at the largest ratio frees 12 positions
+        (140, (2, 4), 0, (4, 1)),
+        (141, (2, 4), 0, (4, 2)),
+        (300, (2, 4), 0, (4, 15)),  # 300 - 128 = 172 positions to free, 12 per window
+        (240, (2,), 0, (2, 14)),  # 8 per window
+        (129, (2, 4), 1, (4, 1)),  # the sink takes one more position
+        (140, (2, 4), 1, (4, 2)),
+    ],
+)
+def test_fit_plan_table(planned, ratios, sink, expected):
+    cfg = BeaconConfig(window=16, ratios=ratios, ratio_mix="fit-0", sink_size=sink)
+    plan = fit_plan(cfg, planned, POSITIONS)
+    assert (plan.ratio, plan.condensed_windows) == expected
+    assert plan.entries(planned) <= POSITIONS
+    if plan.condensed_windows:  # no more windows than needed
+        fewer = FitPlan(planned, plan.ratio, plan.condensed_windows - 1, 16, sink)
+        assert fewer.entries(planned) > POSITIONS
+
+
+@pytest.mark.parametrize("ratio,sink", [(2, 0), (4, 0), (4, 1), (8, 3), (16, 0)])
+def test_fit_capacity_is_exact(ratio, sink):
+    cfg = BeaconConfig(window=16, ratios=(ratio,), ratio_mix="fit-0", sink_size=sink)
+    cap = fit_capacity(ratio, POSITIONS, 16, sink)
+    assert cap == config_capacity(cfg, POSITIONS)
+    assert fit_plan(cfg, cap, POSITIONS).entries(cap) <= POSITIONS
+    with pytest.raises(ValueError, match=rf"planned for {cap + 1} tokens .* capacity of {cap} tokens"):
+        fit_plan(cfg, cap + 1, POSITIONS)
+
+
+@pytest.mark.parametrize(
+    "prompt,reserve,document_end,expected",
+    [
+        (100, 20, 90, 120),  # fits: the prompt and its answer only
+        (120, 8, 90, 128),
+        (200, 20, 190, 220),  # condensing: at least fit-N (8) after the document, here less than the prompt needs
+        (200, 2, 196, 204),  # room for follow-ups: document end + 8
+    ],
+)
+def test_planned_read_length(prompt, reserve, document_end, expected):
+    assert planned_read_length(FIT, POSITIONS, prompt, reserve, document_end) == expected
+
+
+def test_fit_mode_is_validated():
+    with pytest.raises(ValueError, match="do not divide the window"):
+        BeaconConfig(era="v2", window=12, ratios=(8,), attn="full-coverage", pos="append", ratio_mix="fit-0")
+    with pytest.raises(ValueError, match="fit-N|'fit-256'"):
+        BeaconConfig(window=16, ratios=(4,), ratio_mix="fit-x")
+    assert BeaconConfig.from_dict(FIT.to_dict()) == FIT
+
+
+# ---------------------------------------------------------------------- bit for bit when it fits
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_a_read_that_fits_is_the_plain_model_bit_for_bit(model_type):
+    bm = _fit_model(model_type)
+    ids = _ids(110)
+    with torch.no_grad():
+        out = bm.forward(ids, return_logits=True, planned_length=120)
+        plain = bm.model(input_ids=ids[None]).logits[0].float()  # (L, V)
+    assert torch.equal(out.logits, plain)
+    logp = torch.log_softmax(plain[:-1], -1).gather(1, ids[1:, None]).squeeze(1)
+    assert torch.equal(out.token_logprobs, logp)
+    assert out.cache.memory_size() == {"sink": 0, "beacon": 0, "raw": 110, "total": 110}
+
+
+def _hf_greedy(model, ids, max_new):
+    out = model.generate(
+        ids[None], max_new_tokens=max_new, do_sample=False, eos_token_id=127, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    return out.sequences[0, len(ids) :].tolist(), [x[0].float() for x in out.logits]
+
+
+def test_generate_that_fits_equals_transformers_generate_bit_for_bit():
+    bm = _fit_model()
+    ids = _ids(90, seed=1)
+    tokens, logits = _hf_greedy(bm.model, ids, 24)
+    cache = bm.new_cache()
+    ours = bm.generate(ids, cache=cache, max_new_tokens=24, eos_token_id=127, return_dict_in_generate=True)
+    assert ours.new_tokens == tokens
+    # the same steps, logits compared bit for bit
+    cache = bm.new_cache()
+    step_logits = [bm.forward(ids, cache, planned_length=114, return_token_logprobs=False).last_logits]
+    for t in tokens[:-1]:
+        step_logits.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
+    assert all(torch.equal(a, b) for a, b in zip(step_logits, logits))
+
+
+def _plain_engine_answer(model, ids, boundary, max_new, repetition_penalty=None):
+    """The plain model fed the engine's calls (the document, then the question), then greedy decoding."""
+    chunks = [ids[:boundary], ids[boundary:]] if boundary and 0 < boundary < len(ids) else [ids]
+    return plain_reference_tokens(model, chunks, max_new, repetition_penalty=repetition_penalty, eos_token_ids=(2,))[0]
+
+
+def test_engine_answer_that_fits_is_the_plain_models_and_follow_ups_read_only_the_question():
+    engine = BeaconEngine(_fit_model(positions=512))
+    doc = "Toto is a small black dog. " * 10
+    ids, boundary = engine.document_prompt(doc, "Who is Toto?")
+    assert len(ids) + 12 <= 512
+    first = engine.complete(ids, boundary=boundary, max_new_tokens=12, repetition_penalty=1.15)
+    expected = _plain_engine_answer(engine.bm.model, ids, boundary, 12, 1.15)
+    assert first.token_ids == [t for t in expected if t != 2]
+    ids2, boundary2 = engine.document_prompt(doc, "What colour?")
+    second = engine.complete(ids2, boundary=boundary2, max_new_tokens=12)
+    assert second.usage.cache_read_tokens == boundary2 and second.usage.read_tokens == len(ids2) - boundary2
+    assert second.token_ids == [t for t in _plain_engine_answer(engine.bm.model, ids2, boundary2, 12) if t != 2]
+
+
+def test_engine_refuses_before_reading_when_the_answer_does_not_fit():
+    engine = BeaconEngine(_fit_model())
+    capacity = engine.capacity
+    ids = [5] * (capacity - 3)
+    calls = []
+    engine.bm.forward = lambda *a, **k: calls.append(a)  # nothing may be read
+    with pytest.raises(ValueError, match=rf"{capacity - 3} tokens and the answer may take 10 more: {capacity + 7} tokens"):
+        engine.complete(ids, max_new_tokens=10)
+    assert calls == []
+
+
+def test_follow_up_beyond_the_plan_is_read_again_not_refused():
+    engine = BeaconEngine(_fit_model(positions=512))
+    doc = "Toto is a small black dog. " * 13
+    ids, boundary = engine.document_prompt(doc, "Who?")
+    engine.complete(ids, boundary=boundary, max_new_tokens=4)
+    assert len(ids) + 4 <= 512
+    long_q = "Why " * 20
+    ids2, boundary2 = engine.document_prompt(doc, long_q)
+    assert len(ids2) + 20 > 512  # the raw document plus this question no longer fit
+    out = engine.complete(ids2, boundary=boundary2, max_new_tokens=20)
+    assert out.usage.cache_read_tokens == 0 and out.usage.read_tokens == len(ids2)
+
+
+# ---------------------------------------------------------------------- longer than the positions
+def test_long_read_condenses_only_the_oldest_windows_and_keeps_the_tail_raw():
+    bm = _fit_model()
+    ids = _ids(300, seed=2)
+    cache = bm.new_cache(trace=True)
+    with torch.no_grad():
+        whole = bm.forward(ids, cache, planned_length=310)
+    plan = cache.state.fit_plan
+    assert (plan.ratio, plan.condensed_windows) == (4, 16)  # 310 - 128 = 182 positions freed, 12 per window
+    assert cache.memory_size() == {"sink": 0, "beacon": 16 * 4, "raw": 300 - 256, "total": 64 + 44}
+    assert [t.beacon_size for t in cache.trace][-1] == -1 and cache.window_sizes == [4] * 16
+    # the raw tail is read by the plain decoder after the memory: one call equals several calls
+    pieces = bm.new_cache()
+    with torch.no_grad():
+        for a, b in ((0, 37), (37, 250), (250, 263), (263, 300)):
+            part = bm.forward(ids[a:b], pieces, planned_length=310).token_logprobs  # (b - a - 1,)
+            torch.testing.assert_close(part, whole.token_logprobs[a : b - 1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(pieces.last_logits, whole.last_logits, atol=1e-4, rtol=1e-5)
+
+
+def test_beyond_the_plan_is_refused_with_the_numbers():
+    bm = _fit_model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(300), cache, planned_length=305)
+        with pytest.raises(ValueError, match=r"planned \(once, at its first read\) for 305 tokens"):
+            bm.forward(_ids(20), cache)
+    assert cache.n_seen == 300  # nothing half-read
+
+
+def test_cache_with_a_plan_survives_save_and_load(tmp_path):
+    bm = _fit_model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(200), cache, planned_length=220)
+    beacon_llm.save_cache(cache, str(tmp_path / "c.safetensors"))
+    loaded, _ = beacon_llm.load_cache(str(tmp_path / "c.safetensors"), bm)
+    assert loaded.state.fit_plan == cache.state.fit_plan
+    assert loaded.memory_size() == cache.memory_size()
+    q = _ids(10, seed=3)
+    with torch.no_grad():
+        a = bm.forward(q, cache).last_logits
+        b = bm.forward(q, loaded).last_logits
+    assert torch.equal(a, b)
+
+
+def test_fit_uses_fewer_condensed_windows_than_adapt_at_the_same_length():
+    """adapt-N condenses every window; fit-N only as many as the positions need (their KV use is reported)."""
+    ids = _ids(250, seed=4)
+    adapt = tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4), ratio_mix="adapt-8"), max_position_embeddings=128)
+    fit = _fit_model()
+    with torch.no_grad():
+        a = adapt.forward(ids, planned_length=258).cache
+        f = fit.forward(ids, planned_length=258).cache
+    assert a.memory_size()["raw"] < 16 and f.memory_size()["raw"] > 50
+    assert f.get_seq_length() <= POSITIONS and a.get_seq_length() <= POSITIONS
+    assert math.isfinite(float(f.last_logits.sum()))
