@@ -37,13 +37,13 @@ def is_correct(answer: str, accept: list[str], reject: list[str]) -> bool:
     return any(a.lower() in text for a in accept) and not any(r.lower() in text for r in reject)
 
 
-def excerpt(book: str, part: str, n_tokens: int) -> str:
-    """The first or last ``n_tokens`` tokens of ``book`` (embedded tokenizer), as text."""
+def excerpt(book: str, part: str, n_tokens: int, model: str | None = None) -> str:
+    """The first or last ``n_tokens`` tokens of ``book`` (the model's tokenizer; default: the embedded one), as text."""
     from transformers import AutoTokenizer
 
     from beacon_llm.loading import resolve_model
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
     ids = tok(book, add_special_tokens=False)["input_ids"]
     ids = ids[:n_tokens] if part == "first" else ids[-n_tokens:]
     return tok.decode(ids)
@@ -81,11 +81,22 @@ def main() -> None:
     extra = shlex.split(args.extra)
     max_new = None
     tmp = None
-    if args.fast:  # a tiny smoke run on a short excerpt: the pipeline, not the score
-        questions, args.excerpt, args.excerpt_tokens, max_new = questions[:2], "first", 600, 8
+    model = None
+    if args.fast:  # a tiny random model on a short excerpt: the pipeline, not the score
+        import beacon_llm
+        from beacon_llm.testing import tiny_base_model, tiny_beacon_model
+
+        questions, args.excerpt, args.excerpt_tokens, max_new = questions[:2], "first", 300, 8
+        folder = Path(tempfile.mkdtemp(prefix="beacon-fast-"))
+        bm = tiny_beacon_model()
+        tiny_base_model().save_pretrained(folder / "base")
+        bm.tokenizer.save_pretrained(folder / "base")
+        beacon_llm.save_adapter(bm, str(folder / "adapter"))
+        model = str(folder / "base")
+        extra += ["--model", model, "--adapter", str(folder / "adapter"), "--no-cache"]
     document = book_path
     if args.excerpt:
-        text = excerpt(Path(book_path).read_text(encoding="utf-8"), args.excerpt, args.excerpt_tokens)
+        text = excerpt(Path(book_path).read_text(encoding="utf-8"), args.excerpt, args.excerpt_tokens, model)
         tmp = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
         tmp.write(text)
         tmp.close()
