@@ -123,6 +123,14 @@ class BeaconCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------ lifecycle
+    def set_fit_plan(self, plan: FitPlan) -> None:
+        """Fix the ``fit-N`` plan of a fresh cache (training uses its own position budget; reads plan themselves)."""
+        if self.state.n_seen or self.state.fit_plan is not None:
+            raise ValueError("the fit plan is chosen once, before the first read; use a fresh cache")
+        if plan.window != self.config.window or plan.sink_size != self.config.sink_size:
+            raise ValueError(f"{plan} does not match the cache's window {self.config.window} / sink")
+        self.state.fit_plan = plan
+
     def append_raw_memory(self, keys: list[torch.Tensor], values: list[torch.Tensor], n_tokens: int) -> None:
         """Make ``keys`` / ``values`` (per layer: the old memory followed by ``n_tokens`` raw entries, keys rotated
         at their positions) the memory: a read past ``fit-N``'s condensed windows keeps every token raw."""

@@ -49,6 +49,8 @@ class BeaconOutput:
         argmax_next: (L,) argmax of the logits at every raw token (``None`` when scores were not requested).
         loss: mean negative log-likelihood over the scored targets (keeps the graph when training).
         logits: (L, V) all logits, only with ``return_logits=True``.
+        hidden: (L, Dm) final-normed hidden states of the raw tokens, only with ``return_hidden=True`` (they keep
+            the graph when training: distillation scores them against a teacher).
         cache: the cache holding the condensed context.
     """
 
@@ -59,6 +61,7 @@ class BeaconOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     n_targets: int = 0
+    hidden: torch.Tensor | None = None
 
 
 class BeaconModel:
@@ -234,6 +237,7 @@ class BeaconModel:
         return_logits: bool = False,
         progress: Callable[[int, BeaconCache], None] | None = None,
         planned_length: int | None = None,
+        return_hidden: bool = False,
     ) -> BeaconOutput:
         """Read ``input_ids`` (any length) into ``cache``, window by window.
 
@@ -249,6 +253,7 @@ class BeaconModel:
                 reserve). ``adapt-N`` and ``fit-N`` choose their ratio or plan from it, once, at the first read of
                 a cache (default: the tokens read so far, plus N for ``fit-N``); it is refused at once if it does
                 not fit.
+            return_hidden: also return the final-normed hidden states of the raw tokens.
         """
         ids = self._as_ids(input_ids, attention_mask)
         if cache is None:
@@ -258,7 +263,9 @@ class BeaconModel:
         cache.acquire()
         snapshot = cache._snapshot()
         try:
-            return self._forward(ids, cache, labels, return_token_logprobs, return_logits, progress, planned_length)
+            return self._forward(
+                ids, cache, labels, return_token_logprobs, return_logits, progress, planned_length, return_hidden
+            )
         except BaseException:
             cache._restore(snapshot)  # an error or interrupt never leaves a half-updated cache
             raise
@@ -284,6 +291,7 @@ class BeaconModel:
         want_logits: bool,
         progress: Callable[[int, BeaconCache], None] | None = None,
         planned_length: int | None = None,
+        want_hidden: bool = False,
     ) -> BeaconOutput:
         fp = self._fingerprint()
         if cache.fingerprint is not None and cache.fingerprint != fp:
@@ -308,6 +316,7 @@ class BeaconModel:
         logprob_parts: list[torch.Tensor] = []
         argmax_parts: list[torch.Tensor] = []
         logit_parts: list[torch.Tensor] = []
+        hidden_parts: list[torch.Tensor] = []
         loss_sum: torch.Tensor | None = None
         n_targets = 0
         last_logits = None
@@ -323,6 +332,8 @@ class BeaconModel:
                     n_raw = plan.n_raw
                     raw_hidden = self._run_step(cache, ids[pos : pos + n_raw], plan)  # (n_raw, Dm)
                 rows_end = pos + n_raw
+                if want_hidden:
+                    hidden_parts.append(raw_hidden)
                 if score or want_logits:
                     tgt = targets[pos + 1 : rows_end + 1]  # (<= n_raw,)
                     for start in range(0, n_raw, _SCORE_CHUNK):
@@ -358,6 +369,7 @@ class BeaconModel:
             loss=loss,
             logits=torch.cat(logit_parts) if logit_parts else None,
             n_targets=n_targets,
+            hidden=torch.cat(hidden_parts) if hidden_parts else None,
         )
 
     def _plan(self, cache: BeaconCache, remaining: int, stream_total: int) -> StepPlan:

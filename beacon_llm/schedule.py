@@ -86,15 +86,16 @@ class FitPlan:
         }
 
 
-def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int) -> FitPlan:
+def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int, ratio: int | None = None) -> FitPlan:
     """``fit-N``: condense only what does not fit. A read of ``planned_length`` tokens that fits ``max_positions``
     is read raw (the plain model). A longer one condenses its oldest windows at the largest configured ratio (each
     condensed window frees the most positions, so the most recent text stays raw) and no more windows than needed.
-    Raises ``ValueError`` with the numbers when even condensing every window does not fit."""
+    Raises ``ValueError`` with the numbers when even condensing every window does not fit. ``ratio`` overrides the
+    condensing ratio (training draws one per sample)."""
     window, sink = config.window, config.sink_size
     if planned_length <= max_positions:
         return FitPlan(planned_length, 0, 0, window, sink)
-    ratio = max(config.ratios)
+    ratio = max(config.ratios) if ratio is None else ratio
     capacity = fit_capacity(ratio, max_positions, window, sink)
     if ratio == 0 or planned_length > capacity:
         raise ValueError(

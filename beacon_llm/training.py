@@ -235,3 +235,182 @@ def perplexity(bm: BeaconModel, ids: list[int]) -> float:
     with torch.no_grad():
         out = bm.forward(ids)
     return math.exp(float(out.loss))
+
+
+# ---------------------------------------------------------------------- training for the fit-N schedule
+@dataclass
+class FitTrainConfig:
+    """Training in the regime ``fit-N`` reads in: the oldest windows of a sample condensed, the rest raw.
+
+    Each sample of ``seq_len`` tokens is planned as if the base model had only ``positions`` positions, so its first
+    windows get beacons (at a ratio drawn from ``ratios``) and its tail is read raw after them, by the plain decoder.
+    The loss is on the tail only: ``kl_weight`` x KL to the teacher's top-k distributions (the plain model reading
+    the whole sample, :class:`beacon_llm.distill.TeacherStore`) + ``ce_weight`` x next-token cross-entropy.
+    """
+
+    output_dir: str
+    steps: int = 50
+    seq_len: int = 2048
+    positions: int = 1024
+    ratios: tuple[int, ...] = (32,)
+    grad_accum: int = 2
+    lr: float = 1e-4
+    warmup_steps: int = 2
+    max_grad_norm: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    topk: int = 32
+    autocast_bf16: bool = False
+    save_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.positions >= self.seq_len:
+            raise ValueError(f"positions={self.positions} must be below seq_len={self.seq_len}: nothing to condense")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise ValueError("kl_weight and ce_weight must be >= 0, and not both 0")
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise ValueError(f"ratios={self.ratios} must be positive")
+
+
+def tail_loss(
+    bm: BeaconModel,
+    ids: list[int],
+    plan: Any,
+    teacher: Any | None,
+    kl_weight: float,
+    ce_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Read ``ids`` under the fit ``plan`` and score the tokens after its condensed windows: returns the weighted loss
+    (with graph when training) and its parts (mean KL, mean NLL, tokens)."""
+    cache = bm.new_cache()
+    cache.set_fit_plan(plan)
+    out = bm.forward(ids, cache, return_token_logprobs=False, return_hidden=True)
+    start = plan.raw_from
+    hidden = out.hidden[start - 1 : len(ids) - 1]  # (T, Dm): the states that predict ids[start:]
+    logits = bm.model.lm_head(hidden).float()  # (T, V)
+    target = torch.tensor(ids[start:], device=logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, target)
+    parts = {"nll": float(nll.detach()), "tokens": float(len(target))}
+    loss = ce_weight * nll
+    if teacher is not None:
+        from .distill import topk_kl
+
+        indices, logprobs = teacher.get(ids, start)
+        kl = topk_kl(logits, indices.to(logits.device), logprobs.to(logits.device)).mean()
+        parts["kl"] = float(kl.detach())
+        loss = loss + kl_weight * kl
+    return loss, parts
+
+
+def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teacher: Any | None) -> TrainState:
+    """Train the beacons of ``bm`` (a ``fit-N`` config) in the fit regime; see :class:`FitTrainConfig`.
+
+    Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, step, tokens, data position; the
+    optimiser restarts). Returns the state with the loss history; the final adapter goes to ``output_dir/final``.
+    """
+    from tqdm.auto import tqdm
+
+    from .schedule import fit_plan
+
+    if not bm.config.is_fit:
+        raise ValueError(f"train_fit needs a fit-N beacon config, got ratio_mix={bm.config.ratio_mix!r}")
+    if cfg.kl_weight > 0 and teacher is None:
+        raise ValueError("kl_weight > 0 needs a teacher (beacon_llm.distill.TeacherStore)")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bm.mark_only_beacon_trainable()
+    params = [p for p in bm.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    state = TrainState()
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
+        saved = json.loads((ckpt / STATE_NAME).read_text())
+        state = TrainState(**saved["state"])
+        stream.rng.bit_generator.state = saved["data_rng"]
+        logger.info("resumed from %s (step %d)", ckpt, state.step)
+    draw = np.random.default_rng([cfg.seed, 7])
+    for _ in range(state.samples):  # the ratio draws continue where they stopped
+        draw.integers(len(cfg.ratios))
+    cfg_positions = cfg.positions
+    bm.model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="training beacons (fit)", unit="step")
+    try:
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = cfg.lr * _lr_factor(state.step, TrainConfig(output_dir="-", steps=cfg.steps,
+                                                               warmup_steps=cfg.warmup_steps, lr=cfg.lr))  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            record: dict[str, float] = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+            n_tok = 0
+            for _ in range(cfg.grad_accum):
+                sample: Sample = next(stream)
+                ratio = cfg.ratios[int(draw.integers(len(cfg.ratios)))]
+                plan = fit_plan(bm.config, len(sample.input_ids), cfg_positions, ratio=ratio)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                    loss, parts = tail_loss(bm, sample.input_ids, plan, teacher, cfg.kl_weight, cfg.ce_weight)
+                (loss / cfg.grad_accum).backward()
+                record["loss"] += float(loss.detach()) / cfg.grad_accum
+                record["nll"] += parts["nll"] / cfg.grad_accum
+                record["kl"] += parts.get("kl", 0.0) / cfg.grad_accum
+                n_tok += len(sample.input_ids)
+                state.samples += 1
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += n_tok
+            state.elapsed_s += dt
+            state.history.append({"step": state.step, "tokens": state.tokens, "lr": lr, "tok_per_s": n_tok / dt,
+                                  **record})  # fmt: skip
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{n_tok / dt:.0f}")
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+                _save_fit_checkpoint(out_dir / f"checkpoint-{state.step}", bm, stream, state)
+    finally:
+        bar.close()
+        bm.model.eval()
+    save_adapter(bm, str(out_dir / "final"))
+    with open(out_dir / "history.json", "w") as f:
+        json.dump(state.history, f)
+    return state
+
+
+def _save_fit_checkpoint(folder: Path, bm: BeaconModel, stream: SampleStream, state: TrainState) -> None:
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_adapter(bm, str(tmp))
+    with open(tmp / STATE_NAME, "w") as f:
+        json.dump({"state": asdict(state), "data_rng": stream.rng.bit_generator.state}, f, default=int)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+@torch.no_grad()
+def evaluate_fit(
+    bm: BeaconModel, samples: list[list[int]], positions: int, ratio: int, teacher: Any | None
+) -> dict[str, float]:
+    """Held-out score in the fit regime: mean KL to the teacher and perplexity of the tokens after the condensed
+    windows, over ``samples`` (each planned with ``positions`` positions and ``ratio``)."""
+    from .schedule import fit_plan
+
+    nll_sum = kl_sum = 0.0
+    n = 0
+    for ids in samples:
+        plan = fit_plan(bm.config, len(ids), positions, ratio=ratio)
+        _, parts = tail_loss(bm, ids, plan, teacher, 1.0, 1.0)
+        t = parts["tokens"]
+        nll_sum += parts["nll"] * t
+        kl_sum += parts.get("kl", 0.0) * t
+        n += int(t)
+    return {"kl": kl_sum / n, "ppl": math.exp(nll_sum / n), "tokens": n}

@@ -1,0 +1,73 @@
+"""Distillation targets for beacon training: the frozen base model reading the raw text is the teacher.
+
+For a sample that fits the base positions, the teacher's next-token distributions on the tokens after the condensed
+windows are what the beacon model should reproduce while it reads the older part only through its beacons. The
+teacher's top-k log-probs are computed once per sample and kept as safetensors (one file per sample, keyed by a hash
+of its tokens), so every training run and every ablation reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _key(ids: list[int], start: int, k: int) -> str:
+    h = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
+    h.update(f"{start}:{k}".encode())
+    return h.hexdigest()[:32]
+
+
+class TeacherStore:
+    """Top-k next-token log-probs of the plain ``model`` for ``ids[start:]``, computed on first use and stored in
+    ``folder`` (safetensors, written to a unique temporary name and renamed)."""
+
+    def __init__(self, model: nn.Module, folder: str | os.PathLike[str], k: int = 32) -> None:
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        self.model = model
+        self.folder = Path(folder)
+        self.k = k
+
+    @torch.no_grad()
+    def compute(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, k) int64 token ids and (T, k) float32 log-probs of the teacher for targets ``ids[start:]``."""
+        if not 0 < start < len(ids):
+            raise ValueError(f"start={start} must be within (0, {len(ids)})")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(input_ids=torch.tensor([ids]), logits_to_keep=len(ids) - start + 1).logits
+        finally:
+            self.model.train(was_training)
+        logp = torch.log_softmax(logits[0, :-1].float(), -1)  # (T, V), predicting ids[start:]
+        top = logp.topk(self.k, dim=-1)
+        return top.indices, top.values
+
+    def get(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.folder / f"{_key(ids, start, self.k)}.safetensors"
+        if path.is_file():
+            tensors = load_file(str(path))
+            return tensors["indices"].long(), tensors["logprobs"]
+        indices, logprobs = self.compute(ids, start)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"indices": indices.to(torch.int32).contiguous(), "logprobs": logprobs.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return indices, logprobs
+
+
+def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token over the teacher's top-k tokens (teacher renormalised over them).
+
+    student_logits: (T, V); indices, logprobs: (T, k). Returns (T,).
+    """
+    student = torch.log_softmax(student_logits.float(), -1).gather(1, indices)  # (T, k)
+    teacher = torch.log_softmax(logprobs.float(), -1)  # (T, k), renormalised over the top k
+    return (teacher.exp() * (teacher - student)).sum(-1)

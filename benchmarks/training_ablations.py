@@ -1,0 +1,189 @@
+"""Training recipes for the embedded model's beacons, compared on one held-out protocol (one row per run).
+
+Protocol (the regime the default fit-N schedule reads in): held-out samples of 2,048 tokens (4 from The Wonderful
+Wizard of Oz, 4 from the King James Bible excerpt; no recipe trains on either) are planned as if the model had
+``--positions`` (1,024) positions, so their first windows are condensed at ratio 32 and the last tokens are read raw
+after the beacons. Scored on those last tokens: perplexity and KL to the teacher (the plain model reading the whole
+sample, top-32 tokens). Baselines at the same KV budget (the beacon entries + the raw tail): truncation (the raw tokens
+just before the tail instead of the beacons), StreamingLLM (4 sink tokens + recent ones), and full attention.
+
+    python benchmarks/training_ablations.py --recipe baselines          # shipped adapter, fresh beacons, baselines
+    python benchmarks/training_ablations.py --recipe kl_r32 --steps 25  # train a recipe, evaluate, add a row
+    python benchmarks/training_ablations.py --fast                      # tiny model (CI smoke run)
+
+Runs go to ``runs/ablations/<recipe>`` (resumable), the teacher's top-k to ``runs/teacher``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BOOKS = ROOT / "benchmarks" / "data" / "books"
+TRAIN_BOOKS = ("frankenstein", "adventures_of_sherlock_holmes", "pride_and_prejudice", "dracula",
+               "tale_of_two_cities", "oliver_twist")  # fmt: skip
+# name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate)
+RECIPES: dict[str, dict] = {
+    "ce_r32": {"init": "shipped", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
+    "kl_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
+    "kl_ce_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.5, "lr": 1e-4},
+    "kl_r32_lr3e-4": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
+    "kl_mixed": {"init": "shipped", "ratios": (8, 16, 32), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
+    "kl_r32_fresh": {"init": "fresh", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
+}
+
+
+def held_out_samples(tok, seq_len: int, n_per_book: int, seed: int) -> list[list[int]]:
+    import beacon_llm
+
+    texts = [beacon_llm.read_document(beacon_llm.BUNDLED_BOOK), (BOOKS / "kjv_bible_excerpt.txt").read_text()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for start in rng.choice(len(ids) - seq_len, n_per_book, replace=False):
+            out.append(ids[int(start) : int(start) + seq_len])
+    return out
+
+
+@torch.no_grad()
+def plain_tail_scores(model, samples, plan_for, teacher, keep) -> dict[str, float]:
+    """The plain model on the tail after a context chosen by ``keep(ids, plan) -> kept ids before the tail``."""
+    from beacon_llm.distill import topk_kl
+
+    nll = kl = 0.0
+    n = 0
+    for ids in samples:
+        plan = plan_for(ids)
+        start = plan.raw_from
+        kept = keep(ids, plan)
+        seq = kept + ids[start:]
+        logits = model(input_ids=torch.tensor([seq])).logits[0, len(kept) - 1 : -1].float()  # (T, V)
+        target = torch.tensor(ids[start:])
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        if teacher is not None:
+            idx, logp = teacher.get(ids, start)
+            kl += float(topk_kl(logits, idx, logp).sum())
+        n += len(target)
+    return {"kl": round(kl / n, 4), "ppl": round(math.exp(nll / n), 3), "tokens": n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="baselines", choices=["baselines", *RECIPES])
+    parser.add_argument("--steps", type=int, default=25, help="optimiser steps (grad-accum x seq-len tokens each)")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--positions", type=int, default=1024)
+    parser.add_argument("--held-out", type=int, default=4, help="samples per held-out book")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default=str(ROOT / "runs"))
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import beacon_llm
+    from beacon_llm.distill import TeacherStore
+    from beacon_llm.schedule import fit_plan
+    from beacon_llm.tasks import SampleStream
+    from beacon_llm.training import FitTrainConfig, evaluate_fit, train_fit
+
+    runs = Path(args.runs)
+    eval_ratio = 32
+    if args.fast:
+        import tempfile
+
+        from beacon_llm.testing import tiny_beacon_model
+
+        runs = Path(tempfile.mkdtemp(prefix="ablation-"))
+        cfg = beacon_llm.BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-0")
+        shipped = tiny_beacon_model(cfg, max_position_embeddings=512)
+        fresh = tiny_beacon_model(cfg, max_position_embeddings=512, perturb=0.0)
+        args.seq_len, args.positions, args.steps, args.held_out, eval_ratio = 128, 64, 2, 1, 4
+        recipes = {k: {**v, "ratios": (4,)} for k, v in RECIPES.items()}
+    else:
+        shipped = beacon_llm.load(beacon_ratio_mix="fit-0", shared=False)
+        fresh = None
+        recipes = RECIPES
+    tok, base = shipped.tokenizer, shipped.model
+    teacher = TeacherStore(base, runs / "teacher", k=32)
+    held = held_out_samples(tok, args.seq_len, args.held_out, seed=11)
+
+    def plan_for(ids):
+        return fit_plan(shipped.config, len(ids), args.positions, ratio=eval_ratio)
+
+    out_path = Path(args.out) if args.out else RESULTS / f"training_ablations{'_fast' if args.fast else ''}.json"
+    data = json.loads(out_path.read_text()) if out_path.is_file() else {"protocol": {}, "rows": []}
+    data["protocol"] = {"seq_len": args.seq_len, "positions": args.positions, "ratio": eval_ratio,
+                        "held_out": "4 x Oz + 4 x KJV excerpt" if not args.fast else "tiny", "teacher_topk": 32,
+                        "condensed_windows": plan_for(held[0]).condensed_windows,
+                        "tail_tokens": args.seq_len - plan_for(held[0]).raw_from}  # fmt: skip
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    if args.recipe == "baselines":
+        n_mem = plan_for(held[0]).entries(plan_for(held[0]).raw_from)  # beacon entries before the tail
+        base_rows = {
+            "full attention (teacher)": lambda ids, plan: ids[: plan.raw_from],
+            "truncation (same KV budget)": lambda ids, plan: ids[plan.raw_from - n_mem : plan.raw_from],
+            "StreamingLLM (4 sink + recent, same budget)": lambda ids, plan: ids[:4]
+            + ids[plan.raw_from - n_mem + 4 : plan.raw_from],
+            "tail only (no memory)": lambda ids, plan: ids[plan.raw_from - 1 : plan.raw_from],
+        }
+        for name, keep in base_rows.items():
+            rows.append({"recipe": name, "tokens_trained": 0, **plain_tail_scores(base, held, plan_for, teacher, keep)})
+        for name, bm in (("shipped adapter (no further training)", shipped), ("fresh beacons (untrained)", fresh)):
+            if bm is None:
+                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
+            scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
+            tokens = 368_640 if name.startswith("shipped") and not args.fast else 0
+            rows.append({"recipe": name, "tokens_trained": tokens, **{k: round(v, 4) for k, v in scores.items()}})
+    else:
+        spec = recipes[args.recipe]
+        if spec["init"] == "shipped":
+            bm = shipped
+        elif args.fast:
+            bm = fresh
+        else:
+            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
+        texts = [(BOOKS / f"{name}.txt").read_text() for name in TRAIN_BOOKS] if not args.fast else [
+            beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
+        stream = SampleStream(texts, tok, args.seq_len, seed=0)
+        cfg = FitTrainConfig(output_dir=str(runs / "ablations" / args.recipe), steps=args.steps,
+                             seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
+                             grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
+                             autocast_bf16=args.bf16, save_every=5)  # fmt: skip
+        state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None)
+        scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
+        base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
+        rows.append({
+            "recipe": args.recipe, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()},
+            "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
+            "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
+            "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
+            "first_loss": state.history[0]["loss"], "last_loss": state.history[-1]["loss"],
+            **{k: round(v, 4) for k, v in scores.items()},
+        })  # fmt: skip
+    for row in rows:
+        row["threads"] = args.threads
+        print(json.dumps(row), flush=True)
+    data["rows"] = [r for r in data["rows"] if r["recipe"] not in {x["recipe"] for x in rows}] + rows
+    RESULTS.mkdir(exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, out_path)
+    print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
