@@ -45,10 +45,10 @@ class _Progress:
 
     def __call__(self, n: int, cache: Any) -> None:
         self.bar.update(n)
-        size = cache.memory_size()
+        size = cache.kv_by_kind()
         ratio = cache.state.window_ratio
         shown = "raw" if ratio == 0 else (ratio if ratio > 0 else "-")
-        self.bar.set_postfix(memory=size["total"], condensed=size["beacon"], ratio=shown, refresh=False)
+        self.bar.set_postfix(memory=size["total"], condensed=size["condensed"], ratio=shown, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -102,12 +102,26 @@ class BeaconCache:
         return self.memory_length + self.window_length
 
     def memory_size(self) -> dict[str, int]:
-        """KV entries by kind: sink, beacon (condensed), raw (kept as read), total."""
+        """KV entries as the official code counts them: sink, beacon (the whole memory after the sink), raw (the
+        open window, its interleaved beacons included), total."""
+        sink = self.state.n_sink
+        mem = self.memory_length
+        raw = self.window_length
+        return {"sink": sink, "beacon": mem - sink, "raw": raw, "total": mem + raw}
+
+    def kv_by_kind(self) -> dict[str, int]:
+        """KV entries by what they hold: sink, condensed (beacons, committed or in the open window), raw (tokens
+        kept as read: ratio-0 windows, fit-N's raw part, the open window's tokens), total."""
         sink = self.state.n_sink
         mem = self.memory_length
         raw_mem = self.state.n_raw_memory
-        raw = self.window_length + raw_mem
-        return {"sink": sink, "beacon": mem - sink - raw_mem, "raw": raw, "total": mem + self.window_length}
+        raw_window = self.raw_in_window
+        return {
+            "sink": sink,
+            "condensed": mem - sink - raw_mem + self.window_length - raw_window,
+            "raw": raw_mem + raw_window,
+            "total": mem + self.window_length,
+        }
 
     @property
     def n_seen(self) -> int:

@@ -58,7 +58,7 @@ def main() -> None:
         plain = bm.model(input_ids=torch.tensor([ids])).logits[0].float()  # (L, V)
     result["forward_logits_equal"] = bool(torch.equal(out.logits, plain))
     result["forward_max_abs_diff"] = float((out.logits - plain).abs().max())
-    result["memory"] = out.cache.memory_size()
+    result["memory"] = out.cache.kv_by_kind()
     del out, plain
 
     eos = tuple(sorted({tok.eos_token_id, *([bm.model.generation_config.eos_token_id] if isinstance(

@@ -90,7 +90,7 @@ def test_a_read_that_fits_is_the_plain_model_bit_for_bit(model_type):
     assert torch.equal(out.logits, plain)
     logp = torch.log_softmax(plain[:-1], -1).gather(1, ids[1:, None]).squeeze(1)
     assert torch.equal(out.token_logprobs, logp)
-    assert out.cache.memory_size() == {"sink": 0, "beacon": 0, "raw": 110, "total": 110}
+    assert out.cache.kv_by_kind() == {"sink": 0, "condensed": 0, "raw": 110, "total": 110}
 
 
 def _hf_greedy(model, ids, max_new):
@@ -169,7 +169,7 @@ def test_long_read_condenses_only_the_oldest_windows_and_keeps_the_tail_raw():
         whole = bm.forward(ids, cache, planned_length=310)
     plan = cache.state.fit_plan
     assert (plan.ratio, plan.condensed_windows) == (4, 16)  # 310 - 128 = 182 positions freed, 12 per window
-    assert cache.memory_size() == {"sink": 0, "beacon": 16 * 4, "raw": 300 - 256, "total": 64 + 44}
+    assert cache.kv_by_kind() == {"sink": 0, "condensed": 16 * 4, "raw": 300 - 256, "total": 64 + 44}
     assert [t.beacon_size for t in cache.trace][-1] == -1 and cache.window_sizes == [4] * 16
     # the raw tail is read by the plain decoder after the memory: one call equals several calls
     pieces = bm.new_cache()
@@ -198,7 +198,7 @@ def test_cache_with_a_plan_survives_save_and_load(tmp_path):
     beacon_llm.save_cache(cache, str(tmp_path / "c.safetensors"))
     loaded, _ = beacon_llm.load_cache(str(tmp_path / "c.safetensors"), bm)
     assert loaded.state.fit_plan == cache.state.fit_plan
-    assert loaded.memory_size() == cache.memory_size()
+    assert loaded.kv_by_kind() == cache.kv_by_kind()
     q = _ids(10, seed=3)
     with torch.no_grad():
         a = bm.forward(q, cache).last_logits
@@ -214,6 +214,6 @@ def test_fit_uses_fewer_condensed_windows_than_adapt_at_the_same_length():
     with torch.no_grad():
         a = adapt.forward(ids, planned_length=258).cache
         f = fit.forward(ids, planned_length=258).cache
-    assert a.memory_size()["raw"] < 16 and f.memory_size()["raw"] > 50
+    assert a.kv_by_kind()["raw"] < 16 and f.kv_by_kind()["raw"] > 50
     assert f.get_seq_length() <= POSITIONS and a.get_seq_length() <= POSITIONS
     assert math.isfinite(float(f.last_logits.sum()))

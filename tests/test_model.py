@@ -70,6 +70,7 @@ def test_interleave_step_expansion_raw_tokens_never_see_their_window_beacons():
     torch.testing.assert_close(torch.log_softmax(out.logits[:16], -1), plain[:16], atol=1e-5, rtol=5e-6)  # float32: values reach ~50
     assert not torch.allclose(torch.log_softmax(out.logits[16:], -1), plain[16:], atol=1e-2)
     assert out.cache.memory_size()["beacon"] == 8  # 2 full windows x 16/4
+    assert out.cache.kv_by_kind()["condensed"] == 8 + 2  # and the open window's 2 interleaved beacons
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
