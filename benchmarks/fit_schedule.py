@@ -130,12 +130,13 @@ def main() -> None:
         row = {"context": length, "target": target}
         for name, bm in (("fit", fit), ("adapt", adapt)):
             cache = bm.new_cache()
-            with torch.no_grad():
-                out = bm.forward(ids, cache, planned_length=len(ids))
-                row[name] = round(math.exp(-float(out.token_logprobs[-target:].mean())), 3)
-                probe_cache = bm.new_cache()
-                bm.forward(ids[:length], probe_cache, return_token_logprobs=False, planned_length=len(ids))
-            row[f"budget_{name}"] = budget = probe_cache.get_seq_length()
+            with torch.no_grad():  # the context, then the target in the same cache (planned for both)
+                bm.forward(ids[:length], cache, return_token_logprobs=False, planned_length=len(ids))
+                row[f"budget_{name}"] = budget = cache.get_seq_length()
+                first = float(torch.log_softmax(cache.last_logits, -1)[ids[length]])
+                out = bm.forward(ids[length:], cache)
+            logps = [first, *out.token_logprobs.tolist()]  # log p of every target token
+            row[name] = round(math.exp(-sum(logps) / len(logps)), 3)
             row[f"truncation@{name}"] = round(math.exp(_nll(model, ids[length - budget :], target)), 3)
         row["plain"] = round(math.exp(_nll(model, ids, target)), 3) if len(ids) <= positions else None
         ppl_rows.append(row)

@@ -159,7 +159,8 @@ def main() -> None:
         texts = [(BOOKS / f"{name}.txt").read_text() for name in TRAIN_BOOKS] if not args.fast else [
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
-        cfg = FitTrainConfig(output_dir=str(runs / "ablations" / args.recipe), steps=args.steps,
+        name = args.recipe + ("+bf16" if args.bf16 else "")
+        cfg = FitTrainConfig(output_dir=str(runs / "ablations" / name), steps=args.steps,
                              seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
                              grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
                              autocast_bf16=args.bf16, save_every=5)  # fmt: skip
@@ -167,7 +168,7 @@ def main() -> None:
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
         base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
         rows.append({
-            "recipe": args.recipe, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()},
+            "recipe": name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()},
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
