@@ -64,10 +64,18 @@ class TeacherStore:
 
 
 def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token over the teacher's top-k tokens (teacher renormalised over them).
+    """KL(teacher || student) per token over the teacher's top-k tokens plus one bucket for all other tokens: the
+    exact KL of the two distributions coarsened to those k + 1 outcomes (0 for the teacher itself).
 
-    student_logits: (T, V); indices, logprobs: (T, k). Returns (T,).
+    student_logits: (T, V); indices, logprobs: (T, k), the teacher's log-probs over the whole vocabulary.
+    Returns (T,).
     """
     student = torch.log_softmax(student_logits.float(), -1).gather(1, indices)  # (T, k)
-    teacher = torch.log_softmax(logprobs.float(), -1)  # (T, k), renormalised over the top k
-    return (teacher.exp() * (teacher - student)).sum(-1)
+    teacher = logprobs.float()  # (T, k)
+    limit = 1.0 - 1e-6
+
+    def rest(logp: torch.Tensor) -> torch.Tensor:  # log of the probability outside the top k, (T,)
+        return torch.log1p(-logp.exp().sum(-1).clamp(max=limit))
+
+    t_rest, s_rest = rest(teacher), rest(student)
+    return (teacher.exp() * (teacher - student)).sum(-1) + t_rest.exp() * (t_rest - s_rest)

@@ -16,11 +16,16 @@ TEXT = "the keeper of the lighthouse wrote every ship in a red book and slept at
 CFG = BeaconConfig(window=16, ratios=(4, 8), ratio_mix="fit-0")
 
 
-def test_topk_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
-    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
-    top = torch.log_softmax(logits, -1).topk(40, -1)
-    assert torch.allclose(topk_kl(logits, top.indices, top.values), torch.zeros(5), atol=1e-6)
+@pytest.mark.parametrize("k", [40, 8, 1])
+def test_topk_kl_is_zero_for_the_teacher_itself_and_positive_otherwise(k):
+    logits = 3 * torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    top = torch.log_softmax(logits, -1).topk(k, -1)
+    assert torch.allclose(topk_kl(logits, top.indices, top.values), torch.zeros(5), atol=1e-5)
     assert (topk_kl(logits.flip(-1), top.indices, top.values) > 0.01).all()
+    if k == 40:  # all tokens: the full KL
+        full = torch.nn.functional.kl_div(torch.log_softmax(logits.flip(-1), -1), torch.log_softmax(logits, -1),
+                                          log_target=True, reduction="none").sum(-1)  # fmt: skip
+        assert torch.allclose(topk_kl(logits.flip(-1), top.indices, top.values), full, atol=1e-4)
 
 
 def test_teacher_store_computes_once_and_reloads_the_same(tmp_path):
