@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +243,13 @@ def save_cache(cache: BeaconCache, path: str, *, extra: dict[str, Any] | None = 
         "generator": cache.generator.bit_generator.state,
         "extra": extra or {},
     }
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata={"beacon_cache": json.dumps(meta, default=int)})
-    os.replace(tmp, path)  # never leave a half-written cache behind
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"  # unique per writer
+    try:
+        save_file(tensors, tmp, metadata={"beacon_cache": json.dumps(meta, default=int)})
+        os.replace(tmp, path)  # never leave a half-written cache behind
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_cache(path: str, bm: BeaconModel) -> tuple[BeaconCache, dict[str, Any]]:
@@ -254,8 +260,18 @@ def load_cache(path: str, bm: BeaconModel) -> tuple[BeaconCache, dict[str, Any]]
         tensors = load_file(path)
     except Exception as exc:
         raise ValueError(f"cache file {path} is unreadable ({exc})") from exc
-    if meta.get("format") != CACHE_FORMAT:
-        raise ValueError(f"cache file {path} has format {meta.get('format')!r}, expected {CACHE_FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"cache file {path} has format {found!r}, expected {CACHE_FORMAT!r}")
+    try:
+        return _cache_from(meta, tensors, path, bm)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"cache file {path} is incomplete or corrupt ({type(exc).__name__}: {exc})") from exc
+
+
+def _cache_from(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: str, bm: BeaconModel
+) -> tuple[BeaconCache, dict[str, Any]]:
     cfg = BeaconConfig.from_dict(meta["config"])
     if cfg != bm.config or meta["num_layers"] != bm.num_layers:
         raise ValueError(f"cache file {path} was written with another beacon config or model")
