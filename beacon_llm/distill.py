@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-def _key(ids: list[int], start: int, k: int) -> str:
+def _key(ids: list[int], start: int, k: int, model: str) -> str:
     h = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
-    h.update(f"{start}:{k}".encode())
+    h.update(f"{start}:{k}:{model}".encode())
     return h.hexdigest()[:32]
+
+
+def _model_tag(model: nn.Module) -> str:
+    """Which teacher: its name, shape and weight dtype (targets of another teacher are never reused)."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    return f"{getattr(config, '_name_or_path', '')}|{config.model_type}|{config.num_hidden_layers}|" \
+        f"{config.hidden_size}|{config.vocab_size}|{dtype}"
 
 
 class TeacherStore:
@@ -42,22 +51,25 @@ class TeacherStore:
             raise ValueError(f"start={start} must be within (0, {len(ids)})")
         was_training = self.model.training
         self.model.eval()
+        device = next(self.model.parameters()).device
         try:
-            logits = self.model(input_ids=torch.tensor([ids]), logits_to_keep=len(ids) - start + 1).logits
+            with torch.autocast(device.type, enabled=False):  # targets in the teacher's own precision
+                ids_t = torch.tensor([ids], device=device)
+                logits = self.model(input_ids=ids_t, logits_to_keep=len(ids) - start + 1).logits
         finally:
             self.model.train(was_training)
         logp = torch.log_softmax(logits[0, :-1].float(), -1)  # (T, V), predicting ids[start:]
         top = logp.topk(self.k, dim=-1)
-        return top.indices, top.values
+        return top.indices.cpu(), top.values.cpu()
 
     def get(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.folder / f"{_key(ids, start, self.k)}.safetensors"
+        path = self.folder / f"{_key(ids, start, self.k, _model_tag(self.model))}.safetensors"
         if path.is_file():
             tensors = load_file(str(path))
             return tensors["indices"].long(), tensors["logprobs"]
         indices, logprobs = self.compute(ids, start)
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         save_file({"indices": indices.to(torch.int32).contiguous(), "logprobs": logprobs.contiguous()}, str(tmp))
         os.replace(tmp, path)
         return indices, logprobs

@@ -26,7 +26,7 @@ import torch
 from .cache import BeaconCache
 from .generation import TokenSampler, _eos_ids, iter_tokens
 from .model import BeaconModel
-from .schedule import planned_read_length
+from .schedule import fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,17 @@ _SENTINEL = "\u2063\u2063BEACON\u2063\u2063"
 
 def _prefix_hash(ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:40]
+
+
+def _condensed(cache: BeaconCache) -> int:
+    plan = cache.state.fit_plan
+    return 0 if plan is None else plan.condensed_windows
+
+
+def _plan_tag(cache: BeaconCache) -> str:
+    """Part of a stored prefix's key: caches of one prefix read under different fit-N plans differ."""
+    plan = cache.state.fit_plan
+    return "" if plan is None else f"f{plan.condensed_windows}r{plan.ratio}"
 
 
 @dataclass
@@ -87,7 +98,7 @@ class BeaconEngine:
         self.max_prefixes = max_prefixes
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.min_prefix = min_prefix
-        self._entries: OrderedDict[tuple[int, str], _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, str, str], _Entry] = OrderedDict()
         self._recent: deque[np.ndarray] = deque(maxlen=4)  # recent prompts (int64), to find shared prefixes
         self._lock = threading.Lock()
         self._identity: str | None = None
@@ -179,39 +190,48 @@ class BeaconEngine:
         return f"{head}{instruction}\n\n<document>\n{document}\n</document>\n\n", f"Question: {question}{tail}"
 
     # ------------------------------------------------------------------ prefixes
-    def _lookup(self, ids: Sequence[int]) -> tuple[BeaconCache | None, int]:
-        best: _Entry | None = None
+    def _lookup(
+        self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]
+    ) -> tuple[BeaconCache | None, int]:
+        """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
+        Of two with the same prefix, the one with fewer condensed windows."""
         with self._lock:
-            for key, entry in self._entries.items():
-                if entry.n_tokens <= len(ids) and (best is None or entry.n_tokens > best.n_tokens):
-                    if _prefix_hash(ids[: entry.n_tokens]) == entry.digest:
-                        best = entry
+            found = [
+                e
+                for e in self._entries.values()
+                if e.n_tokens <= len(ids) and _prefix_hash(ids[: e.n_tokens]) == e.digest and usable(e.cache)
+            ]
+            best = max(found, key=lambda e: (e.n_tokens, -_condensed(e.cache)), default=None)
             if best is not None:
-                self._entries.move_to_end((best.n_tokens, best.digest))
-        disk = self._lookup_disk(ids, best.n_tokens if best else 0)
+                self._entries.move_to_end((best.n_tokens, best.digest, _plan_tag(best.cache)))
+        disk = self._lookup_disk(ids, best.n_tokens if best else 0, usable)
         if disk is not None:
             return disk
         return (best.cache.fork(), best.n_tokens) if best is not None else (None, 0)
 
-    def _disk_path(self, n: int, digest: str) -> Path:
+    def _disk_path(self, n: int, digest: str, tag: str) -> Path:
         assert self.cache_dir is not None
-        return self.cache_dir / f"{self.identity}-{n}-{digest}.safetensors"
+        return self.cache_dir / f"{self.identity}-{n}-{digest}{tag}.safetensors"
 
-    def _lookup_disk(self, ids: Sequence[int], better_than: int) -> tuple[BeaconCache, int] | None:
+    def _lookup_disk(
+        self, ids: Sequence[int], better_than: int, usable: Callable[[BeaconCache], bool]
+    ) -> tuple[BeaconCache, int] | None:
         if self.cache_dir is None or not self.cache_dir.is_dir():
             return None
-        found: list[tuple[int, Path]] = []
+        found: list[tuple[int, str, Path]] = []
         for path in self.cache_dir.glob(f"{self.identity}-*.safetensors"):
             parts = path.stem.split("-")
             if len(parts) == 3 and parts[1].isdigit() and better_than < int(parts[1]) <= len(ids):
-                found.append((int(parts[1]), path))
-        for n, path in sorted(found, reverse=True):
-            if _prefix_hash(ids[:n]) != path.stem.split("-")[2]:
+                found.append((int(parts[1]), parts[2][len(_prefix_hash([])) :], path))
+        for n, tag, path in sorted(found, key=lambda f: (-f[0], f[1])):
+            if _prefix_hash(ids[:n]) != path.stem.split("-")[2][: len(_prefix_hash([]))]:
                 continue
             try:
                 cache, _ = load_cache(str(path), self.bm)
             except ValueError as exc:  # corrupt or foreign: read again instead
                 logger.warning("ignoring unusable condensed cache %s: %s", path, exc)
+                continue
+            if _plan_tag(cache) != tag or not usable(cache):
                 continue
             self._remember(ids[:n], cache, persist=False)
             return cache.fork(), n
@@ -222,15 +242,17 @@ class BeaconEngine:
             return
         digest = _prefix_hash(prefix)
         entry = _Entry(len(prefix), digest, cache.fork())
+        key = (entry.n_tokens, digest, _plan_tag(cache))
         if self.max_prefixes:
             with self._lock:
-                self._entries[(entry.n_tokens, digest)] = entry
-                self._entries.move_to_end((entry.n_tokens, digest))
+                self._entries[key] = entry
+                self._entries.move_to_end(key)
                 while len(self._entries) > self.max_prefixes:
                     self._entries.popitem(last=False)
         if persist and self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            save_cache(entry.cache, str(self._disk_path(entry.n_tokens, digest)), extra={"n_tokens": len(prefix)})
+            path = self._disk_path(entry.n_tokens, digest, key[2])
+            save_cache(entry.cache, str(path), extra={"n_tokens": len(prefix)})
 
     def clear(self) -> None:
         with self._lock:
@@ -267,12 +289,20 @@ class BeaconEngine:
                 "larger compression ratios"
             )
         planned = planned_read_length(cfg, positions, len(ids), answer_reserve, boundary)
-        cache, start = self._lookup(ids)
-        if cache is not None and cfg.is_fit and cache.state.fit_plan is not None:
-            if cache.state.fit_plan.entries(needed) > positions:  # planned for a shorter follow-up: read afresh
-                cache, start = None, 0
+        fresh = fit_plan(cfg, planned, positions) if cfg.is_fit else None
+
+        def usable(stored: BeaconCache) -> bool:
+            """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed."""
+            plan = stored.state.fit_plan
+            if fresh is None or plan is None:
+                return True
+            return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
+
+        cache, start = self._lookup(ids, usable)
         if cache is None:
             cache = self.bm.new_cache()
+        elif cfg.is_fit:
+            planned = needed  # the stored plan is kept: only the prompt and its answer must fit it
         usage = Usage(input_tokens=len(ids), cache_read_tokens=start)
         marks = set()
         if boundary is not None and start < boundary < len(ids):
@@ -332,7 +362,7 @@ class BeaconEngine:
             raise ValueError(f"{path} carries no prefix key; write it with export_prefix")
         entry = _Entry(int(extra["n_tokens"]), str(extra["digest"]), cache)
         with self._lock:
-            self._entries[(entry.n_tokens, entry.digest)] = entry
+            self._entries[(entry.n_tokens, entry.digest, _plan_tag(cache))] = entry
         return entry.n_tokens
 
     # ------------------------------------------------------------------ generating

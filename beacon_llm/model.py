@@ -188,10 +188,11 @@ class BeaconModel:
         if cfg.is_fit:
             plan = st.fit_plan
             assert plan is not None
-            needed = plan.entries(stream_total)
+            total = max(stream_total, planned)
+            needed = plan.entries(total)
             if needed > self.max_positions:
                 raise ValueError(
-                    f"this context would hold {stream_total} tokens in {needed} positions, beyond the model's "
+                    f"this context would hold {total} tokens in {needed} positions, beyond the model's "
                     f"{self.max_positions}: it was planned (once, at its first read) for {plan.planned_length} tokens "
                     f"with {plan.condensed_windows} condensed windows, and text after the condensed windows stays raw. "
                     "Plan the read for the whole conversation (planned_length=, or a larger max_new_tokens on the "

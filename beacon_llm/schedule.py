@@ -50,7 +50,7 @@ def fit_capacity(ratio: int, max_positions: int, window: int, sink_size: int = 0
     per_window, sink = window // ratio, min(sink_size, window)
     safe = (max_positions - sink - window + 1) // per_window  # windows after which a whole raw window still fits
     extra = max_positions - sink - (safe + 1) * per_window
-    return (safe + 1) * window + (extra if extra >= 0 else -1)
+    return max(max_positions, (safe + 1) * window + (extra if extra >= 0 else -1))  # raw reads need no window
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int, rati
 def planned_read_length(
     config: BeaconConfig, max_positions: int, prompt_tokens: int, answer_reserve: int, document_end: int | None
 ) -> int:
-    """The length a read is planned for: the prompt plus its answer reserve. When ``fit-N`` must condense anyway,
+    """The length a read is planned for: the prompt plus its answer reserve (one position more than generation
+    feeds, since its last token stays pending: room for the next turn). When ``fit-N`` must condense anyway,
     room for follow-up questions is kept too: at least N tokens after ``document_end`` (where the question starts),
     within the mode's capacity, so the condensed document can be reused for them."""
     total = prompt_tokens + answer_reserve

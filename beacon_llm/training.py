@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,7 +128,8 @@ def save_checkpoint(folder: Path, bm: BeaconModel, optimizer, names, stream: Sam
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    named = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    found = sorted(named, key=lambda p: int(p.name.split("-")[1]))
     found = [p for p in found if (p / STATE_NAME).is_file()]
     return found[-1] if found else None
 
@@ -280,12 +282,15 @@ def tail_loss(
     bm: BeaconModel,
     ids: list[int],
     plan: Any,
-    teacher: Any | None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
     kl_weight: float,
     ce_weight: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Read ``ids`` under the fit ``plan`` and score the tokens after its condensed windows: returns the weighted loss
-    (with graph when training) and its parts (mean KL, mean NLL, tokens)."""
+    (with graph when training) and its parts (mean KL, mean NLL, tokens). ``teacher_topk``: the teacher's (indices,
+    log-probs) for those tokens (:meth:`beacon_llm.distill.TeacherStore.get`)."""
+    if plan.condensed_windows == 0:
+        raise ValueError(f"a sample of {len(ids)} tokens has nothing condensed under {plan}; use longer samples")
     cache = bm.new_cache()
     cache.set_fit_plan(plan)
     out = bm.forward(ids, cache, return_token_logprobs=False, return_hidden=True)
@@ -296,10 +301,10 @@ def tail_loss(
     nll = torch.nn.functional.cross_entropy(logits, target)
     parts = {"nll": float(nll.detach()), "tokens": float(len(target))}
     loss = ce_weight * nll
-    if teacher is not None:
+    if teacher_topk is not None:
         from .distill import topk_kl
 
-        indices, logprobs = teacher.get(ids, start)
+        indices, logprobs = teacher_topk
         kl = topk_kl(logits, indices.to(logits.device), logprobs.to(logits.device)).mean()
         parts["kl"] = float(kl.detach())
         loss = loss + kl_weight * kl
@@ -320,6 +325,11 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
         raise ValueError(f"train_fit needs a fit-N beacon config, got ratio_mix={bm.config.ratio_mix!r}")
     if cfg.kl_weight > 0 and teacher is None:
         raise ValueError("kl_weight > 0 needs a teacher (beacon_llm.distill.TeacherStore)")
+    if stream.seq_len != cfg.seq_len or stream.task_rate:
+        raise ValueError(
+            f"train_fit reads text slices of seq_len={cfg.seq_len}: give a SampleStream with that seq_len and "
+            f"task_rate=0 (got seq_len={stream.seq_len}, task_rate={stream.task_rate})"
+        )
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
@@ -350,10 +360,13 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
             n_tok = 0
             for _ in range(cfg.grad_accum):
                 sample: Sample = next(stream)
+                while len(sample.input_ids) <= cfg_positions:  # a short text: nothing would be condensed
+                    sample = next(stream)
                 ratio = cfg.ratios[int(draw.integers(len(cfg.ratios)))]
                 plan = fit_plan(bm.config, len(sample.input_ids), cfg_positions, ratio=ratio)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-                    loss, parts = tail_loss(bm, sample.input_ids, plan, teacher, cfg.kl_weight, cfg.ce_weight)
+                targets = teacher.get(sample.input_ids, plan.raw_from) if cfg.kl_weight > 0 else None  # full precision
+                with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                    loss, parts = tail_loss(bm, sample.input_ids, plan, targets, cfg.kl_weight, cfg.ce_weight)
                 (loss / cfg.grad_accum).backward()
                 record["loss"] += float(loss.detach()) / cfg.grad_accum
                 record["nll"] += parts["nll"] / cfg.grad_accum
@@ -408,7 +421,8 @@ def evaluate_fit(
     n = 0
     for ids in samples:
         plan = fit_plan(bm.config, len(ids), positions, ratio=ratio)
-        _, parts = tail_loss(bm, ids, plan, teacher, 1.0, 1.0)
+        targets = teacher.get(ids, plan.raw_from) if teacher is not None else None
+        _, parts = tail_loss(bm, ids, plan, targets, 1.0, 1.0)
         t = parts["tokens"]
         nll_sum += parts["nll"] * t
         kl_sum += parts.get("kl", 0.0) * t

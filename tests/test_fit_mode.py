@@ -217,3 +217,29 @@ def test_fit_uses_fewer_condensed_windows_than_adapt_at_the_same_length():
     assert a.kv_by_kind()["raw"] < 16 and f.kv_by_kind()["raw"] > 50
     assert f.get_seq_length() <= POSITIONS and a.get_seq_length() <= POSITIONS
     assert math.isfinite(float(f.last_logits.sum()))
+
+
+def test_a_condensed_prefix_is_not_reused_for_a_prompt_that_fits_raw():
+    """A first question with a long answer condenses the document; a second with a short answer fits raw, and gets
+    the plain model's answer, not one read through the condensed prefix."""
+    engine = BeaconEngine(_fit_model(positions=512))
+    doc = "Toto is a small black dog. " * 12
+    ids, boundary = engine.document_prompt(doc, "Who?")
+    first = engine.complete(ids, boundary=boundary, max_new_tokens=512 - len(ids) + 40)
+    assert first.usage.cache_read_tokens == 0
+    second = engine.complete(ids, boundary=boundary, max_new_tokens=8)
+    assert second.usage.cache_read_tokens == 0  # read again, raw
+    assert second.token_ids == [t for t in _plain_engine_answer(engine.bm.model, ids, boundary, 8) if t != 2]
+    third = engine.complete(ids, boundary=boundary, max_new_tokens=8)
+    assert third.usage.cache_read_tokens == boundary  # the raw prefix is stored beside the condensed one
+
+
+def test_a_follow_up_beyond_a_cache_plan_is_refused_before_reading():
+    bm = _fit_model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.generate(_ids(60), cache=cache, max_new_tokens=4)
+        seen = cache.n_seen
+        with pytest.raises(ValueError, match="planned"):
+            bm.generate(_ids(10), cache=cache, max_new_tokens=100)
+    assert cache.n_seen == seen  # nothing was read

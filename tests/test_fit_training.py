@@ -51,7 +51,7 @@ def test_tail_loss_reaches_the_beacons_and_matches_the_teacher_when_nothing_is_c
     assert plan.condensed_windows > 0
     bm.mark_only_beacon_trainable()
     bm.model.train()
-    loss, parts = tail_loss(bm, ids, plan, store, 1.0, 0.5)
+    loss, parts = tail_loss(bm, ids, plan, store.get(ids, plan.raw_from), 1.0, 0.5)
     loss.backward()
     grads = [p.grad for n, p in bm.model.named_parameters() if "beacon_" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)  # the tail reads the beacons
