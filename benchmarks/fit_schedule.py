@@ -13,6 +13,7 @@ the same with the adapt-1024 cache's entries.
     python benchmarks/fit_schedule.py                        # 4K / 12K / 16K / 32K x 10 keys; ppl at 8K / 16K / 32K
     python benchmarks/fit_schedule.py --lengths 4096 --n 3 --ppl-lengths
     python benchmarks/fit_schedule.py --fast                 # tiny model (CI smoke run)
+    python benchmarks/fit_schedule.py --merge a.json b.json  # one file from runs made in parallel
 """
 
 from __future__ import annotations
@@ -30,6 +31,32 @@ from quality import greedy, prefill
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("plain", "fit", "adapt", "truncation@fit", "truncation@adapt")
+
+
+def passkey_table(rows: list[dict]) -> dict[str, dict[str, str]]:
+    """k/n exact matches per length and method ("n/a" where a method did not run, e.g. plain past the positions)."""
+    table = {}
+    for length in sorted({r["length"] for r in rows}):
+        sel = [r for r in rows if r["length"] == length]
+        table[str(length)] = {
+            m: (f"{sum(r[m]['correct'] for r in sel)}/{len(sel)}" if all(r[m] for r in sel) else "n/a")
+            for m in METHODS
+        }
+    return table
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One results file from runs made in parallel (each with its own --lengths / --ppl-lengths and --out)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = sorted((r for p in parts for r in p["passkey_rows"]), key=lambda r: (r["length"], r["sample"]))
+    ppl = sorted((r for p in parts for r in p["perplexity_rows"]), key=lambda r: r["context"])
+    merged = {**parts[0], "complete": all(p["complete"] for p in parts), "passkey_table": passkey_table(rows),
+              "passkey_rows": rows, "perplexity_rows": ppl, "merged_from": [p["args"] for p in parts]}  # fmt: skip
+    merged.pop("args", None)
+    out.write_text(json.dumps(merged, indent=2))
+    for length, vals in merged["passkey_table"].items():
+        print(f"{length:>10}" + "".join(f"{vals[m]:>18}" for m in METHODS))
+    print(f"wrote {out}")
 
 
 def _nll(model, ids: list[int], n_target: int) -> float:
@@ -60,8 +87,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, help="merge these results files into --out and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.merge:
+        merge(args.merge, Path(args.out) if args.out else RESULTS / "fit_schedule.json")
+        return
 
     import beacon_llm
     from beacon_llm.probes import plant_passkey
@@ -95,14 +126,7 @@ def main() -> None:
 
     def save(final: bool = False) -> None:
         """Write what is measured so far (after every row: a long run keeps its results if it stops early)."""
-        table = {}
-        for length in lengths:
-            sel = [r for r in rows if r["length"] == length]
-            if sel:
-                table[str(length)] = {
-                    m: (f"{sum(r[m]['correct'] for r in sel)}/{len(sel)}" if all(r[m] for r in sel) else "n/a")
-                    for m in METHODS
-                }
+        table = passkey_table(rows)
         if final:
             print(f"{'pass key':>10}" + "".join(f"{m:>18}" for m in METHODS))
             for length, vals in table.items():
