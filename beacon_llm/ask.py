@@ -17,16 +17,17 @@ DEFAULT_SYSTEM = "You are a helpful assistant. Answer questions about the docume
 def load_for_cli(args: argparse.Namespace) -> Any:
     import torch
 
-    from .loading import load
+    from .loading import DEFAULT_ANSWER_RESERVE, inference_overrides, load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {}
     if args.ratio:
         overrides["beacon_ratio"] = list(args.ratio)
-        overrides["beacon_ratio_mix"] = args.ratio_mix or "step-random"
-    else:  # inference: read raw what fits the positions, condense only the oldest windows of what does not
-        overrides["beacon_ratio_mix"] = args.ratio_mix or f"fit-{max(args.max_new_tokens, 1024)}"
+    if args.ratio_mix:
+        overrides["beacon_ratio_mix"] = args.ratio_mix
+    # default: read raw what fits the positions, condense only the oldest windows of the rest (at the largest ratio)
+    overrides = inference_overrides(overrides, max(args.max_new_tokens, DEFAULT_ANSWER_RESERVE))
     if args.window:
         overrides["beacon_window"] = args.window
     try:

@@ -31,8 +31,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_beacon_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("beacons")
     g.add_argument("--window", type=int, default=None, help="beacon window (raw tokens per window)")
-    g.add_argument("--ratio", type=int, nargs="+", default=None, help="compression ratio(s)")
-    g.add_argument("--ratio-mix", default=None, help="step-random | instance-random | sequence | adapt-N")
+    g.add_argument(
+        "--ratio", type=int, nargs="+", default=None, help="compression ratio(s); fit-N condenses at the largest"
+    )
+    g.add_argument(
+        "--ratio-mix",
+        default=None,
+        help="fit-N (default: condense only what does not fit) | adapt-N | step-random | instance-random | sequence",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -488,11 +488,13 @@ def get_engine(
     **beacon_overrides: Any,
 ) -> BeaconEngine:
     """The process-wide engine for these arguments: weights are loaded once and condensed prefixes are shared by
-    every caller (LangChain / LlamaIndex objects, threads)."""
+    every caller (LangChain / LlamaIndex objects, threads). It reads with ``fit-N`` unless ``beacon_ratio_mix`` is
+    given (:func:`beacon_llm.loading.inference_overrides`)."""
     import json
 
-    from .loading import load
+    from .loading import inference_overrides, load
 
+    beacon_overrides = inference_overrides(beacon_overrides)
     key = (model, adapter, dtype, device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
     with _ENGINES_LOCK:
         if key not in _ENGINES:

@@ -27,6 +27,17 @@ def shipped_adapter(name: str = EMBEDDED_MODEL) -> str | None:
     return str(folder) if (folder / ADAPTER_WEIGHTS_NAME).is_file() else None
 
 
+DEFAULT_ANSWER_RESERVE = 1024
+
+
+def inference_overrides(overrides: dict[str, Any], answer_reserve: int = DEFAULT_ANSWER_RESERVE) -> dict[str, Any]:
+    """The beacon overrides the engine-facing entry points (CLI, LangChain, LlamaIndex) load with: ``fit-N`` unless
+    the caller chose a ratio mix (a checkpoint's own mix is often its training one, ``step-random``)."""
+    out = dict(overrides)
+    out.setdefault("beacon_ratio_mix", f"fit-{max(answer_reserve, 0)}")
+    return out
+
+
 def resolve_model(model: str | None) -> str:
     """``None`` or ``"smollm2-135m-instruct"`` → the converted embedded model folder; anything else as given."""
     if model in (None, "", EMBEDDED_MODEL):
@@ -100,7 +111,8 @@ def model_identity(bm: BeaconModel) -> str:
 
 
 def capacity_from_files(model: str | None = None, adapter: str | None = None, **beacon_overrides: Any) -> int | None:
-    """The context capacity, read from config files only (no weights are loaded); None when unknown."""
+    """The context capacity the engine would have (the inference defaults of :func:`inference_overrides`), read from
+    config files only (no weights are loaded); None when unknown."""
     from . import _compat
     from .config import CONFIG_NAME
     from .schedule import config_capacity
@@ -119,7 +131,7 @@ def capacity_from_files(model: str | None = None, adapter: str | None = None, **
             base_cfg = json.loads((Path(model) / "config.json").read_text())
             positions = _compat.max_positions_from_dict(base_cfg)
         source = json.loads((Path(adapter) / CONFIG_NAME).read_text()) if adapter else base_cfg
-        cfg = BeaconConfig.from_dict(source, **beacon_overrides)
+        cfg = BeaconConfig.from_dict(source, **inference_overrides(beacon_overrides))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return config_capacity(cfg, positions)
