@@ -37,6 +37,7 @@ RECIPES: dict[str, dict] = {
     "kl_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
     "kl_ce_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.5, "lr": 1e-4},
     "kl_r32_lr3e-4": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
+    "kl_r32_lr1e-3": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-3},
     "kl_mixed": {"init": "shipped", "ratios": (8, 16, 32), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
     "kl_r32_fresh": {"init": "fresh", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
 }
