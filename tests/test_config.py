@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
 
 from beacon_llm import BeaconConfig
+
+BUNDLED = Path(__file__).parent / "fixtures" / "beacon_parity"
 
 
 @pytest.mark.parametrize(
@@ -103,10 +106,40 @@ def test_json_round_trip(config, tmp_path):
     ],
 )
 def test_reads_official_config_json(folder, expected):
+    """The bundled fixture set's configs (another set given by BEACON_PARITY_DIR is checked by the test below)."""
+    if Path(FIXTURES).resolve() != BUNDLED.resolve():
+        pytest.skip("BEACON_PARITY_DIR is another fixture set: its configs are checked against their own files")
     with open(f"{FIXTURES}/{folder}/config.json") as f:
         config = BeaconConfig.from_dict(json.load(f))
     for key, value in expected.items():
         assert getattr(config, key) == value
+
+
+def _fixture_folders():
+    return sorted(p for p in Path(FIXTURES).iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("folder", _fixture_folders(), ids=lambda p: p.name)
+def test_every_fixture_config_is_read_as_its_file_says(folder):
+    """Whatever fixture set BEACON_PARITY_DIR names: each folder's config.json, key by key."""
+    raw = json.loads((folder / "config.json").read_text())
+    config = BeaconConfig.from_dict(raw)
+    stride = raw.get("beacon_stride", raw["beacon_window"])
+    v2 = "beacon_attend_previous" in raw or isinstance(stride, list)
+    assert config.era == ("v2" if v2 else "v3")
+    assert config.window == raw["beacon_window"]
+    assert config.stride == (stride[0] if isinstance(stride, list) else stride)
+    assert config.ratios == tuple(raw["beacon_ratio"])
+    if "beacon_param" in raw:
+        assert config.param == tuple(raw["beacon_param"])
+    for key, attr in (("beacon_attn", "attn"), ("beacon_pos", "pos"), ("beacon_ratio_mix", "ratio_mix")):
+        if key in raw:
+            assert getattr(config, attr) == raw[key]
+    if v2:
+        assert config.attend_previous == raw.get("beacon_attend_previous", True)
+    else:
+        assert config.attend_prev == raw.get("beacon_attend_prev", True)
+        assert config.sink_size == raw.get("beacon_sink_size", 0)
 
 
 def test_official_mistral_style_config_without_beacon_pos_is_append():
