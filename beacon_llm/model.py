@@ -7,6 +7,7 @@ The base model object is untouched except for the beacon modules registered on i
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .schedule import (
     smallest_fitting_power_of_two,
 )
 
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("beacon_disabled", default=frozenset())
 _SCORE_CHUNK = 256  # rows per lm_head call: never materialise (tokens x vocab) logits for a whole input
 
 
@@ -78,7 +80,6 @@ class BeaconModel:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
-        self._enabled = True
         self.gradient_checkpointing = False  # recompute each layer in backward (training long samples)
         self.max_positions = _compat.max_positions(model.config)
         if self.max_positions <= config.window:
@@ -105,13 +106,18 @@ class BeaconModel:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[BeaconModel]:
-        """Within the block, :meth:`forward` / :meth:`generate` run the plain base model (full attention)."""
-        previous = self._enabled
-        self._enabled = False
+        """Within the block, :meth:`forward` runs the plain base model (full attention). Only in the calling
+        thread or asyncio task: other threads using this model at the same time keep their beacons."""
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
         try:
             yield self
         finally:
-            self._enabled = previous
+            _DISABLED.reset(token)
+
+    @property
+    def _enabled(self) -> bool:
+        """False inside :meth:`disabled` (in this thread / task only)."""
+        return id(self) not in _DISABLED.get()
 
     def mark_only_beacon_trainable(self) -> int:
         return mark_only_beacon_trainable(self.model)

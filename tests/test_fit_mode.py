@@ -243,3 +243,22 @@ def test_a_follow_up_beyond_a_cache_plan_is_refused_before_reading():
         with pytest.raises(ValueError, match="planned"):
             bm.generate(_ids(10), cache=cache, max_new_tokens=100)
     assert cache.n_seen == seen  # nothing was read
+
+
+def test_disabled_is_per_thread_not_process_wide():
+    """Inside disabled() in one thread, another thread's forward on the same model still reads with beacons."""
+    import threading
+
+    bm = tiny_beacon_model()
+    ids = _ids(60, seed=9)
+    with torch.no_grad():
+        expected = bm.forward(ids).last_logits
+        with bm.disabled():
+            plain = bm.forward(ids).last_logits
+            seen = {}
+            worker = threading.Thread(target=lambda: seen.update(out=bm.forward(ids).last_logits))
+            worker.start()
+            worker.join()
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    assert torch.equal(seen["out"], expected)
+    assert bm._enabled
