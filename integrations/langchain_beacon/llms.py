@@ -8,7 +8,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import GenerationChunk
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
 import beacon_llm
@@ -24,9 +24,6 @@ class BeaconLLM(BeaconFields, LLM):
     model_config = ConfigDict(
         extra="forbid", arbitrary_types_allowed=True, populate_by_name=True, protected_namespaces=()
     )
-
-    last_usage: dict[str, Any] | None = None
-    """Usage of the latest call (input tokens, cache_read, output tokens)."""
 
     @property
     def _llm_type(self) -> str:
@@ -51,8 +48,18 @@ class BeaconLLM(BeaconFields, LLM):
     def _info(self, completion: beacon_llm.Completion) -> dict[str, Any]:
         return {"finish_reason": completion.finish_reason, "usage": usage_metadata(completion.usage)}
 
-    def _done(self, completion: beacon_llm.Completion) -> None:
-        object.__setattr__(self, "last_usage", usage_metadata(completion.usage))
+    def _complete(
+        self, prompt: str, stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]
+    ) -> beacon_llm.Completion:
+        final = None
+        for item in self._events(prompt, stop, kwargs):
+            if isinstance(item, str):
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(item)
+            else:
+                final = item
+        assert final is not None
+        return final
 
     def _call(
         self,
@@ -61,15 +68,21 @@ class BeaconLLM(BeaconFields, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        text = ""
-        for item in self._events(prompt, stop, kwargs):
-            if isinstance(item, str):
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(item)
-            else:
-                self._done(item)
-                text = item.text
-        return text
+        return self._complete(prompt, stop, run_manager, kwargs).text
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """One generation per prompt, each with its own finish reason and usage in ``generation_info``."""
+        generations = []
+        for prompt in prompts:
+            completion = self._complete(prompt, stop, run_manager, kwargs)
+            generations.append([Generation(text=completion.text, generation_info=self._info(completion))])
+        return LLMResult(generations=generations)
 
     def _stream(
         self,
@@ -85,8 +98,6 @@ class BeaconLLM(BeaconFields, LLM):
                     run_manager.on_llm_new_token(item, chunk=chunk)
                 yield chunk
             else:
-                self._done(item)
-                yield GenerationChunk(text="", generation_info=self._info(item))
                 yield GenerationChunk(text="", generation_info=self._info(item))
 
     async def _acall(
@@ -102,7 +113,6 @@ class BeaconLLM(BeaconFields, LLM):
                 if run_manager is not None:
                     await run_manager.on_llm_new_token(item)
             else:
-                self._done(item)
                 text = item.text
         return text
 
@@ -120,5 +130,4 @@ class BeaconLLM(BeaconFields, LLM):
                     await run_manager.on_llm_new_token(item, chunk=chunk)
                 yield chunk
             else:
-                self._done(item)
                 yield GenerationChunk(text="", generation_info=self._info(item))

@@ -194,3 +194,17 @@ def test_async_prefill_does_not_block_the_event_loop(engine):
 
     ticks, elapsed = asyncio.run(main())
     assert ticks >= 5, (ticks, elapsed)
+
+
+def test_llm_usage_is_per_call_and_the_stream_ends_once(engine):
+    """BeaconLLM: each generation carries its own finish reason and usage (no shared last-call field); the stream's
+    final chunk comes once (the end callback used to see "lengthlength")."""
+    llm = BeaconLLM(engine=engine, max_tokens=4)
+    result = llm.generate(["A short prompt.", BOOK + " And a long one."])
+    infos = [g[0].generation_info for g in result.generations]
+    assert infos[0]["usage"]["input_tokens"] < infos[1]["usage"]["input_tokens"]
+    assert all(i["finish_reason"] in ("length", "eos", "stop") for i in infos)
+    chunks = list(llm.stream("A short prompt."))
+    assert sum(1 for c in chunks if isinstance(c, str) and c == "") <= 1
+    final = [c for c in llm._stream("A short prompt.") if c.generation_info]
+    assert len(final) == 1 and final[0].generation_info["finish_reason"] in ("length", "eos", "stop")
