@@ -104,7 +104,8 @@ def main() -> None:
     rows = []
     try:
         for q in questions:
-            row = {"id": q["id"], "question": q["question"], **ask(document, q["question"], extra, args.threads, max_new)}
+            answer = ask(document, q["question"], extra, args.threads, max_new)
+            row = {"id": q["id"], "question": q["question"], **answer}
             row["correct"] = row["exit_code"] == 0 and is_correct(row["answer"], q["accept"], q["reject"])
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -61,8 +61,9 @@ def main() -> None:
     result["memory"] = out.cache.kv_by_kind()
     del out, plain
 
-    eos = tuple(sorted({tok.eos_token_id, *([bm.model.generation_config.eos_token_id] if isinstance(
-        bm.model.generation_config.eos_token_id, int) else bm.model.generation_config.eos_token_id or [])}))  # fmt: skip
+    configured = bm.model.generation_config.eos_token_id
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    eos = tuple(sorted({tok.eos_token_id, *configured}))
     completion = engine.complete(ids, boundary=boundary, max_new_tokens=args.new_tokens, repetition_penalty=1.15)
     ref_tokens, ref_logits = plain_reference_tokens(
         bm.model, [ids[:boundary], ids[boundary:]], args.new_tokens, repetition_penalty=1.15, eos_token_ids=eos

@@ -23,8 +23,9 @@ RESULTS = Path(__file__).parent / "results"
 # released checkpoint -> (beacon config keys, base max_position_embeddings), from their config.json / recipes
 RELEASED = {
     "activation-beacon-llama2-7b-chat": (
-        {"beacon_window": 1024, "beacon_stride": [1024], "beacon_attn": "step-expansion", "beacon_attend_previous": True,
-         "beacon_ratio": [2, 4, 8, 16, 32, 64, 128], "beacon_param": ["q", "k", "v", "o"]}, 4096),
+        {"beacon_window": 1024, "beacon_stride": [1024], "beacon_attn": "step-expansion",
+         "beacon_attend_previous": True, "beacon_ratio": [2, 4, 8, 16, 32, 64, 128],
+         "beacon_param": ["q", "k", "v", "o"]}, 4096),
     "activation-beacon-mistral-7b": (
         {"beacon_window": 2048, "beacon_stride": 2048, "beacon_attn": "step-expansion", "beacon_attend_prev": False,
          "beacon_ratio": [2, 4, 8], "beacon_param": ["q", "k", "v", "o"], "beacon_sink_size": 1}, 32768),

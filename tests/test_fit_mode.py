@@ -142,7 +142,8 @@ def test_engine_refuses_before_reading_when_the_answer_does_not_fit():
     ids = [5] * (capacity - 3)
     calls = []
     engine.bm.forward = lambda *a, **k: calls.append(a)  # nothing may be read
-    with pytest.raises(ValueError, match=rf"{capacity - 3} tokens and the answer may take 10 more: {capacity + 7} tokens"):
+    message = rf"{capacity - 3} tokens and the answer may take 10 more: {capacity + 7} tokens"
+    with pytest.raises(ValueError, match=message):
         engine.complete(ids, max_new_tokens=10)
     assert calls == []
 
