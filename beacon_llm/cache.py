@@ -205,6 +205,15 @@ class BeaconCache:
         if self.trace is not None and n_trace is not None:
             del self.trace[n_trace:]
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def acquire(self) -> None:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(

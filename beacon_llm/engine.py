@@ -103,6 +103,15 @@ class BeaconEngine:
         self._lock = threading.Lock()
         self._identity: str | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------------ tokens
     @property
     def capacity(self) -> int:

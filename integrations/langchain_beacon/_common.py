@@ -59,6 +59,31 @@ class BeaconFields(BaseModel):
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
+    # -------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable and deep-copyable (multiprocessing, Ray, joblib): the lock and a lazily loaded engine are left
+        out and rebuilt on first use; an engine given explicitly travels with the object."""
+        state = super().__getstate__()
+        private = dict(state.get("__pydantic_private__") or {})
+        private.pop("_engine_lock", None)
+        if self.engine is None:
+            private["_engine"] = None
+        state["__pydantic_private__"] = private
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        private = dict(state.get("__pydantic_private__") or {})
+        private["_engine_lock"] = threading.Lock()
+        super().__setstate__({**state, "__pydantic_private__": private})
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        """A deep copy through the same state as pickling (pydantic's own copies the lock)."""
+        import copy
+
+        clone = self.__class__.__new__(self.__class__)
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
     # -------------------------------------------------------------- engine
     def get_engine(self) -> beacon_llm.BeaconEngine:
         """The shared engine (loaded on first use; other objects over the same weights reuse it)."""

@@ -48,6 +48,7 @@ class BeaconLLM(CustomLLM):
     stop: list[str] | None = Field(default=None, description="stop strings (output is cut before them)")
 
     _engine: Any = PrivateAttr(default=None)
+    _explicit_engine: bool = PrivateAttr(default=False)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def __init__(self, engine: beacon_llm.BeaconEngine | beacon_llm.BeaconModel | None = None, **kwargs: Any) -> None:
@@ -57,10 +58,37 @@ class BeaconLLM(CustomLLM):
         if engine is not None and not isinstance(engine, beacon_llm.BeaconEngine):
             raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(engine).__name__}")
         self._engine = engine
+        self._explicit_engine = engine is not None
 
     @classmethod
     def class_name(cls) -> str:
         return "BeaconLLM"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable and deep-copyable: the lock is rebuilt after unpickling; a lazily loaded engine is reloaded
+        (shared per process) on first use; an engine given explicitly travels with the object."""
+        state = super().__getstate__()
+        private = dict(state.get("__pydantic_private__") or {})
+        private.pop("_lock", None)
+        if not self._explicit_engine:
+            private["_engine"] = None
+        state["__pydantic_private__"] = private
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        private = dict(state.get("__pydantic_private__") or {})
+        private["_lock"] = threading.Lock()
+        super().__setstate__({**state, "__pydantic_private__": private})  # LlamaIndex re-runs __init__ here
+        for key, value in private.items():
+            setattr(self, key, value)
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        """A deep copy through the same state as pickling (pydantic's own copies the lock)."""
+        import copy
+
+        clone = self.__class__.__new__(self.__class__)
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
 
     def get_engine(self) -> beacon_llm.BeaconEngine:
         """The shared engine: loaded on first use, shared by every object over the same weights."""
