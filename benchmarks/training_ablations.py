@@ -169,7 +169,8 @@ def main() -> None:
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
         base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
         rows.append({
-            "recipe": name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()},
+            "recipe": name, "init": spec["init"], "ratios": list(spec["ratios"]), "kl_weight": spec["kl"],
+            "ce_weight": spec["ce"], "lr": spec["lr"],
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
