@@ -33,8 +33,11 @@ logger = logging.getLogger(__name__)
 _SENTINEL = "\u2063\u2063BEACON\u2063\u2063"
 
 
+_DIGEST_CHARS = 40
+
+
 def _prefix_hash(ids: Sequence[int]) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:40]
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:_DIGEST_CHARS]
 
 
 def _condensed(cache: BeaconCache) -> int:
@@ -231,9 +234,9 @@ class BeaconEngine:
         for path in self.cache_dir.glob(f"{self.identity}-*.safetensors"):
             parts = path.stem.split("-")
             if len(parts) == 3 and parts[1].isdigit() and better_than < int(parts[1]) <= len(ids):
-                found.append((int(parts[1]), parts[2][len(_prefix_hash([])) :], path))
-        for n, tag, path in sorted(found, key=lambda f: (-f[0], f[1])):
-            if _prefix_hash(ids[:n]) != path.stem.split("-")[2][: len(_prefix_hash([]))]:
+                found.append((int(parts[1]), parts[2][:_DIGEST_CHARS], parts[2][_DIGEST_CHARS:], path))
+        for n, digest, tag, path in sorted(found, key=lambda f: (-f[0], f[2])):
+            if _prefix_hash(ids[:n]) != digest:
                 continue
             try:
                 cache, _ = load_cache(str(path), self.bm)

@@ -87,7 +87,8 @@ class BeaconLoss(nn.Module):
         return out.loss
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, cfg: TrainConfig | FitTrainConfig) -> float:
+    """Linear warmup over ``cfg.warmup_steps``, then linear decay to 0 at ``cfg.steps``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(cfg.steps - cfg.warmup_steps, 1)
@@ -113,11 +114,16 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, s
                 optimizer.state[p] = state
 
 
-def save_checkpoint(folder: Path, bm: BeaconModel, optimizer, names, stream: SampleStream, state: TrainState) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
+def save_checkpoint(
+    folder: Path, bm: BeaconModel, optimizer: Any, names: Any, stream: SampleStream, state: TrainState
+) -> None:
+    """Adapter, optimiser moments (unless ``optimizer`` is None) and trainer state, written under a unique
+    temporary name and renamed."""
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_adapter(bm, str(tmp))  # fp32 beacon weights + config
-    save_file(_optimizer_tensors(optimizer, names), str(tmp / OPTIM_NAME))
+    if optimizer is not None:
+        save_file(_optimizer_tensors(optimizer, names), str(tmp / OPTIM_NAME))
     with open(tmp / STATE_NAME, "w") as f:
         json.dump({"state": asdict(state), "data_rng": stream.rng.bit_generator.state}, f, default=int)
     if folder.exists():
@@ -346,24 +352,22 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
     draw = np.random.default_rng([cfg.seed, 7])
     for _ in range(state.samples):  # the ratio draws continue where they stopped
         draw.integers(len(cfg.ratios))
-    cfg_positions = cfg.positions
     bm.model.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc="training beacons (fit)", unit="step")
     try:
         while state.step < cfg.steps:
             t0 = time.perf_counter()
-            lr = cfg.lr * _lr_factor(state.step, TrainConfig(output_dir="-", steps=cfg.steps,
-                                                               warmup_steps=cfg.warmup_steps, lr=cfg.lr))  # fmt: skip
+            lr = cfg.lr * _lr_factor(state.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             record: dict[str, float] = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
             n_tok = 0
             for _ in range(cfg.grad_accum):
                 sample: Sample = next(stream)
-                while len(sample.input_ids) <= cfg_positions:  # a short text: nothing would be condensed
+                while len(sample.input_ids) <= cfg.positions:  # a short text: nothing would be condensed
                     sample = next(stream)
                 ratio = cfg.ratios[int(draw.integers(len(cfg.ratios)))]
-                plan = fit_plan(bm.config, len(sample.input_ids), cfg_positions, ratio=ratio)
+                plan = fit_plan(bm.config, len(sample.input_ids), cfg.positions, ratio=ratio)
                 targets = teacher.get(sample.input_ids, plan.raw_from) if cfg.kl_weight > 0 else None  # full precision
                 with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
                     loss, parts = tail_loss(bm, sample.input_ids, plan, targets, cfg.kl_weight, cfg.ce_weight)
@@ -386,7 +390,7 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{n_tok / dt:.0f}")
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
-                _save_fit_checkpoint(out_dir / f"checkpoint-{state.step}", bm, stream, state)
+                save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, None, None, stream, state)
     finally:
         bar.close()
         bm.model.eval()
@@ -394,19 +398,6 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
     with open(out_dir / "history.json", "w") as f:
         json.dump(state.history, f)
     return state
-
-
-def _save_fit_checkpoint(folder: Path, bm: BeaconModel, stream: SampleStream, state: TrainState) -> None:
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_adapter(bm, str(tmp))
-    with open(tmp / STATE_NAME, "w") as f:
-        json.dump({"state": asdict(state), "data_rng": stream.rng.bit_generator.state}, f, default=int)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 @torch.no_grad()
