@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .cache import BeaconCache
-from .generation import TokenSampler, _eos_ids, iter_tokens
+from .generation import TokenSampler, _eos_ids, check_sampling_options, iter_tokens
 from .model import BeaconModel
 from .schedule import fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
@@ -398,10 +398,8 @@ class BeaconEngine:
         Text that could be the start of a stop string is held back until it is known not to be one; the final
         text is cut before the first stop string.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
+        check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               repetition_penalty=repetition_penalty)  # fmt: skip
         stops = [s for s in (stop or []) if s]
         cache, usage = self.read(ids, boundary=boundary, answer_reserve=max_new_tokens, progress=progress)
         sampler = TokenSampler(

@@ -33,6 +33,34 @@ class GenerateOutput:
     text: str | None = None
 
 
+def check_sampling_options(
+    *,
+    max_new_tokens: Any = 1,
+    temperature: Any = 0.0,
+    top_p: Any = None,
+    top_k: Any = None,
+    repetition_penalty: Any = None,
+) -> None:
+    """The one validation of generation options: constructors (LangChain, LlamaIndex, CLI) and every call check
+    through here, so a value refused at construction is refused per call too."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None for no nucleus filtering")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive int, or None for no top-k filtering")
+    if repetition_penalty is not None and (
+        isinstance(repetition_penalty, bool)
+        or not isinstance(repetition_penalty, (int, float))
+        or not repetition_penalty > 0
+    ):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0 = none), or None")
+
+
 class TokenSampler:
     """Greedy or sampled choice of the next token with transformers' logits processors."""
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ RECIPES: dict[str, dict] = {
     "kl_r32_lr1e-3": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-3},
     "kl_mixed": {"init": "shipped", "ratios": (8, 16, 32), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
     "kl_r32_fresh": {"init": "fresh", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
+    # the best short run, trained on: starts from the last checkpoint of kl_r32 (same precision), new lr schedule
+    "kl_r32_long": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32"},
 }
 
 
@@ -161,7 +164,16 @@ def main() -> None:
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
         name = args.recipe + ("+bf16" if args.bf16 else "")
-        cfg = FitTrainConfig(output_dir=str(runs / "ablations" / name), steps=args.steps,
+        run_dir = runs / "ablations" / name
+        if spec.get("continues") and not run_dir.exists():
+            from beacon_llm.training import latest_checkpoint
+
+            parent = runs / "ablations" / (spec["continues"] + ("+bf16" if args.bf16 else ""))
+            last = latest_checkpoint(parent) if parent.is_dir() else None
+            if last is None:
+                raise SystemExit(f"{args.recipe} continues {parent}: run that recipe first (no checkpoint there)")
+            shutil.copytree(last, run_dir / last.name)
+        cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps,
                              seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
                              grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
                              autocast_bf16=args.bf16, save_every=5)  # fmt: skip
@@ -169,7 +181,7 @@ def main() -> None:
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
         base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
         rows.append({
-            "recipe": name, "init": spec["init"], "ratios": list(spec["ratios"]), "kl_weight": spec["kl"],
+            "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]), "kl_weight": spec["kl"],
             "ce_weight": spec["ce"], "lr": spec["lr"],
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
