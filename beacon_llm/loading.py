@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,29 @@ def inference_overrides(overrides: dict[str, Any], answer_reserve: int = DEFAULT
     return out
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """``namespace/name`` as the Hugging Face hub spells repository ids (one slash, no path syntax)."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
 def resolve_model(model: str | None) -> str:
-    """``None`` or ``"smollm2-135m-instruct"`` → the converted embedded model folder; anything else as given."""
+    """``None`` or ``"smollm2-135m-instruct"`` → the converted embedded model folder; a local folder or a hub id
+    (``namespace/name``, fetched or taken from the hub cache when loaded) as given; anything else is an error."""
     if model in (None, "", EMBEDDED_MODEL):
         return embedded_model_path()
-    if not os.path.isdir(model) and os.path.sep in model and not os.path.exists(model):
-        raise ValueError(f"model folder {model!r} does not exist")
-    return model
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"{model!r} is a file; give the model's folder (config.json + weights) or a hub id")
+    if is_hub_id(model):
+        return model
+    raise ValueError(
+        f"model folder {model!r} does not exist, and it is not a Hugging Face hub id (namespace/name); "
+        "give an existing folder or a hub id"
+    )
 
 
 def load(
@@ -110,28 +127,36 @@ def model_identity(bm: BeaconModel) -> str:
     return h.hexdigest()[:32]
 
 
-def capacity_from_files(model: str | None = None, adapter: str | None = None, **beacon_overrides: Any) -> int | None:
+def capacity_from_files(model: str | None = None, adapter: str | None = None, **beacon_overrides: Any) -> int:
     """The context capacity the engine would have (the inference defaults of :func:`inference_overrides`), read from
-    config files only (no weights are loaded); None when unknown."""
+    config files only (no weights are loaded; a hub id's files come from the hub cache or are fetched).
+
+    Raises ValueError naming the file and the cause when the configuration cannot be read."""
     from . import _compat
     from .config import CONFIG_NAME
     from .schedule import config_capacity
+    from .serialization import resolve_file
 
+    where = "the embedded model"
     try:
         if model in (None, "", EMBEDDED_MODEL):
             folder = home() / EMBEDDED_MODEL
-            positions = 8192
+            positions = 8192  # SmolLM2-135M-Instruct's own; its converted config says the same once it exists
             if (folder / "config.json").is_file():
+                where = str(folder / "config.json")
                 positions = int(json.loads((folder / "config.json").read_text())["max_position_embeddings"])
             adapter = adapter or shipped_adapter()
             base_cfg: dict[str, Any] = {}
         else:
-            if not os.path.isdir(model):
-                return None
-            base_cfg = json.loads((Path(model) / "config.json").read_text())
+            where = resolve_file(resolve_model(model), "config.json")
+            base_cfg = json.loads(Path(where).read_text())
             positions = _compat.max_positions_from_dict(base_cfg)
-        source = json.loads((Path(adapter) / CONFIG_NAME).read_text()) if adapter else base_cfg
+        if adapter:
+            where = resolve_file(adapter, CONFIG_NAME)
+            source = json.loads(Path(where).read_text())
+        else:
+            source = base_cfg
         cfg = BeaconConfig.from_dict(source, **inference_overrides(beacon_overrides))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot compute the context capacity from {where}: {exc}") from exc
     return config_capacity(cfg, positions)

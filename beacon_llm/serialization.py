@@ -25,7 +25,20 @@ ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
 CACHE_FORMAT = "beacon-llm-cache/1"
 
 
+_META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_BIN_WEIGHTS = "pytorch_model*.bin"
+
+
+def _hub_error(path_or_id: str, exc: Exception) -> ValueError:
+    return ValueError(
+        f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub ({exc}); "
+        "download it first (or set HF_HUB_OFFLINE=1 to use the hub cache) and pass the folder or the hub id"
+    )
+
+
 def _resolve(path_or_id: str) -> str:
+    """A local folder as given; a hub id → its snapshot folder (fetched, or from the hub cache when offline), with
+    the safetensors weights, or the ``pytorch_model*.bin`` ones when the checkpoint ships no safetensors."""
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
@@ -33,24 +46,69 @@ def _resolve(path_or_id: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        folder = snapshot_download(path_or_id, allow_patterns=[*_META_PATTERNS, "*.safetensors"])
+        if not any(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(path_or_id, allow_patterns=[*_META_PATTERNS, _BIN_WEIGHTS])
     except Exception as exc:  # offline, unknown repo, auth
-        raise ValueError(
-            f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub ({exc}); "
-            "download it first and pass the folder"
-        ) from exc
+        raise _hub_error(path_or_id, exc) from exc
+    return folder
 
 
-def _safetensors_files(folder: str) -> list[str]:
+def resolve_file(path_or_id: str, filename: str) -> str:
+    """One file of a local folder or of a hub repository (fetched, or from the hub cache), without the weights."""
+    if os.path.isdir(path_or_id):
+        path = os.path.join(path_or_id, filename)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} does not exist")
+        return path
+    if os.path.exists(path_or_id):
+        raise ValueError(f"{path_or_id!r} is a file; give the checkpoint folder")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(path_or_id, filename)
+    except Exception as exc:
+        raise _hub_error(path_or_id, exc) from exc
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The checkpoint's weight files: safetensors when there are any, else PyTorch ``pytorch_model*.bin``."""
     files = sorted(str(p) for p in Path(folder).glob("*.safetensors"))
     if not files:
-        raise ValueError(f"no *.safetensors weights in {folder}; only safetensors checkpoints are loaded")
+        files = sorted(str(p) for p in Path(folder).glob(_BIN_WEIGHTS))
+    if not files:
+        raise ValueError(f"no weights in {folder}: expected *.safetensors (or pytorch_model*.bin) files")
     return files
+
+
+def _load_bin_weights_only(path: str) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain containers only;
+    any other object in the pickle is refused, never constructed."""
+    import pickle
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path} holds objects other than tensors and was refused (only weights are loaded, nothing is "
+            f"unpickled): {str(exc).splitlines()[0]}. Convert the checkpoint to safetensors"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return state
 
 
 def _read_beacon_tensors(files: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
+        if f.endswith(".bin"):
+            out.update({k: v for k, v in _load_bin_weights_only(f).items() if is_beacon_parameter(k)})
+            continue
         with safe_open(f, framework="pt") as handle:
             for key in handle.keys():
                 if is_beacon_parameter(key):
@@ -139,7 +197,7 @@ def from_pretrained(
         path = os.path.join(_resolve(adapter), ADAPTER_WEIGHTS_NAME)
         load_beacon_weights(base, expand_adapter_tensors(base, load_file(path)), path)
     elif beacon_config is None:
-        load_beacon_weights(base, _read_beacon_tensors(_safetensors_files(folder)), folder)
+        load_beacon_weights(base, _read_beacon_tensors(_weight_files(folder)), folder)
     base.eval()
     return bm
 

@@ -2,8 +2,11 @@
 
 Only parameters named ``beacon_*`` are trained; the loss is next-token cross-entropy on raw tokens across all
 windows of a sample with gradients through every window ("no stop gradients"), a compression ratio drawn per
-window from the config's ratio set (``step-random``). It runs through ``accelerate`` (one process, DDP, DeepSpeed
-or FSDP by ``accelerate launch --config_file ...``); checkpoints are safetensors + JSON and resume bit-identically.
+window from the config's ratio set (``step-random``). It runs through ``accelerate``: one process, or data parallel
+(DDP, DeepSpeed ZeRO-2) by ``accelerate launch --config_file ...``, each process training on its own share of the
+samples. Parameter sharding (FSDP, ZeRO-3) is not supported: the beacon forward calls each decoder layer's parts
+directly, so a per-layer wrapper would never gather its parameters. Checkpoints are safetensors + JSON and resume
+bit-identically.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ def train(
         logger.info("resumed from %s (step %d)", ckpt, state.step)
     module = BeaconLoss(bm)
     module, optimizer = accelerator.prepare(module, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
     bm.model.train()
     bar = tqdm(
         total=cfg.steps,
@@ -197,19 +201,23 @@ def train(
                 group["lr"] = cfg.lr * _lr_factor(state.step, cfg)
             losses, n_tok = [], 0
             for _ in range(cfg.grad_accum):
-                sample: Sample = next(stream)
+                # every process draws the same samples and trains on its own share (rank-strided), so the data
+                # position, saved once, is the same for all of them
+                drawn: list[Sample] = [next(stream) for _ in range(world)]
+                sample = drawn[rank]
+                index = state.samples + rank  # the sample's global index seeds its ratio draws
                 ids = torch.tensor(sample.input_ids, device=accelerator.device)
                 labels = torch.tensor(sample.labels, device=accelerator.device)
                 with accelerator.accumulate(module):
-                    loss = module(ids, labels, cfg.seed * 1_000_003 + state.samples)
+                    loss = module(ids, labels, cfg.seed * 1_000_003 + index)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 losses.append(float(loss.detach()))
-                n_tok += len(sample.input_ids)
-                state.samples += 1
+                n_tok += sum(len(d.input_ids) for d in drawn)
+                state.samples += world
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += n_tok
