@@ -47,9 +47,7 @@ def check_sampling_options(
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
-    ):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None for no nucleus filtering")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be a positive int, or None for no top-k filtering")
