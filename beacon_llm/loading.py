@@ -114,16 +114,11 @@ def load(
 
 
 def model_identity(bm: BeaconModel) -> str:
-    """A stable hash of the base model, the beacon weights and the beacon config (cache keys)."""
+    """A stable hash of the base model's name and config and of the beacon weights and config (cache keys)."""
     h = hashlib.sha256()
     h.update(str(getattr(bm.model.config, "_name_or_path", "")).encode())
     h.update(json.dumps(bm.model.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(json.dumps(bm.config.to_dict(), sort_keys=True).encode())
-    with torch.no_grad():
-        for name, p in sorted(bm.model.named_parameters()):
-            if "beacon_" in name:
-                h.update(name.encode())
-                h.update(p.detach().float().cpu().numpy().tobytes())
+    h.update(bm.weights_digest().encode())
     return h.hexdigest()[:32]
 
 
@@ -148,10 +143,12 @@ def capacity_from_files(model: str | None = None, adapter: str | None = None, **
             adapter = adapter or shipped_adapter()
             base_cfg: dict[str, Any] = {}
         else:
+            where = f"{model} (config.json)"
             where = resolve_file(resolve_model(model), "config.json")
             base_cfg = json.loads(Path(where).read_text())
             positions = _compat.max_positions_from_dict(base_cfg)
         if adapter:
+            where = f"{adapter} ({CONFIG_NAME})"
             where = resolve_file(adapter, CONFIG_NAME)
             source = json.loads(Path(where).read_text())
         else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -150,10 +152,30 @@ class BeaconModel:
         """A fresh, empty cache for this model."""
         return BeaconCache(self.config, self.num_layers, generator=generator, seed=seed, trace=trace)
 
+    def weights_digest(self) -> str:
+        """sha256 of the beacon config and every beacon weight (bytes as stored), remembered until a beacon weight
+        changes in place (an optimiser step), so checking it on every call costs a walk over the parameters."""
+        params = [(n, p) for n, p in self.model.named_parameters() if "beacon_" in n]
+        key = (json.dumps(self.config.to_dict(), sort_keys=True), tuple((id(p), p._version) for _, p in params))
+        memo = self.__dict__.get("_digest_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        h = hashlib.sha256(key[0].encode())
+        with torch.no_grad():
+            for name, p in params:
+                t = p.detach().contiguous().cpu()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest = h.hexdigest()[:32]
+        self.__dict__["_digest_memo"] = (key, digest)
+        return digest
+
     def _fingerprint(self) -> tuple:
+        """What a cache must have been built by: the base shape, the dtype and the beacon weights and config."""
         c = self.model.config
         attn = self.model.model.layers[0].self_attn
-        return (c.model_type, self.num_layers, attn.head_dim, attn.k_proj.out_features, str(self.dtype))
+        shape = (c.model_type, self.num_layers, attn.head_dim, attn.k_proj.out_features, str(self.dtype))
+        return (*shape, self.weights_digest())
 
     # ------------------------------------------------------------------ input checks
     def _as_ids(self, input_ids: object, attention_mask: object = None) -> torch.Tensor:

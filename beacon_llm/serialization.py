@@ -335,7 +335,10 @@ def _cache_from(
         raise ValueError(f"cache file {path} was written with another beacon config or model")
     fp = tuple(meta["fingerprint"]) if meta["fingerprint"] else None
     if fp is not None and fp != bm._fingerprint():
-        raise ValueError(f"cache file {path} was written by model {fp}, not {bm._fingerprint()}")
+        raise ValueError(
+            f"cache file {path} was written by another model, beacon weights or beacon config ({fp}), not this one "
+            f"({bm._fingerprint()}); read the document again"
+        )
     cache = bm.new_cache()
     s = meta["state"]
     st = cache.state

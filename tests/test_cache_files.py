@@ -59,3 +59,33 @@ def test_a_cache_file_with_missing_metadata_is_a_value_error(read_cache, tmp_pat
     save_file(load_file(path), path, metadata={"beacon_cache": json.dumps(meta)})
     with pytest.raises(ValueError, match="incomplete or corrupt"):
         beacon_llm.load_cache(path, bm)
+
+
+def test_a_cache_from_other_beacon_weights_or_config_is_refused(read_cache, tmp_path):
+    bm, cache = read_cache
+    path = str(tmp_path / "book.safetensors")
+    beacon_llm.save_cache(cache, path)
+    other = tiny_beacon_model(seed=0, perturb=0.31)  # same shapes and dtype, other beacon weights
+    with pytest.raises(ValueError, match="another model, beacon weights or beacon config"):
+        beacon_llm.load_cache(path, other)
+    with pytest.raises(ValueError, match="different model"), torch.no_grad():
+        other.forward([5, 6, 7], cache.fork())  # in memory too
+    same = tiny_beacon_model()
+    restored, _ = beacon_llm.load_cache(path, same)  # the same weights from another object: accepted
+    with torch.no_grad():
+        assert torch.equal(
+            same.forward([5, 6, 7], restored).token_logprobs, bm.forward([5, 6, 7], cache.fork()).token_logprobs
+        )
+
+
+def test_weights_digest_follows_in_place_training_steps():
+    bm = tiny_beacon_model()
+    before = bm.weights_digest()
+    assert bm.weights_digest() == before == tiny_beacon_model().weights_digest()
+    with torch.no_grad():
+        next(p for n, p in bm.model.named_parameters() if "beacon_" in n).add_(1e-3)
+    assert bm.weights_digest() != before
+    cfg = tiny_beacon_model().config
+    assert tiny_beacon_model(
+        beacon_llm.BeaconConfig(window=16, ratios=(2, 4), ratio_mix="adapt-8")
+    ).weights_digest() != (tiny_beacon_model(cfg).weights_digest())

@@ -129,6 +129,8 @@ def test_bin_with_code_in_the_pickle_is_refused_and_never_run(tmp_path):
 def test_capacity_from_files_reports_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot compute the context capacity"):
         beacon_llm.capacity_from_files(str(tmp_path))  # a folder without config.json
+    with pytest.raises(ValueError, match=f"from {tmp_path} .config.json.: .*does not exist"):
+        beacon_llm.capacity_from_files(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         beacon_llm.capacity_from_files(str(tmp_path))
