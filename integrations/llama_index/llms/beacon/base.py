@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
+    CachePoint,
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
@@ -17,14 +20,22 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 import beacon_llm
 
-DEFAULT_CONTEXT = 8192
+EMBEDDED_NAME = "smollm2-135m-instruct"
+_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_TOOL_ARGS = {"tools", "tool_choice", "tool_required", "allow_parallel_tool_calls", "functions", "function_call"}
+_NO_TOOLS = (
+    "BeaconLLM has no tool calling (metadata.is_function_calling_model is False); a ReActAgent describes the "
+    "tools in the prompt as text instead"
+)
 
 
 class BeaconLLM(CustomLLM):
@@ -33,6 +44,10 @@ class BeaconLLM(CustomLLM):
 
     Every call works on its own cache; a prompt sharing a beginning with an earlier one (the same documents)
     reuses the condensed prefix (``complete(..., cached_prefix=...)`` marks it exactly).
+
+    As LlamaIndex's own LLMs: ``complete(prompt)`` adds ``system_prompt`` / ``query_wrapper_prompt`` and applies
+    ``completion_to_prompt`` (``formatted=True``: the prompt as given); ``chat`` uses the model's chat template, or a
+    custom ``messages_to_prompt`` when one is given. The model reads text only and has no tool calling.
     """
 
     model: str | None = Field(default=None, description="base model or official beacon checkpoint; None = embedded")
@@ -41,9 +56,10 @@ class BeaconLLM(CustomLLM):
     device: str | None = Field(default=None, description="torch device, e.g. 'cuda'")
     dtype: str | None = Field(default=None, description="weights dtype, e.g. 'bfloat16'")
     cache_dir: str | None = Field(default=None, description="persist condensed documents here (safetensors + JSON)")
-    max_new_tokens: int = Field(default=256, gt=0, description="tokens generated per call (num_output)")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=256, description="tokens generated per call (num_output), a positive int")
+    temperature: float = Field(default=0.0, description=">= 0; 0 = greedy")
+    top_p: float | None = Field(default=None, description="nucleus filtering, in (0, 1]; None = none")
+    top_k: int | None = Field(default=None, description="top-k filtering, a positive int; None = none")
     seed: int | None = Field(default=None)
     stop: list[str] | None = Field(default=None, description="stop strings (output is cut before them)")
 
@@ -59,6 +75,13 @@ class BeaconLLM(CustomLLM):
             raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(engine).__name__}")
         self._engine = engine
         self._explicit_engine = engine is not None
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> BeaconLLM:
+        """The same validation as every call (``beacon_llm.check_sampling_options``)."""
+        beacon_llm.check_sampling_options(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                          top_p=self.top_p, top_k=self.top_k)  # fmt: skip
+        return self
 
     @classmethod
     def class_name(cls) -> str:
@@ -103,19 +126,29 @@ class BeaconLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
+        """``model_name`` is the name given (stable before and after loading); ``context_window`` the beacon
+        capacity (``capacity_from_files`` raises ValueError naming the cause when the files cannot be read)."""
         if self._engine is not None:
             capacity = self._engine.capacity
-            name = str(getattr(self._engine.bm.model.config, "_name_or_path", "") or "beacon")
         else:
             capacity = beacon_llm.capacity_from_files(self.model, self.adapter, **self.beacon_overrides)
-            name = self.model or "smollm2-135m-instruct"
         return LLMMetadata(
-            context_window=capacity or DEFAULT_CONTEXT,
+            context_window=capacity,
             num_output=self.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=False,
-            model_name=name,
+            model_name=self._model_name(),
         )
+
+    def _model_name(self) -> str:
+        if self.model:
+            return self.model
+        if not self._explicit_engine:
+            return EMBEDDED_NAME
+        name = str(getattr(self._engine.bm.model.config, "_name_or_path", "") or "")  # an engine given as is
+        if name and (os.path.isabs(name) or os.path.isdir(name)):
+            name = os.path.basename(os.path.normpath(name))
+        return name or "beacon"
 
     @property
     def tokenizer_fn(self) -> Callable[[str], list[int]]:
@@ -124,36 +157,67 @@ class BeaconLLM(CustomLLM):
 
     # ---------------------------------------------------------------- requests
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"max_new_tokens", "max_tokens", "temperature", "top_p", "seed", "stop", "formatted"}
-        unknown = set(kwargs) - allowed
+        """Generation options of one call over the object's defaults, checked as the constructor checks them."""
+        tool_args = sorted(set(kwargs) & _TOOL_ARGS)
+        if tool_args:
+            raise TypeError(f"{tool_args}: {_NO_TOOLS}")
+        unknown = set(kwargs) - set(_OPTIONS)
         if unknown:
-            raise TypeError(
-                f"unknown generation options {sorted(unknown)}; supported: {sorted(allowed - {'formatted'})}"
-            )
-        max_new = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
-        if not isinstance(max_new, int) or max_new < 1:
-            raise ValueError(f"max_new_tokens={max_new!r} must be a positive int")
+            raise TypeError(f"unknown generation options {sorted(unknown)}; supported: {sorted(_OPTIONS)}")
+        sampling = {
+            "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+            "top_k": kwargs.get("top_k", self.top_k),
+        }
+        beacon_llm.check_sampling_options(**sampling)
         stops = list(self.stop or []) + list(kwargs.get("stop") or [])
-        return {"max_new_tokens": max_new, "temperature": kwargs.get("temperature", self.temperature),
-                "top_p": kwargs.get("top_p", self.top_p), "seed": kwargs.get("seed", self.seed),
-                "stop": stops or None}  # fmt: skip
+        return {**sampling, "seed": kwargs.get("seed", self.seed), "stop": stops or None}
 
-    def _completion_request(self, prompt: str, cached_prefix: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        engine = self.get_engine()
+    def _completion_request(self, prompt: str, formatted: bool, cached_prefix: str | None,
+                            kwargs: dict[str, Any]) -> Callable[[], dict[str, Any]]:  # fmt: skip
+        """Check and format now (errors raise at the call); the returned function tokenises (seconds for a book)."""
         options = self._options(kwargs)
+        if cached_prefix is not None and not prompt.startswith(cached_prefix):
+            raise ValueError("cached_prefix must be the beginning of the prompt")
+        text = prompt if formatted else self.completion_to_prompt(self._extend_prompt(prompt))
+        head = None
         if cached_prefix is not None:
-            if not prompt.startswith(cached_prefix):
-                raise ValueError("cached_prefix must be the beginning of the prompt")
-            head = engine.encode(cached_prefix)
-            ids = head + engine.encode(prompt[len(cached_prefix) :])
-            return {"ids": ids, "boundary": len(head), **options}
-        return {"ids": engine.encode(prompt), **options}
+            start = text.find(prompt)
+            if start < 0:
+                raise ValueError(
+                    "cached_prefix: completion_to_prompt / query_wrapper_prompt do not keep the prompt as it is; "
+                    "format the prompt yourself and pass formatted=True"
+                )
+            head = text[: start + len(cached_prefix)]
 
-    def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> dict[str, Any]:
+        def encode() -> dict[str, Any]:
+            engine = self.get_engine()
+            if head is None:
+                return {"ids": engine.encode(text), **options}
+            head_ids = engine.encode(head)
+            return {"ids": head_ids + engine.encode(text[len(head) :]), "boundary": len(head_ids), **options}
+
+        return encode
+
+    def _chat_request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+        """Check and format now; ``system_prompt`` is added unless the messages have a system message. A custom
+        ``messages_to_prompt`` makes the prompt (completed as is); otherwise the model's chat template does."""
         options = self._options(kwargs)
-        dicts = [{"role": _role(m.role), "content": m.content or ""} for m in messages]
-        ids, boundary = self.get_engine().encode_chat(dicts)
-        return {"ids": ids, "boundary": boundary or None, **options}
+        messages = list(messages)
+        if self.system_prompt and not any(_role_value(m.role) in ("system", "developer") for m in messages):
+            messages = [ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt), *messages]
+        texts = [_message_text(m, i) for i, m in enumerate(messages)]
+        if self.messages_to_prompt is not generic_messages_to_prompt:
+            prompt = self.messages_to_prompt(messages)
+            return lambda: {"ids": self.get_engine().encode(prompt), **options}
+        dicts = [{"role": _role(m.role), "content": text} for m, text in zip(messages, texts)]
+
+        def encode() -> dict[str, Any]:
+            ids, boundary = self.get_engine().encode_chat(dicts)
+            return {"ids": ids, "boundary": boundary or None, **options}
+
+        return encode
 
     @staticmethod
     def _raw(completion: beacon_llm.Completion) -> dict[str, Any]:
@@ -188,27 +252,27 @@ class BeaconLLM(CustomLLM):
         """Complete ``prompt``; ``cached_prefix`` (a beginning of the prompt, e.g. the documents) is condensed once
         and reused by later prompts that start with it."""
         last = None
-        for last in self._complete_stream(self._completion_request(prompt, cached_prefix, kwargs)):
+        for last in self._complete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs)()):
             pass
         return last
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
                         **kwargs: Any) -> CompletionResponseGen:  # fmt: skip
-        return self._complete_stream(self._completion_request(prompt, cached_prefix, kwargs))
+        return self._complete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs)())
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
                         **kwargs: Any) -> CompletionResponse:  # fmt: skip
         last = None
-        async for last in self._acomplete_stream(lambda: self._completion_request(prompt, cached_prefix, kwargs)):
+        async for last in self._acomplete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs)):
             pass
         return last
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
                                **kwargs: Any) -> CompletionResponseAsyncGen:  # fmt: skip
-        return self._acomplete_stream(lambda: self._completion_request(prompt, cached_prefix, kwargs))
+        return self._acomplete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs))
 
     # ---------------------------------------------------------------- chat API
     @staticmethod
@@ -219,14 +283,16 @@ class BeaconLLM(CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         last = None
-        for last in self._complete_stream(self._chat_request(messages, kwargs)):
+        for last in self._complete_stream(self._chat_request(messages, kwargs)()):
             pass
         return self._to_chat(last)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        stream = self._complete_stream(self._chat_request(messages, kwargs)())
+
         def gen() -> ChatResponseGen:
-            for response in self._complete_stream(self._chat_request(messages, kwargs)):
+            for response in stream:
                 yield self._to_chat(response)
 
         return gen()
@@ -234,23 +300,48 @@ class BeaconLLM(CustomLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         last = None
-        async for last in self._acomplete_stream(lambda: self._chat_request(messages, kwargs)):
+        async for last in self._acomplete_stream(self._chat_request(messages, kwargs)):
             pass
         return self._to_chat(last)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        stream = self._acomplete_stream(self._chat_request(messages, kwargs))
+
         async def gen() -> ChatResponseAsyncGen:
-            async for response in self._acomplete_stream(lambda: self._chat_request(messages, kwargs)):
+            async for response in stream:
                 yield self._to_chat(response)
 
         return gen()
 
 
+def _role_value(role: MessageRole | str) -> str:
+    return role.value if isinstance(role, MessageRole) else str(role)
+
+
 def _role(role: MessageRole | str) -> str:
-    value = role.value if isinstance(role, MessageRole) else str(role)
+    value = _role_value(role)
     if value in ("system", "user", "assistant"):
         return value
     if value == "developer":
         return "system"
     raise ValueError(f"message role {value!r} is not supported (no tool calling); use system/user/assistant")
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    """The text of a message; a block that is not text (image, audio, document, tool call...) is an error."""
+    if message.additional_kwargs.get("tool_calls"):
+        raise ValueError(f"message {index} carries tool calls: {_NO_TOOLS}")
+    parts = []
+    for block in message.blocks:
+        if isinstance(block, TextBlock):
+            parts.append(block.text)
+        elif isinstance(block, ToolCallBlock):
+            raise ValueError(f"message {index} has a tool call ({block.tool_name!r}): {_NO_TOOLS}")
+        elif not isinstance(block, CachePoint):  # a cache hint carries no content
+            kind = getattr(block, "block_type", type(block).__name__)
+            raise ValueError(
+                f"message {index} has a {kind!r} block ({type(block).__name__}): this model reads text only; "
+                "pass the content as text"
+            )
+    return "\n".join(parts)

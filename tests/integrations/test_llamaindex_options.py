@@ -1,0 +1,264 @@
+"""BeaconLLM options as LlamaIndex's own LLMs take them: prompt formatting (system_prompt, completion_to_prompt,
+messages_to_prompt, formatted), a stable model name, the context window, text-only content and sampling checks.
+
+Every test looks at the exact token ids (and options) the engine is asked to read, on a tiny model."""
+
+import asyncio
+import re
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core.base.llms.types import (  # noqa: E402
+    AudioBlock,
+    ChatMessage,
+    DocumentBlock,
+    ImageBlock,
+    TextBlock,
+    ToolCallBlock,
+)
+from llama_index.core.prompts import PromptTemplate  # noqa: E402
+from llama_index.llms.beacon import BeaconLLM  # noqa: E402
+
+import beacon_llm  # noqa: E402
+from beacon_llm import BeaconEngine  # noqa: E402
+from beacon_llm.testing import tiny_beacon_model  # noqa: E402
+
+MSGS = [ChatMessage(role="user", content="Hi")]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return BeaconEngine(tiny_beacon_model())
+
+
+class EngineSpy:
+    """Wraps the engine's reading methods: ``reads`` names every call, ``streams`` holds the ids and options of
+    every ``stream`` call (the one the sync and async paths end in)."""
+
+    def __init__(self, engine: BeaconEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[str] = []
+        self.streams: list[dict] = []
+        for name in ("encode", "encode_chat", "read", "stream"):
+            monkeypatch.setattr(engine, name, self._wrap(name, getattr(engine, name)))
+
+    def _wrap(self, name, original):
+        def wrapper(*args, **kwargs):
+            self.reads.append(name)
+            if name == "stream":
+                call = {k: v for k, v in kwargs.items() if k != "cancel"}
+                if args:
+                    call["ids"] = args[0]
+                self.streams.append({**call, "ids": list(call["ids"])})
+            return original(*args, **kwargs)
+
+        return wrapper
+
+
+@pytest.fixture
+def spy(engine, monkeypatch):
+    return EngineSpy(engine, monkeypatch)
+
+
+async def _drain(response_gen):
+    return [r async for r in await response_gen]
+
+
+COMPLETE = {
+    "complete": lambda llm, prompt, kw: llm.complete(prompt, **kw),
+    "stream_complete": lambda llm, prompt, kw: list(llm.stream_complete(prompt, **kw)),
+    "acomplete": lambda llm, prompt, kw: asyncio.run(llm.acomplete(prompt, **kw)),
+    "astream_complete": lambda llm, prompt, kw: asyncio.run(_drain(llm.astream_complete(prompt, **kw))),
+}
+CHAT = {
+    "chat": lambda llm, msgs, kw: llm.chat(msgs, **kw),
+    "stream_chat": lambda llm, msgs, kw: list(llm.stream_chat(msgs, **kw)),
+    "achat": lambda llm, msgs, kw: asyncio.run(llm.achat(msgs, **kw)),
+    "astream_chat": lambda llm, msgs, kw: asyncio.run(_drain(llm.astream_chat(msgs, **kw))),
+}
+
+
+def _brackets(prompt: str) -> str:
+    return f"[INST] {prompt} [/INST]"
+
+
+def _tagged(messages) -> str:
+    return "".join(f"<{m.role.value}>{m.content}" for m in messages) + "<assistant>"
+
+
+# ------------------------------------------------------------------ 1. prompt formatting
+@pytest.mark.parametrize(
+    ("options", "formatted", "expected"),
+    [
+        ({}, False, "Once"),
+        ({"system_prompt": "Be brief."}, False, "Be brief.\n\nOnce"),
+        ({"completion_to_prompt": _brackets}, False, "[INST] Once [/INST]"),
+        ({"system_prompt": "Be brief.", "completion_to_prompt": _brackets}, False, "[INST] Be brief.\n\nOnce [/INST]"),
+        ({"query_wrapper_prompt": PromptTemplate("Q: {query_str}\nA:")}, False, "Q: Once\nA:"),
+        ({"system_prompt": "Be brief.", "completion_to_prompt": _brackets}, True, "Once"),
+    ],
+)
+def test_complete_extends_and_formats_the_prompt_unless_formatted(engine, spy, options, formatted, expected):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, **options)
+    for call in COMPLETE.values():
+        call(llm, "Once", {"formatted": formatted})
+    want = engine.encode(expected)
+    assert [s["ids"] for s in spy.streams] == [want] * 4
+    assert all(s.get("boundary") is None for s in spy.streams)
+
+
+def test_cached_prefix_follows_the_formatted_prompt(engine, spy):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, system_prompt="Be brief.")
+    llm.complete("Doc text. Question?", cached_prefix="Doc text. ")
+    head = engine.encode("Be brief.\n\nDoc text. ")
+    assert spy.streams[-1]["ids"] == head + engine.encode("Question?")
+    assert spy.streams[-1]["boundary"] == len(head)
+    llm.complete("Doc text. Question?", formatted=True, cached_prefix="Doc text. ")
+    assert spy.streams[-1]["ids"] == engine.encode("Doc text. ") + engine.encode("Question?")
+    shouting = BeaconLLM(engine=engine, max_new_tokens=1, completion_to_prompt=str.upper)
+    with pytest.raises(ValueError, match="pass formatted=True"):
+        shouting.complete("Doc text. Question?", cached_prefix="Doc text. ")
+
+
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+def test_custom_messages_to_prompt_is_completed_raw(engine, spy, system_prompt):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, messages_to_prompt=_tagged, system_prompt=system_prompt)
+    for call in CHAT.values():
+        call(llm, MSGS, {})
+    expected = ("<system>Be brief." if system_prompt else "") + "<user>Hi<assistant>"
+    assert [s["ids"] for s in spy.streams] == [engine.encode(expected)] * 4
+    assert all(s.get("boundary") is None for s in spy.streams)
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        (MSGS, [("system", "Be brief."), ("user", "Hi")]),
+        ([ChatMessage(role="system", content="Other."), *MSGS], [("system", "Other."), ("user", "Hi")]),
+        ([ChatMessage(role="developer", content="Other."), *MSGS], [("system", "Other."), ("user", "Hi")]),
+    ],
+)
+def test_system_prompt_is_added_to_a_chat_without_one(engine, spy, messages, expected):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, system_prompt="Be brief.")
+    for call in CHAT.values():
+        call(llm, messages, {})
+    want, _ = engine.encode_chat([{"role": r, "content": c} for r, c in expected])
+    assert [s["ids"] for s in spy.streams] == [want] * 4
+
+
+def test_default_chat_uses_the_chat_template_and_predict_has_the_system_prompt_once(engine, spy):
+    plain = BeaconLLM(engine=engine, max_new_tokens=1)
+    plain.chat(MSGS)
+    assert spy.streams[-1]["ids"] == engine.encode_chat([{"role": "user", "content": "Hi"}])[0]
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, system_prompt="Be brief.")
+    llm.predict(PromptTemplate("Say {word}"), word="hi")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    assert spy.streams[-1]["ids"] == engine.encode_chat(chat)[0]
+
+
+# ------------------------------------------------------------------ 2. model name, 3. context window
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        (None, "smollm2-135m-instruct"),
+        ("tiny-org/tiny-llama", "tiny-org/tiny-llama"),
+        ("/models/llama", "/models/llama"),
+    ],
+)
+def test_model_name_is_the_name_given_before_and_after_loading(engine, monkeypatch, model, name):
+    monkeypatch.setattr(engine.bm.model.config, "_name_or_path", "/home/u/.cache/beacon-llm/converted-model")
+    monkeypatch.setattr(beacon_llm, "capacity_from_files", lambda *a, **k: 1234)
+    monkeypatch.setattr(beacon_llm, "get_engine", lambda *a, **k: engine)
+    llm = BeaconLLM(model=model)
+    assert llm.metadata.model_name == name
+    assert llm.get_engine() is engine
+    assert llm.metadata.model_name == name
+    if model is not None:
+        assert BeaconLLM(engine=engine, model=model).metadata.model_name == name
+    assert BeaconLLM(engine=engine).metadata.model_name == "converted-model"  # an engine given as is: no path
+
+
+def test_context_window_is_the_capacity(engine, monkeypatch):
+    assert BeaconLLM(engine=engine).metadata.context_window == engine.capacity
+    calls = []
+    monkeypatch.setattr(beacon_llm, "capacity_from_files", lambda *a, **k: calls.append((a, k)) or 4321)
+    llm = BeaconLLM(model="tiny-org/tiny-llama", adapter="/adapters/a", beacon_overrides={"beacon_ratio": [8]})
+    assert llm.metadata.context_window == 4321
+    assert calls == [(("tiny-org/tiny-llama", "/adapters/a"), {"beacon_ratio": [8]})]
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("cannot compute the context capacity from /x/config.json: broken")
+
+    monkeypatch.setattr(beacon_llm, "capacity_from_files", unreadable)
+    with pytest.raises(ValueError, match="cannot compute the context capacity from /x/config.json: broken"):
+        BeaconLLM(model="/x").metadata
+
+
+# ------------------------------------------------------------------ 4. text only, no tool calling
+@pytest.mark.parametrize(
+    ("block", "kind"),
+    [
+        (ImageBlock(url="https://example.invalid/dog.png"), "image"),
+        (AudioBlock(url="https://example.invalid/bark.mp3"), "audio"),
+        (DocumentBlock(url="https://example.invalid/dog.pdf"), "document"),
+    ],
+)
+@pytest.mark.parametrize("messages_to_prompt", [None, _tagged])
+def test_non_text_blocks_are_refused_before_reading(engine, spy, block, kind, messages_to_prompt):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, messages_to_prompt=messages_to_prompt)
+    message = ChatMessage(role="user", blocks=[TextBlock(text="What is this?"), block])
+    for call in CHAT.values():
+        with pytest.raises(ValueError, match=rf"'{kind}' block .*reads text only; pass the content as text"):
+            call(llm, [message], {})
+    assert spy.reads == []
+
+
+def test_tool_messages_and_tool_arguments_are_refused(engine, spy):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1)
+    with pytest.raises(ValueError, match="message role 'tool' is not supported"):
+        llm.chat([*MSGS, ChatMessage(role="tool", content="42")])
+    call_block = ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_name="add", tool_kwargs={"a": 1})])
+    with pytest.raises(ValueError, match=r"tool call \('add'\): BeaconLLM has no tool calling"):
+        llm.chat([*MSGS, call_block])
+    legacy = ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [{"id": "1"}]})
+    with pytest.raises(ValueError, match="carries tool calls: BeaconLLM has no tool calling"):
+        llm.chat([*MSGS, legacy])
+    with pytest.raises(TypeError, match=r"\['tools'\]: BeaconLLM has no tool calling"):
+        llm.chat(MSGS, tools=[])
+    assert spy.reads == []
+    assert llm.metadata.is_function_calling_model is False
+
+
+# ------------------------------------------------------------------ 5. one sampling validation
+BAD = [("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", -1), ("temperature", -0.5), ("max_new_tokens", 0)]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD)
+def test_bad_sampling_options_raise_in_the_constructor_and_per_call_before_reading(engine, spy, monkeypatch, name,
+                                                                                   value):  # fmt: skip
+    message = re.escape(f"{name}={value!r}")
+    with pytest.raises(ValueError, match=message):
+        BeaconLLM(engine=engine, **{name: value})
+    llm = BeaconLLM(engine=engine, max_new_tokens=1)
+    for call in COMPLETE.values():
+        with pytest.raises(ValueError, match=message):
+            call(llm, "Once", {name: value})
+    for call in CHAT.values():
+        with pytest.raises(ValueError, match=message):
+            call(llm, MSGS, {name: value})
+    assert spy.reads == []
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(beacon_llm, "get_engine", no_loading)
+    with pytest.raises(ValueError, match=message):
+        BeaconLLM().complete("Once", **{name: value})
+
+
+def test_top_k_is_an_option(engine, spy):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, top_k=5, temperature=0.7, seed=1)
+    llm.complete("Once")
+    llm.chat(MSGS, top_k=3, max_tokens=2)
+    assert [(s["top_k"], s["max_new_tokens"], s["temperature"]) for s in spy.streams] == [(5, 1, 0.7), (3, 2, 0.7)]
