@@ -55,7 +55,7 @@ def masked_gqa_sdpa(
 
     transformers' sdpa path repeats the keys and values of every KV head for each of its query heads when a mask
     is given (``repeat_kv``), because masked GQA falls back to the math kernel on CUDA. On CPU ``enable_gqa`` gives
-    the same result (tested to 1e-6), faster and without the copies (spec §3.5: every window step reads the memory).
+    the same result (tested to 1e-6), faster and without the copies (docs/design.md §5: every step reads the memory).
     query: (B, H, T, D); key/value: (B, KVH, K, D); returns (B, T, H, D) like transformers' kernels.
     """
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -70,7 +70,7 @@ def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
 
 
 def max_positions(config: PretrainedConfig) -> int:
-    """Positions the base model was trained on, times the RoPE scaling factor if any (spec §2.2, adapt-X)."""
+    """Positions the base model was trained on, times the RoPE scaling factor if any (docs/design.md §2.3, adapt-X)."""
     base = int(config.max_position_embeddings)
     params = rope_parameters(config)
     if params.get("rope_type", "default") != "default" and params.get("factor"):

@@ -1,4 +1,4 @@
-"""One decoder layer run with beacon tokens (paper v2 §2.2, v3 §3.1; spec §3.5).
+"""One decoder layer run with beacon tokens (paper v2 §2.2, v3 §3.1; docs/design.md §5).
 
 The frozen modules of a stock Llama-shaped layer are called as they are (norms, projections, MLP); beacon rows
 use the ``beacon_*_proj`` copies. Keys of the open window are rotated at the positions of this step; memory keys

@@ -1,4 +1,4 @@
-"""Per-call streaming memory of Activation Beacon (spec §3.1, §3.8).
+"""Per-call streaming memory of Activation Beacon (docs/design.md §3).
 
 A :class:`BeaconCache` holds, per layer, the condensed memory (sink + beacon KVs, keys already rotated to their
 fixed memory positions ``0..M-1``) and the open window (raw and pending beacon KVs, keys *before* RoPE because

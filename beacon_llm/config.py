@@ -1,4 +1,4 @@
-"""Typed configuration of Activation Beacon (paper v2 §2.2 / v3 §3; spec §2).
+"""Typed configuration of Activation Beacon (paper v2 §2.2 / v3 §3; docs/design.md §1).
 
 Two *eras* exist because the official code changed meaning between releases:
 
@@ -29,7 +29,7 @@ ERAS: tuple[str, ...] = ("v2", "v3")
 RATIO_MIXES: tuple[str, ...] = ("step-random", "instance-random", "sequence", "adapt-<N>", "fit-<N>")
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o")
 EMBED_INITS: tuple[str, ...] = ("eos", "bos")
-# official config keys that select experimental modes we do not implement (spec §3.12)
+# official config keys that select experimental modes we do not implement (docs/design.md §1.4)
 _UNSUPPORTED_KEYS = {"retrieval_method": None, "beacon_parallel_window": 1}
 
 

@@ -1,4 +1,4 @@
-"""Token-by-token generation from a condensed context (spec §3.9).
+"""Token-by-token generation from a condensed context (docs/design.md §8).
 
 Each generated token is fed through the same streaming memory as the context (one 1-token step, or a
 [token, beacon] pair when interleaving), exactly like the official ``generate``. The last generated token is

@@ -41,7 +41,7 @@ def _eos_or_bos_id(model: nn.Module, which: str) -> int:
 
 @torch.no_grad()
 def attach_beacon_modules(model: nn.Module, config: BeaconConfig) -> None:
-    """Add beacon modules initialised from the base weights (spec §4): projections are value copies of the
+    """Add beacon modules initialised from the base weights (docs/design.md §10): projections are value copies of the
     layer's own projections; the embedding is the eos (or bos) row of ``embed_tokens``."""
     inner = model.model
     if hasattr(inner, "beacon_embed_tokens"):

@@ -1,4 +1,4 @@
-"""Pure attention-visibility rules for one step (paper v2 §2.2 Fig. 3, v3 §3.1; spec §3.7).
+"""Pure attention-visibility rules for one step (paper v2 §2.2 Fig. 3, v3 §3.1; docs/design.md §7).
 
 Keys are ``[memory (sink + beacon memory) ; open window (cached entries, then this step's inputs)]``; queries are
 this step's inputs, i.e. the last ``n_query`` window entries. True = may attend.

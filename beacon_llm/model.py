@@ -274,7 +274,7 @@ class BeaconModel:
             input_ids: (L,) or (1, L) token ids, appended to whatever ``cache`` already read.
             cache: a cache to continue; a new one is created when None (returned in the output).
             labels: optional (L,) / (1, L) targets for training (``-100`` = ignored); token i is scored on
-                ``labels[i+1]`` across window boundaries (spec §3.10).
+                ``labels[i+1]`` across window boundaries (docs/design.md §9.1).
             return_token_logprobs: score every raw token (log-prob of its successor) and its argmax.
             return_logits: also return the (L, V) logits (for short inputs only).
             progress: called after every window step with (raw tokens read in this step, cache).
@@ -532,7 +532,7 @@ class BeaconModel:
         new_v: Sequence[torch.Tensor],
         like: torch.Tensor,
     ) -> None:
-        """After a step: grow the open window, or, when it is complete, move its beacons into memory (§3.3-3.4)."""
+        """After a step: grow the open window or, once it is complete, commit it to memory (docs/design.md §3.2)."""
         cfg, st = self.config, cache.state
         st.n_seen += plan.n_raw
         st.n_steps += 1
@@ -551,7 +551,10 @@ class BeaconModel:
         n_beacons = len(move)
         if cfg.sink_size and st.n_sink == 0:
             sink = raw_idx[: cfg.sink_size]
-            move = sink + [i for i in move if i not in set(sink)]
+            if plan.ratio > 0:
+                move = sink + [i for i in move if i not in set(sink)]
+            else:  # as the official code: a window kept raw moves all its entries, so the sink's are there twice
+                move = sink + move
             st.n_sink = len(sink)
         mem_len = cache.memory_length
         index = torch.tensor(move, dtype=torch.long, device=like.device)

@@ -1,4 +1,4 @@
-"""Pure RoPE position ids for the entries of the open window (paper v2 §2.2; spec §3.6).
+"""Pure RoPE position ids for the entries of the open window (paper v2 §2.2; docs/design.md §6).
 
 Memory entries (sink, beacon memory) always sit at ``0 .. mem_len-1``. The open window's entries (cached raw /
 pending beacon entries followed by this step's inputs) are placed after them. Raw tokens take consecutive positions;

@@ -145,7 +145,7 @@ def pick_ratio(
     """Choose the ratio for the window being opened.
 
     Returns ``(ratio, fixed)`` where ``fixed`` is the ratio remembered for the rest of the sequence
-    (``instance-random`` and ``adapt-X`` decide once; spec §2.2).
+    (``instance-random`` and ``adapt-X`` decide once; docs/design.md §2.1).
     """
     ratios = config.ratios
     if len(ratios) == 1:
@@ -207,7 +207,7 @@ def plan_step(config: BeaconConfig, *, raw_in_window: int, remaining: int, ratio
     """Plan the next step given ``remaining`` tokens of the call and ``raw_in_window`` already cached raw tokens.
 
     Append placement: a step either fills the window (then ``stride/ratio`` beacons follow its raw tokens) or takes
-    every remaining token without beacons. Interleave: beacons are inserted in every step (spec §3.3-3.4).
+    every remaining token without beacons. Interleave: beacons are inserted in every step (docs/design.md §4).
     ``ratio`` must already be chosen for the window (see :func:`pick_ratio`).
     """
     need = config.window - raw_in_window

@@ -1,4 +1,4 @@
-"""Training beacon parameters on a frozen base model (paper v2 §3.1, v3 §3.2 / §4.1; spec §3.10, §5).
+"""Training beacon parameters on a frozen base model (paper v2 §3.1, v3 §3.2 / §4.1; docs/design.md §9).
 
 Only parameters named ``beacon_*`` are trained; the loss is next-token cross-entropy on raw tokens across all
 windows of a sample with gradients through every window ("no stop gradients"), a compression ratio drawn per

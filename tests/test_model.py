@@ -100,7 +100,7 @@ def test_one_long_call_equals_several_calls(name):
 
 @pytest.mark.parametrize("pos,raw", [("append", 100), ("interleave", 103)])
 def test_64k_tokens_keep_the_cache_at_the_spec_size(pos, raw):
-    """Spec §3.8: memory = sink + sum_j W/α_j beacon KVs + the open window (raw, plus pending beacons)."""
+    """docs/design.md §3.1: memory = sink + sum_j W/α_j beacon KVs + the open window (raw, plus pending beacons)."""
     window, ratio, n = 256, 32, 65536 + 100
     cfg = BeaconConfig(window=window, ratios=(ratio,), pos=pos, attn="full-coverage", sink_size=1)
     bm = tiny_beacon_model(cfg, max_position_embeddings=4096)

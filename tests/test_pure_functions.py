@@ -95,7 +95,7 @@ def test_pick_ratio_mixes():
     assert pick_ratio(adapt, **{**kw, "stream_total": 600}) == (4, 4)
 
 
-# Spec §3.7 example: W=8, α=4, memory m1 m2 (M=2). 1 = may attend.
+# docs/design.md §7.2 example: W=8, α=4, memory m1 m2 (M=2). 1 = may attend.
 def _rows(mask):
     return ["".join("1" if x else "." for x in row.tolist()) for row in mask]
 

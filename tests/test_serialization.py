@@ -83,7 +83,7 @@ def test_plain_model_folder_needs_an_adapter_or_a_config(tmp_path):
         str(tmp_path / "plain"), tokenizer=False, beacon_config=BeaconConfig(window=16, ratios=(4,))
     )
     emb = fresh.model.model.embed_tokens.weight
-    assert torch.equal(fresh.model.model.beacon_embed_tokens.weight[0], emb[2])  # eos row (spec §4)
+    assert torch.equal(fresh.model.model.beacon_embed_tokens.weight[0], emb[2])  # eos row (docs/design.md §10)
     attn = fresh.model.model.layers[0].self_attn
     assert torch.equal(attn.beacon_q_proj.weight, attn.q_proj.weight)
     assert attn.beacon_q_proj.weight.data_ptr() != attn.q_proj.weight.data_ptr()  # a copy, not tied
