@@ -3,7 +3,7 @@
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
 from .documents import BUNDLED_BOOK, DocumentError, read_document
-from .engine import BeaconEngine, Completion, Usage, get_engine
+from .engine import BeaconEngine, Completion, ReadCancelled, Usage, get_engine
 from .generation import GenerateOutput, check_sampling_options
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
 from .loading import capacity_from_files, load
@@ -16,6 +16,7 @@ __all__ = [
     "Completion",
     "DocumentError",
     "GenerateOutput",
+    "ReadCancelled",
     "Usage",
     "capacity_from_files",
     "check_sampling_options",

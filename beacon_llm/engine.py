@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,51 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length"
     usage: Usage = field(default_factory=Usage)
+
+
+class ReadCancelled(RuntimeError):
+    """A call stopped by its ``cancel`` event while reading its prompt (within one window step of the request).
+
+    Nothing half-read is kept: the engine stores only prefixes read to their end, so the same call later gives the
+    same answer as on a fresh engine."""
+
+
+def check_timeout(timeout: Any) -> None:
+    """A call's time limit in seconds: a number > 0, or None for no limit."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise ValueError(f"timeout={timeout!r} must be a number of seconds > 0, or None for no limit")
+
+
+@dataclass(frozen=True)
+class _Guard:
+    """When a call must stop: its ``cancel`` event is set, or its ``deadline`` (``time.monotonic()``) has passed."""
+
+    cancel: threading.Event | None = None
+    timeout: float | None = None
+    deadline: float | None = None
+
+    @classmethod
+    def start(cls, cancel: threading.Event | None, timeout: float | None, started: float | None) -> _Guard:
+        check_timeout(timeout)
+        if timeout is None:
+            return cls(cancel)
+        return cls(cancel, timeout, (time.monotonic() if started is None else started) + timeout)
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def check_deadline(self, doing: str) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError(
+                f"the call ran past its timeout={self.timeout} s while {doing}; raise timeout= (reading a long "
+                "document on a CPU takes a while) or set timeout=None for no limit"
+            )
+
+    def check_reading(self, done: int, total: int) -> None:
+        """Raise :class:`ReadCancelled` or ``TimeoutError`` if the read of a ``total``-token prompt must stop."""
+        if self.cancelled():
+            raise ReadCancelled(f"cancelled while reading the prompt ({done} of {total} tokens read)")
+        self.check_deadline(f"reading the prompt ({done} of {total} tokens read)")
 
 
 @dataclass
@@ -202,9 +248,7 @@ class BeaconEngine:
         return f"{head}{instruction}\n\n<document>\n{document}\n</document>\n\n", f"Question: {question}{tail}"
 
     # ------------------------------------------------------------------ prefixes
-    def _lookup(
-        self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]
-    ) -> tuple[BeaconCache | None, int]:
+    def _lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]) -> tuple[BeaconCache | None, int]:
         """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
         Of two with the same prefix, the one with fewer condensed windows."""
         with self._lock:
@@ -278,6 +322,8 @@ class BeaconEngine:
         boundary: int | None = None,
         answer_reserve: int = 0,
         progress: Callable[[int, BeaconCache], None] | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
     ) -> tuple[BeaconCache, Usage]:
         """Condense ``ids`` into a fresh cache, reusing the longest stored prefix.
 
@@ -285,7 +331,21 @@ class BeaconEngine:
         shared with a recent prompt) and at the last window boundary inside the prompt, so follow-up prompts with the
         same beginning skip it. ``answer_reserve`` tokens must fit after the prompt: the read is planned for both,
         and refused before anything is read when they do not fit.
+
+        ``cancel`` (set from another thread) and ``timeout`` (seconds) are checked after every window step (and
+        ``progress``): the read then stops with :class:`ReadCancelled` or ``TimeoutError``. Only prefixes read to
+        their end are ever stored, so an interrupted read (or one whose ``progress`` raises) leaves the store sound.
         """
+        return self._read(ids, boundary, answer_reserve, progress, _Guard.start(cancel, timeout, None))
+
+    def _read(
+        self,
+        ids: Sequence[int],
+        boundary: int | None,
+        answer_reserve: int,
+        progress: Callable[[int, BeaconCache], None] | None,
+        guard: _Guard,
+    ) -> tuple[BeaconCache, Usage]:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -326,13 +386,25 @@ class BeaconEngine:
                 marks.add(last_full)
         if progress is not None and start:
             progress(start, cache)  # tokens taken from a condensed prefix
+        done = start
+
+        def step(n_raw: int, stepped: BeaconCache) -> None:
+            """After every window step: the caller's progress, then stop if cancelled or out of time."""
+            nonlocal done
+            done += n_raw
+            if progress is not None:
+                progress(n_raw, stepped)
+            guard.check_reading(done, len(ids))
+
+        guard.check_reading(done, len(ids))
         pos = start
         with torch.no_grad():
             for mark in sorted(marks) + [len(ids)]:
                 if mark <= pos:
                     continue
+                # an exception in `step` restores `cache` to its state before this forward; it is this call's own
                 self.bm.forward(
-                    ids[pos:mark], cache, return_token_logprobs=False, progress=progress, planned_length=planned
+                    ids[pos:mark], cache, return_token_logprobs=False, progress=step, planned_length=planned
                 )
                 usage.read_tokens += mark - pos
                 pos = mark
@@ -392,16 +464,24 @@ class BeaconEngine:
         seed: int | None = None,
         cancel: threading.Event | None = None,
         progress: Callable[[int, BeaconCache], None] | None = None,
+        timeout: float | None = None,
+        started: float | None = None,
     ) -> Iterator[str | Completion]:
         """Yield text deltas as they are decided, then the final :class:`Completion` (last item).
 
         Text that could be the start of a stop string is held back until it is known not to be one; the final
         text is cut before the first stop string.
+
+        ``cancel`` (a ``threading.Event`` set from elsewhere) stops the call within one window step while reading
+        (:class:`ReadCancelled` is raised) and within one token while generating (the completion then ends with
+        finish reason "cancelled"). ``timeout`` limits the whole call (reading and generating) to that many seconds
+        from ``started`` (a ``time.monotonic()`` value; default: now), checked as often: ``TimeoutError`` is raised.
         """
         check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                repetition_penalty=repetition_penalty)  # fmt: skip
+        guard = _Guard.start(cancel, timeout, started)
         stops = [s for s in (stop or []) if s]
-        cache, usage = self.read(ids, boundary=boundary, answer_reserve=max_new_tokens, progress=progress)
+        cache, usage = self._read(ids, boundary, max_new_tokens, progress, guard)
         sampler = TokenSampler(
             do_sample=temperature > 0,
             temperature=temperature or 1.0,
@@ -435,9 +515,10 @@ class BeaconEngine:
                 if safe > len(emitted):
                     yield text[len(emitted) : safe]
                     emitted = text[:safe]
-                if cancel is not None and cancel.is_set():
+                if guard.cancelled():
                     finish = "cancelled"
                     break
+                guard.check_deadline(f"generating the answer ({len(tokens)} tokens generated)")
         finally:
             gen.close()
         if len(text) > len(emitted):
@@ -447,20 +528,33 @@ class BeaconEngine:
 
     async def astream(self, ids: Sequence[int], **kwargs: Any) -> AsyncIterator[str | Completion]:
         """:meth:`stream` for asyncio: reading and generating run in a worker thread, never on the event loop.
-        Leaving the loop early (or cancelling the task) stops generation at the next token."""
+        Leaving the loop early (or cancelling the task) stops the reading within one window step and the generation
+        at the next token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
         done = object()
 
-        def worker() -> None:
+        def post(item: object, exc: BaseException | None) -> bool:
             try:
-                for item in self.stream(ids, cancel=cancel, **kwargs):
-                    loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+                loop.call_soon_threadsafe(queue.put_nowait, (item, exc))
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                cancel.set()
+                return False
+            return True
+
+        def worker() -> None:
+            events = self.stream(ids, cancel=cancel, **kwargs)
+            try:
+                for item in events:
+                    if not post(item, None):
+                        return
             except BaseException as exc:  # re-raised on the event loop
-                loop.call_soon_threadsafe(queue.put_nowait, (done, exc))
+                post(done, exc)
                 return
-            loop.call_soon_threadsafe(queue.put_nowait, (done, None))
+            finally:
+                events.close()
+            post(done, None)
 
         threading.Thread(target=worker, name="beacon-generate", daemon=True).start()
         try:

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 import beacon_llm
+from beacon_llm.engine import check_timeout
 
-CALL_OPTIONS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty", "stop"}
+CALL_OPTIONS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty", "stop", "timeout"}
+
+
+def check_options(
+    max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, timeout: Any
+) -> None:
+    """The engine's one validation of generation options (ValueError), under LangChain's names, and the timeout."""
+    try:
+        beacon_llm.check_sampling_options(
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+        )
+    except ValueError as exc:  # the engine's max_new_tokens is LangChain's max_tokens
+        raise ValueError(str(exc).replace("max_new_tokens=", "max_tokens=", 1)) from None
+    check_timeout(timeout)
 
 
 class BeaconFields(BaseModel):
@@ -41,7 +60,8 @@ class BeaconFields(BaseModel):
     streaming: bool = False
     """Generate through the streaming path in ``invoke`` too (callbacks then see every token)."""
     timeout: float | None = None
-    """Accepted for API compatibility; a local model has no request timeout."""
+    """Seconds one call may take, reading and generating (None: no limit). Past it the call stops within one
+    window step (reading) or one token (generating) and raises ``TimeoutError``. Also a per-call option."""
     max_retries: int = 0
     """Accepted for API compatibility; nothing is retried."""
     api_key: str | None = None
@@ -52,12 +72,7 @@ class BeaconFields(BaseModel):
 
     def model_post_init(self, context: Any) -> None:
         super().model_post_init(context)
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        check_options(self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.timeout)
 
     # -------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -140,21 +155,25 @@ class BeaconFields(BaseModel):
         return beacon_llm.capacity_from_files(self.model, self.beacon, **self.beacon_overrides)
 
     def call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The engine's options for one call: the fields merged with per-call ``kwargs``, validated before anything
+        is tokenised or read; ``started`` marks when the call's ``timeout`` begins."""
+        started = time.monotonic()
         unknown = set(kwargs) - CALL_OPTIONS - {"run_id", "tags", "metadata", "callbacks", "run_name"}
         if unknown:
             raise TypeError(f"unknown generation options {sorted(unknown)}; supported: {sorted(CALL_OPTIONS)}")
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens!r} must be a positive int")
+        options = {name: kwargs.get(name, getattr(self, name)) for name in CALL_OPTIONS - {"stop", "seed"}}
+        check_options(**options)
         stops = list(self.stop or []) + list(stop or []) + list(kwargs.get("stop") or [])
         return {
-            "max_new_tokens": max_tokens,
-            "temperature": kwargs.get("temperature", self.temperature),
-            "top_p": kwargs.get("top_p", self.top_p),
-            "top_k": kwargs.get("top_k", self.top_k),
-            "repetition_penalty": kwargs.get("repetition_penalty", self.repetition_penalty),
+            "max_new_tokens": options["max_tokens"],
+            "temperature": options["temperature"],
+            "top_p": options["top_p"],
+            "top_k": options["top_k"],
+            "repetition_penalty": options["repetition_penalty"],
             "seed": kwargs.get("seed", self.seed),
             "stop": stops or None,
+            "timeout": options["timeout"],
+            "started": started,
         }
 
 

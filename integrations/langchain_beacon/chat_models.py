@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
 from pydantic import ConfigDict
 
 import beacon_llm
@@ -17,17 +18,50 @@ import beacon_llm
 from ._common import BeaconFields, usage_metadata
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "chat": None}
+_NO_TOOLS = (
+    "ChatBeacon has no tool calling: a beacon model reads long text (whole books) and answers in text. For an agent, "
+    "use a chat model with tool calling and give it ChatBeacon's long-document answers as a tool or a chain step"
+)
+_SKIPPED_AI_BLOCKS = {"reasoning", "thinking"}  # another model's reasoning in the history: not conversation text
+
+
+def _message_text(m: BaseMessage) -> str:
+    """The text of a message; a tool call or a non-text block (image, audio, file, ...) is a ValueError."""
+    if isinstance(m, AIMessage) and (m.tool_calls or m.invalid_tool_calls):
+        raise ValueError(f"an AIMessage with tool calls cannot be sent: {_NO_TOOLS}")
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for block in m.content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if isinstance(block, str):
+            parts.append(block)
+        elif kind == "text":
+            parts.append(str(block.get("text", "")))
+        elif not (m.type == "ai" and kind in _SKIPPED_AI_BLOCKS):
+            if kind in ("tool_use", "tool_call", "tool_result", "function_call"):
+                raise ValueError(
+                    f"a content block of type {kind!r} in a {type(m).__name__} cannot be sent: {_NO_TOOLS}"
+                )
+            shown = repr(kind) if kind is not None else type(block).__name__
+            raise ValueError(
+                f"a content block of type {shown} in a {type(m).__name__}: this model reads text only (no images, "
+                "audio, video or files); pass text blocks or a string, e.g. the text extracted from a file"
+            )
+    return "".join(parts)
 
 
 def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
+    """Messages as the tokenizer's chat template takes them; tool messages, tool calls and non-text content raise
+    ``ValueError`` instead of being dropped."""
     out = []
     for m in messages:
         role = _ROLES.get(m.type, "unsupported")
         if role is None:
             role = getattr(m, "role", "user")
         if role == "unsupported":
-            raise ValueError(f"{type(m).__name__} messages are not supported (no tool calling); use system/human/ai")
-        out.append({"role": role, "content": m.text if hasattr(m, "text") else str(m.content)})
+            raise ValueError(f"{type(m).__name__} cannot be sent (use system/human/ai messages): {_NO_TOOLS}")
+        out.append({"role": role, "content": _message_text(m)})
     return out
 
 
@@ -78,6 +112,27 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             "text_inputs": True,
             "text_outputs": True,
         }
+
+    # ---------------------------------------------------------------- no tools
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | Any],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Not supported: beacon models have no tool calling (``NotImplementedError`` says what to do instead)."""
+        raise NotImplementedError(_NO_TOOLS)
+
+    def with_structured_output(
+        self, schema: dict[str, Any] | type, *, include_raw: bool = False, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Not supported: no tool calling or JSON mode to guarantee a schema (``NotImplementedError``)."""
+        raise NotImplementedError(
+            "ChatBeacon has no structured output (no tool calling or JSON mode). Ask for JSON in the prompt and "
+            "parse the reply (prompt | chat | langchain_core.output_parsers.JsonOutputParser() or "
+            "PydanticOutputParser(pydantic_object=schema)), or use a chat model with tool calling"
+        )
 
     # ---------------------------------------------------------------- core
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:

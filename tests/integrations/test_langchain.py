@@ -1,6 +1,7 @@
 """ChatBeacon / BeaconLLM behaviour on a tiny model: stops, streaming, async, batches, the document cache."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -127,7 +128,7 @@ def test_document_cache_persists_and_mismatch_or_corruption_is_refused(engine, t
     reply = fresh.invoke(doc + [("human", "Who?")])
     assert reply.usage_metadata["input_token_details"]["cache_read"] == n
     other = ChatBeacon(engine=BeaconEngine(tiny_beacon_model(seed=5)), max_tokens=5)
-    with pytest.raises(ValueError, match="another model or beacon weights"):
+    with pytest.raises(ValueError, match="by another model"):
         other.load_document_cache(path)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="unreadable"):
@@ -208,3 +209,147 @@ def test_llm_usage_is_per_call_and_the_stream_ends_once(engine):
     assert sum(1 for c in chunks if isinstance(c, str) and c == "") <= 1
     final = [c for c in llm._stream("A short prompt.") if c.generation_info]
     assert len(final) == 1 and final[0].generation_info["finish_reason"] in ("length", "eos", "stop")
+
+
+# ---------------------------------------------------------------- timeouts
+def _slow_windows(monkeypatch, engine, delay):
+    """Every window step of the engine's reads takes ``delay`` seconds more; returns the list of steps done."""
+    steps = []
+    forward = engine.bm.forward
+
+    def slow_forward(*args, progress=None, **kwargs):
+        def step(n, cache):
+            steps.append(n)
+            time.sleep(delay)
+            if progress is not None:
+                progress(n, cache)
+
+        return forward(*args, progress=step, **kwargs)
+
+    monkeypatch.setattr(engine.bm, "forward", slow_forward)
+    return steps
+
+
+def test_timeout_stops_the_read_within_a_window_and_names_the_fix(engine, monkeypatch):
+    messages = [("system", BOOK), ("human", "Who counted?")]
+    windows = len(engine.encode_chat([{"role": "system", "content": BOOK}])[0]) // engine.bm.config.window
+    steps = _slow_windows(monkeypatch, engine, 0.005)
+    fix = r"raise timeout= .* or set timeout=None for no limit"
+    chat, llm = ChatBeacon(engine=engine, max_tokens=5, timeout=0.001), BeaconLLM(engine=engine, max_tokens=5)
+    calls = [
+        lambda: chat.invoke(messages),
+        lambda: list(chat.stream(messages)),
+        lambda: asyncio.run(chat.ainvoke(messages)),
+        lambda: ChatBeacon(engine=engine, max_tokens=5).invoke(messages, timeout=0.02),  # per call
+        lambda: llm.invoke(BOOK, timeout=0.001),
+        lambda: asyncio.run(llm.ainvoke(BOOK, timeout=0.02)),
+    ]
+    for call in calls:
+        steps.clear()
+        with pytest.raises(TimeoutError, match=r"timeout=0\.0(01|2) s while reading the prompt .*" + fix):
+            call()
+        assert len(steps) <= 10 < windows // 10, (len(steps), windows)  # 0: out of time before the first window
+    assert not engine._entries  # nothing half-read was kept
+    monkeypatch.undo()
+    generous = ChatBeacon(engine=engine, max_tokens=8, timeout=60).invoke(messages)
+    unlimited = ChatBeacon(engine=BeaconEngine(engine.bm), max_tokens=8).invoke(messages)
+    assert generous.content == unlimited.content and generous.response_metadata["finish_reason"] != "cancelled"
+
+
+def test_cancelled_ainvoke_stops_the_read(engine, monkeypatch):
+    """``asyncio.wait_for`` cancelling ``ainvoke`` while the book is read stops the worker's read within a window."""
+    messages = [("system", BOOK), ("human", "Who counted?")]
+    windows = len(engine.encode_chat([{"role": "system", "content": BOOK}])[0]) // engine.bm.config.window
+    steps = _slow_windows(monkeypatch, engine, 0.005)
+    chat = ChatBeacon(engine=engine, max_tokens=5)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(chat.ainvoke(messages), 0.05)
+
+    asyncio.run(main())
+    for t in [t for t in threading.enumerate() if t.name == "beacon-generate"]:
+        t.join(10)
+    assert len(steps) < windows // 4 and not engine._entries, (len(steps), windows)
+
+
+def test_timeout_while_generating_stops_within_a_token(engine):
+    chat = ChatBeacon(engine=engine, max_tokens=60, timeout=1.0)
+    chunks = chat.stream([("human", "Tell me about the keeper.")])
+    assert next(chunks).content
+    time.sleep(1.05)
+    with pytest.raises(TimeoutError, match=r"timeout=1\.0 s while generating the answer \(\d+ tokens generated\)"):
+        list(chunks)
+
+
+# ---------------------------------------------------------------- option validation
+BAD_OPTIONS = [
+    {"top_p": 0},
+    {"top_p": 1.5},
+    {"top_k": 0},
+    {"top_k": -2},
+    {"temperature": -0.5},
+    {"repetition_penalty": 0},
+    {"repetition_penalty": -1.0},
+    {"max_tokens": 0},
+    {"timeout": 0},
+    {"timeout": -3},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_OPTIONS, ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
+@pytest.mark.parametrize("cls", [ChatBeacon, BeaconLLM])
+def test_bad_options_raise_at_construction_and_per_call_before_reading(engine, monkeypatch, cls, bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name}="):
+        cls(engine=engine, **bad)
+    model = cls(engine=engine, max_tokens=3)
+    monkeypatch.setattr(engine, "encode", lambda *a, **k: pytest.fail("tokenised before validating"))
+    monkeypatch.setattr(engine, "encode_chat", lambda *a, **k: pytest.fail("tokenised before validating"))
+    with pytest.raises(ValueError, match=f"{name}="):
+        model.invoke("hi", **bad)
+    with pytest.raises(ValueError, match=f"{name}="):
+        asyncio.run(model.ainvoke("hi", **bad))
+
+
+# ---------------------------------------------------------------- no tools, text only
+def test_tools_and_structured_output_are_refused_with_what_to_do(engine):
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        name: str
+
+    chat = ChatBeacon(engine=engine)
+    with pytest.raises(NotImplementedError, match="no tool calling.*use a chat model with tool calling"):
+        chat.bind_tools([Answer])
+    for kwargs in ({}, {"method": "json_mode"}, {"method": "function_calling"}):
+        with pytest.raises(NotImplementedError, match="no structured output.*JsonOutputParser"):
+            chat.with_structured_output(Answer, **kwargs)
+
+
+def test_non_text_content_and_tool_messages_are_refused(engine):
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+    chat = ChatBeacon(engine=engine, max_tokens=3)
+    text = {"type": "text", "text": "What is in the picture?"}
+    blocks = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image", "source_type": "base64", "data": "iVBORw0KGgo=", "mime_type": "image/png"},
+        {"type": "audio", "source_type": "base64", "data": "UklGRg==", "mime_type": "audio/wav"},
+        {"type": "file", "source_type": "url", "url": "https://example.com/a.pdf"},
+    ]
+    for block in blocks:
+        with pytest.raises(ValueError, match=f"type '{block['type']}' in a HumanMessage: this model reads text only"):
+            chat.invoke([HumanMessage(content=[text, block])])
+    with pytest.raises(ValueError, match="type 'image_url' in a SystemMessage"):
+        chat.invoke([SystemMessage(content=[blocks[0]]), HumanMessage(content="hi")])
+    called = AIMessage(content="", tool_calls=[{"name": "lookup", "args": {}, "id": "1"}])
+    with pytest.raises(ValueError, match="AIMessage with tool calls.*no tool calling"):
+        chat.invoke([HumanMessage(content="hi"), called, HumanMessage(content="and?")])
+    with pytest.raises(ValueError, match="ToolMessage cannot be sent.*no tool calling"):
+        chat.invoke([HumanMessage(content="hi"), ToolMessage(content="42", tool_call_id="1")])
+    with pytest.raises(ValueError, match="type 'tool_use' in a AIMessage"):
+        chat.invoke([AIMessage(content=[{"type": "tool_use", "id": "1", "name": "f", "input": {}}]), ("human", "?")])
+    # text blocks (and strings) are read, as the same text in one string
+    as_blocks = chat.invoke([HumanMessage(content=[text, " Tell me."])]).content
+    assert as_blocks == chat.invoke([HumanMessage(content="What is in the picture? Tell me.")]).content

@@ -27,6 +27,14 @@ class TestChatBeaconUnit(ChatModelUnitTests):
     def supports_model_override(self):
         return False
 
+    @property
+    def has_tool_calling(self):
+        return False  # bind_tools is overridden only to say so
+
+    @property
+    def has_structured_output(self):
+        return False
+
 
 class TestChatBeaconIntegration(ChatModelIntegrationTests):
     @property
@@ -39,6 +47,14 @@ class TestChatBeaconIntegration(ChatModelIntegrationTests):
 
     @property
     def supports_model_override(self):
+        return False
+
+    @property
+    def has_tool_calling(self):
+        return False  # bind_tools is overridden only to say so
+
+    @property
+    def has_structured_output(self):
         return False
 
     @property
