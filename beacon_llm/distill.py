@@ -29,8 +29,10 @@ def _model_tag(model: nn.Module) -> str:
     """Which teacher: its name, shape and weight dtype (targets of another teacher are never reused)."""
     config = model.config
     dtype = next(model.parameters()).dtype
-    return f"{getattr(config, '_name_or_path', '')}|{config.model_type}|{config.num_hidden_layers}|" \
+    return (
+        f"{getattr(config, '_name_or_path', '')}|{config.model_type}|{config.num_hidden_layers}|"
         f"{config.hidden_size}|{config.vocab_size}|{dtype}"
+    )
 
 
 class TeacherStore:

@@ -39,8 +39,7 @@ def passkey_table(rows: list[dict]) -> dict[str, dict[str, str]]:
     for length in sorted({r["length"] for r in rows}):
         sel = [r for r in rows if r["length"] == length]
         table[str(length)] = {
-            m: (f"{sum(r[m]['correct'] for r in sel)}/{len(sel)}" if all(r[m] for r in sel) else "n/a")
-            for m in METHODS
+            m: (f"{sum(r[m]['correct'] for r in sel)}/{len(sel)}" if all(r[m] for r in sel) else "n/a") for m in METHODS
         }
     return table
 
@@ -138,8 +137,12 @@ def main() -> None:
             "passkey_rows": rows,
             "perplexity_rows": ppl_rows,
             "positions": positions,
-            "config": {"fit": fit.config.ratio_mix, "adapt": adapt_cfg.ratio_mix, "window": fit.config.window,
-                       "ratios": list(fit.config.ratios)},  # fmt: skip
+            "config": {
+                "fit": fit.config.ratio_mix,
+                "adapt": adapt_cfg.ratio_mix,
+                "window": fit.config.window,
+                "ratios": list(fit.config.ratios),
+            },  # fmt: skip
             "args": vars(args),
             "threads": torch.get_num_threads(),
         }

@@ -1,7 +1,7 @@
 """PNG plots of the benchmark results in ``benchmarks/results/*.json`` (written next to them).
 
-    python benchmarks/plots.py            # efficiency.png, quality.png, perplexity.png from the committed results
-    python benchmarks/plots.py --fast     # the same into a temporary folder (CI smoke run)
+python benchmarks/plots.py            # efficiency.png, quality.png, perplexity.png from the committed results
+python benchmarks/plots.py --fast     # the same into a temporary folder (CI smoke run)
 """
 
 from __future__ import annotations

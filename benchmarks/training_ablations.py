@@ -140,8 +140,9 @@ def main() -> None:
         base_rows = {
             "full attention (teacher)": lambda ids, plan: ids[: plan.raw_from],
             "truncation (same KV budget)": lambda ids, plan: ids[plan.raw_from - n_mem : plan.raw_from],
-            "StreamingLLM (4 sink + recent, same budget)": lambda ids, plan: ids[:4]
-            + ids[plan.raw_from - n_mem + 4 : plan.raw_from],
+            "StreamingLLM (4 sink + recent, same budget)": lambda ids, plan: (
+                ids[:4] + ids[plan.raw_from - n_mem + 4 : plan.raw_from]
+            ),
             "tail only (no memory)": lambda ids, plan: ids[plan.raw_from - 1 : plan.raw_from],
         }
         for name, keep in base_rows.items():

@@ -94,5 +94,5 @@ def test_exact_match_scoring(task, answer, wrong, output, correct):
 def test_sentence_boundaries(tok):
     ids = tok("One. Two! Three? Four, five", add_special_tokens=False)["input_ids"]
     text = tok.decode(ids)
-    got = [text[: i].rstrip()[-1] for i in sentence_boundaries(tok, ids)]
+    got = [text[:i].rstrip()[-1] for i in sentence_boundaries(tok, ids)]
     assert got == [".", "!", "?"]
