@@ -151,15 +151,18 @@ class BeaconEngine:
         self._recent: deque[np.ndarray] = deque(maxlen=4)  # recent prompts (int64), to find shared prefixes
         self._lock = threading.Lock()
         self._identity: str | None = None
+        self._reading: dict[tuple[int, str], threading.Event] = {}  # prefixes being read now -> set when stored
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_lock", None)
+        state.pop("_reading", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._reading = {}
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -370,6 +373,49 @@ class BeaconEngine:
                 return True
             return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
 
+        claim = self._claim(ids, boundary, usable, guard)
+        try:
+            return self._read_claimed(ids, boundary, planned, needed, usable, progress, guard)
+        finally:
+            if claim is not None:
+                with self._lock:
+                    self._reading.pop(claim[0], None)
+                claim[1].set()
+
+    def _claim(
+        self, ids: list[int], boundary: int | None, usable: Callable[[BeaconCache], bool], guard: _Guard
+    ) -> tuple[tuple[int, str], threading.Event] | None:
+        """One read per prefix, also under concurrency: if another call is reading the same prefix (the same ids up
+        to ``boundary``) right now, wait until it is stored, so this call forks it instead of reading it again;
+        otherwise mark it as being read by this call (the caller releases the claim). Waiting stops for this call's
+        cancel event or deadline; if the other read fails, this one reads."""
+        if boundary is None or not max(self.min_prefix, 1) <= boundary < len(ids):
+            return None
+        if not self.max_prefixes and self.cache_dir is None:
+            return None  # nothing is stored: nothing to wait for
+        key = (boundary, _prefix_hash(ids[:boundary]))
+        while True:
+            with self._lock:
+                other = self._reading.get(key)
+                if other is None:
+                    mine = threading.Event()
+                    self._reading[key] = mine
+                    return key, mine
+            while not other.wait(0.05):
+                guard.check_reading(0, len(ids))
+            guard.check_reading(0, len(ids))
+
+    def _read_claimed(
+        self,
+        ids: list[int],
+        boundary: int | None,
+        planned: int,
+        needed: int,
+        usable: Callable[[BeaconCache], bool],
+        progress: Callable[[int, BeaconCache], None] | None,
+        guard: _Guard,
+    ) -> tuple[BeaconCache, Usage]:
+        cfg = self.bm.config
         cache, start = self._lookup(ids, usable)
         if cache is None:
             cache = self.bm.new_cache()

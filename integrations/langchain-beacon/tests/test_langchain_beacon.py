@@ -353,3 +353,13 @@ def test_non_text_content_and_tool_messages_are_refused(engine):
     # text blocks (and strings) are read, as the same text in one string
     as_blocks = chat.invoke([HumanMessage(content=[text, " Tell me."])]).content
     assert as_blocks == chat.invoke([HumanMessage(content="What is in the picture? Tell me.")]).content
+
+
+def test_a_batch_of_questions_about_one_document_reads_it_once(engine):
+    """``batch`` runs the calls on threads at once: the first reads the document, the others wait and fork it."""
+    doc = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry and Aunt Em. " * 10
+    chat = ChatBeacon(engine=engine, max_tokens=4)
+    questions = [f"Who is person number {i}?" for i in range(6)]
+    answers = chat.batch([[("system", doc), ("human", q)] for q in questions], config={"max_concurrency": 6})
+    cached = sorted(a.usage_metadata["input_token_details"]["cache_read"] for a in answers)
+    assert cached[0] == 0 and len(set(cached[1:])) == 1 and cached[1] > 0  # one read, five forks
