@@ -299,26 +299,28 @@ def tail_loss(
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
     kl_weight: float,
     ce_weight: float,
+    score_from: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Read ``ids`` under the fit ``plan`` and score the tokens after its condensed windows: returns the weighted loss
     (with graph when training) and its parts (mean KL, mean NLL, tokens). ``teacher_topk``: the teacher's (indices,
-    log-probs) for those tokens (:meth:`beacon_llm.distill.TeacherStore.get`)."""
+    log-probs) for those tokens (:meth:`beacon_llm.distill.TeacherStore.get`). ``score_from``: score only the tail
+    tokens from that offset on (evaluation of what the memory adds once the tail itself gives the local context)."""
     if plan.condensed_windows == 0:
         raise ValueError(f"a sample of {len(ids)} tokens has nothing condensed under {plan}; use longer samples")
     cache = bm.new_cache()
     cache.set_fit_plan(plan)
     out = bm.forward(ids, cache, return_token_logprobs=False, return_hidden=True)
     start = plan.raw_from
-    hidden = out.hidden[start - 1 : len(ids) - 1]  # (T, Dm): the states that predict ids[start:]
+    hidden = out.hidden[start - 1 + score_from : len(ids) - 1]  # (T, Dm): the states that predict ids[start + from:]
     logits = bm.model.lm_head(hidden).float()  # (T, V)
-    target = torch.tensor(ids[start:], device=logits.device)
+    target = torch.tensor(ids[start + score_from :], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits, target)
     parts = {"nll": float(nll.detach()), "tokens": float(len(target))}
     loss = ce_weight * nll
     if teacher_topk is not None:
         from .distill import topk_kl
 
-        indices, logprobs = teacher_topk
+        indices, logprobs = (t[score_from:] for t in teacher_topk)
         kl = topk_kl(logits, indices.to(logits.device), logprobs.to(logits.device)).mean()
         parts["kl"] = float(kl.detach())
         loss = loss + kl_weight * kl
@@ -410,10 +412,11 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
 
 @torch.no_grad()
 def evaluate_fit(
-    bm: BeaconModel, samples: list[list[int]], positions: int, ratio: int, teacher: Any | None
+    bm: BeaconModel, samples: list[list[int]], positions: int, ratio: int, teacher: Any | None, score_from: int = 0
 ) -> dict[str, float]:
     """Held-out score in the fit regime: mean KL to the teacher and perplexity of the tokens after the condensed
-    windows, over ``samples`` (each planned with ``positions`` positions and ``ratio``)."""
+    windows (from offset ``score_from`` of that tail on), over ``samples`` (each planned with ``positions`` positions
+    and ``ratio``)."""
     from .schedule import fit_plan
 
     nll_sum = kl_sum = 0.0
@@ -421,7 +424,7 @@ def evaluate_fit(
     for ids in samples:
         plan = fit_plan(bm.config, len(ids), positions, ratio=ratio)
         targets = teacher.get(ids, plan.raw_from) if teacher is not None else None
-        _, parts = tail_loss(bm, ids, plan, targets, 1.0, 1.0)
+        _, parts = tail_loss(bm, ids, plan, targets, 1.0, 1.0, score_from=score_from)
         t = parts["tokens"]
         nll_sum += parts["nll"] * t
         kl_sum += parts.get("kl", 0.0) * t

@@ -60,8 +60,9 @@ def held_out_samples(tok, seq_len: int, n_per_book: int, seed: int) -> list[list
 
 
 @torch.no_grad()
-def plain_tail_scores(model, samples, plan_for, teacher, keep) -> dict[str, float]:
-    """The plain model on the tail after a context chosen by ``keep(ids, plan) -> kept ids before the tail``."""
+def plain_tail_scores(model, samples, plan_for, teacher, keep, score_from: int = 0) -> dict[str, float]:
+    """The plain model on the tail after a context chosen by ``keep(ids, plan) -> kept ids before the tail``
+    (scored from offset ``score_from`` of the tail on)."""
     from beacon_llm.distill import topk_kl
 
     nll = kl = 0.0
@@ -71,12 +72,12 @@ def plain_tail_scores(model, samples, plan_for, teacher, keep) -> dict[str, floa
         start = plan.raw_from
         kept = keep(ids, plan)
         seq = kept + ids[start:]
-        logits = model(input_ids=torch.tensor([seq])).logits[0, len(kept) - 1 : -1].float()  # (T, V)
-        target = torch.tensor(ids[start:])
+        logits = model(input_ids=torch.tensor([seq])).logits[0, len(kept) - 1 + score_from : -1].float()  # (T, V)
+        target = torch.tensor(ids[start + score_from :])
         nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         if teacher is not None:
             idx, logp = teacher.get(ids, start)
-            kl += float(topk_kl(logits, idx, logp).sum())
+            kl += float(topk_kl(logits, idx[score_from:], logp[score_from:]).sum())
         n += len(target)
     return {"kl": round(kl / n, 4), "ppl": round(math.exp(nll / n), 3), "tokens": n}
 
@@ -94,6 +95,11 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs"))
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--late", type=int, default=None, metavar="N",
+        help="score every existing row again on the tail tokens from offset N on (what the memory adds once the tail "
+        "gives the local context): adds kl_late / ppl_late to the rows (baselines and the runs' final adapters)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -135,17 +141,15 @@ def main() -> None:
                         "tail_tokens": args.seq_len - plan_for(held[0]).raw_from}  # fmt: skip
     rows: list[dict] = []
     t0 = time.perf_counter()
+    if args.late is not None:
+        late_rows(args, data, shipped, fresh, base, held, plan_for, teacher, eval_ratio, runs)
+        _write(out_path, data)
+        print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+        return
     if args.recipe == "baselines":
         n_mem = plan_for(held[0]).entries(plan_for(held[0]).raw_from)  # beacon entries before the tail
-        base_rows = {
-            "full attention (teacher)": lambda ids, plan: ids[: plan.raw_from],
-            "truncation (same KV budget)": lambda ids, plan: ids[plan.raw_from - n_mem : plan.raw_from],
-            "StreamingLLM (4 sink + recent, same budget)": lambda ids, plan: (
-                ids[:4] + ids[plan.raw_from - n_mem + 4 : plan.raw_from]
-            ),
-            "tail only (no memory)": lambda ids, plan: ids[plan.raw_from - 1 : plan.raw_from],
-        }
-        for name, keep in base_rows.items():
+        for name in BASELINES:
+            keep = baseline_keep(name, n_mem)
             rows.append({"recipe": name, "tokens_trained": 0, **plain_tail_scores(base, held, plan_for, teacher, keep)})
         for name, bm in (("shipped adapter (no further training)", shipped), ("fresh beacons (untrained)", fresh)):
             if bm is None:
@@ -182,8 +186,8 @@ def main() -> None:
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
         base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
         rows.append({
-            "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]), "kl_weight": spec["kl"],
-            "ce_weight": spec["ce"], "lr": spec["lr"],
+            "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]),
+            "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"],
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
@@ -193,12 +197,65 @@ def main() -> None:
     for row in rows:
         row["threads"] = args.threads
         print(json.dumps(row), flush=True)
+    if out_path.is_file():  # re-read: another run may have written rows meanwhile
+        data["rows"] = json.loads(out_path.read_text())["rows"]
     data["rows"] = [r for r in data["rows"] if r["recipe"] not in {x["recipe"] for x in rows}] + rows
-    RESULTS.mkdir(exist_ok=True)
+    _write(out_path, data)
+    print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _write(out_path: Path, data: dict) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, out_path)
-    print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+BASELINES = ("full attention (teacher)", "truncation (same KV budget)", "StreamingLLM (4 sink + recent, same budget)",
+             "tail only (no memory)")  # fmt: skip
+
+
+def baseline_keep(name: str, n_mem: int):
+    """What each baseline keeps before the tail (``n_mem``: the beacon entries the fit cache holds there)."""
+    return {
+        BASELINES[0]: lambda ids, plan: ids[: plan.raw_from],
+        BASELINES[1]: lambda ids, plan: ids[plan.raw_from - n_mem : plan.raw_from],
+        BASELINES[2]: lambda ids, plan: ids[:4] + ids[plan.raw_from - n_mem + 4 : plan.raw_from],
+        BASELINES[3]: lambda ids, plan: ids[plan.raw_from - 1 : plan.raw_from],
+    }[name]
+
+
+def late_rows(args, data, shipped, fresh, base, held, plan_for, teacher, eval_ratio, runs) -> None:
+    """Add ``kl_late`` / ``ppl_late`` (tail tokens from offset ``args.late`` on) to every row that can be re-scored:
+    the baselines, the shipped and fresh adapters, and every trained recipe whose final adapter is in ``runs`` (rows
+    scored at this offset already are kept)."""
+    import beacon_llm
+    from beacon_llm.training import evaluate_fit
+
+    n_mem = plan_for(held[0]).entries(plan_for(held[0]).raw_from)
+    for row in data["rows"]:
+        name = row["recipe"]
+        if row.get("late_from") == args.late:
+            continue  # scored already
+        if name in BASELINES:
+            scores = plain_tail_scores(base, held, plan_for, teacher, baseline_keep(name, n_mem), args.late)
+        else:
+            if name.startswith("shipped"):
+                bm = shipped
+            elif name.startswith("fresh"):
+                bm = fresh if fresh is not None else beacon_llm.from_pretrained(
+                    beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)  # fmt: skip
+            else:
+                final = runs / "ablations" / name / "final"
+                if not (final / "beacon_model.safetensors").is_file():
+                    print(f"skipping {name}: no final adapter in {final}", flush=True)
+                    continue
+                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(final),
+                                                beacon_ratio_mix="fit-0") if not args.fast else shipped  # fmt: skip
+            scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher, score_from=args.late)
+            scores["ppl"] = round(scores["ppl"], 4)
+        row.update({"late_from": args.late, "kl_late": round(scores["kl"], 4), "ppl_late": round(scores["ppl"], 3)})
+        print(json.dumps({"recipe": name, "kl_late": row["kl_late"], "ppl_late": row["ppl_late"]}), flush=True)
 
 
 if __name__ == "__main__":
