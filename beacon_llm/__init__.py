@@ -6,7 +6,7 @@ from .documents import BUNDLED_BOOK, DocumentError, read_document
 from .engine import BeaconEngine, Completion, ReadCancelled, Usage, get_engine
 from .generation import GenerateOutput, check_sampling_options
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
-from .loading import capacity_from_files, load
+from .loading import capacity_from_files, load, unload
 from .model import BeaconModel, BeaconOutput
 from .serialization import from_pretrained, load_adapter, load_cache, save_adapter, save_cache
 
@@ -36,6 +36,7 @@ __all__ = [
     "mark_only_beacon_trainable",
     "save_adapter",
     "save_cache",
+    "unload",
 ]
 
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ import torch
 from .cache import BeaconCache
 from .generation import TokenSampler, _eos_ids, check_sampling_options, iter_tokens
 from .model import BeaconModel
+from .registry import Registry
 from .schedule import fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
@@ -623,8 +624,8 @@ class BeaconEngine:
         return final
 
 
-_ENGINES: dict[tuple, BeaconEngine] = {}
-_ENGINES_LOCK = threading.Lock()
+DEFAULT_MAX_ENGINES = 4
+_ENGINES: Registry[tuple, BeaconEngine] = Registry("engines", env="BEACON_LLM_MAX_ENGINES", default=DEFAULT_MAX_ENGINES)
 
 
 def get_engine(
@@ -639,15 +640,24 @@ def get_engine(
 ) -> BeaconEngine:
     """The process-wide engine for these arguments: weights are loaded once and condensed prefixes are shared by
     every caller (LangChain / LlamaIndex objects, threads). It reads with ``fit-N`` unless ``beacon_ratio_mix`` is
-    given (:func:`beacon_llm.loading.inference_overrides`)."""
+    given (:func:`beacon_llm.loading.inference_overrides`).
+
+    Engines are kept in a process-wide registry of at most ``$BEACON_LLM_MAX_ENGINES`` (default 4) entries, the least
+    recently used one dropped beyond that. Each engine holds its own model (from :func:`beacon_llm.load`, shared by
+    engines over the same model): an engine a caller still holds keeps its model alive and working after either
+    registry dropped it, but when the model registry (``$BEACON_LLM_MAX_MODELS``) evicts a model the registered
+    engines over it are dropped too, so the registries never keep more models alive than that bound. Loading runs
+    outside any global lock (callers for other engines are not blocked; callers for this one wait for its load).
+    :func:`beacon_llm.unload` drops engines and models explicitly."""
     import json
 
     from .loading import inference_overrides, load
 
     beacon_overrides = inference_overrides(beacon_overrides)
     key = (model, adapter, dtype, device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
-    with _ENGINES_LOCK:
-        if key not in _ENGINES:
-            bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
-            _ENGINES[key] = BeaconEngine(bm, max_prefixes=max_prefixes, cache_dir=cache_dir)
-        return _ENGINES[key]
+
+    def build() -> BeaconEngine:
+        bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
+        return BeaconEngine(bm, max_prefixes=max_prefixes, cache_dir=cache_dir)
+
+    return _ENGINES.get(key, build)

@@ -3,11 +3,11 @@ shipped adapter, an official beacon checkpoint, or a base model plus an adapter 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,24 @@ import torch
 from .config import BeaconConfig
 from .embedded import EMBEDDED_MODEL, embedded_model_path, home
 from .model import BeaconModel
+from .registry import Registry
 from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained
 
 SHIPPED_ADAPTERS = Path(__file__).parent / "adapters"
-_LOCK = threading.Lock()
-_LOADED: dict[tuple, BeaconModel] = {}
+DEFAULT_MAX_MODELS = 2
+
+
+def _forget_engines(models: list[BeaconModel]) -> None:
+    """The model registry evicted ``models``: drop the registered engines over them too, so that the registries
+    never keep alive a model the model registry let go (engines held by callers keep their model and keep working)."""
+    from .engine import _ENGINES
+
+    _ENGINES.discard(value_matches=lambda engine: any(engine.bm is bm for bm in models))
+
+
+_LOADED: Registry[tuple, BeaconModel] = Registry(
+    "models", env="BEACON_LLM_MAX_MODELS", default=DEFAULT_MAX_MODELS, on_evict=_forget_engines
+)
 
 
 def shipped_adapter(name: str = EMBEDDED_MODEL) -> str | None:
@@ -81,6 +94,12 @@ def load(
     * a folder / hub id of an official beacon checkpoint;
     * a base model plus ``adapter=`` (beacon-only folder) or ``beacon_config=`` (fresh beacons).
     ``beacon_overrides`` are ``beacon_*`` keys applied on top (e.g. ``beacon_ratio=[8]``).
+
+    Shared models are kept in a process-wide registry of at most ``$BEACON_LLM_MAX_MODELS`` (default 2) entries; the
+    least recently used one is dropped beyond that (models still referenced elsewhere keep working), together with
+    the registered engines over it (:func:`beacon_llm.get_engine`). Loading runs outside any global lock: threads
+    loading other models go on, threads asking for the same one wait for that load (and share its result or error;
+    a failed load is retried by the next call). :func:`unload` drops models explicitly.
     """
     path = resolve_model(model)
     if adapter is None and beacon_config is None and model in (None, "", EMBEDDED_MODEL):
@@ -96,10 +115,9 @@ def load(
         attn_implementation,
         json.dumps(beacon_overrides, sort_keys=True, default=str),
     )
-    with _LOCK:
-        if shared and key in _LOADED:
-            return _LOADED[key]
-        bm = from_pretrained(
+
+    def read() -> BeaconModel:
+        return from_pretrained(
             path,
             adapter=adapter,
             beacon_config=beacon_config,
@@ -108,9 +126,49 @@ def load(
             attn_implementation=attn_implementation,
             **beacon_overrides,
         )
-        if shared:
-            _LOADED[key] = bm
-        return bm
+
+    return _LOADED.get(key, read) if shared else read()
+
+
+def _same_model(name: str | None) -> str:
+    """A model name normalised for :func:`unload`'s matching: the embedded model's folder for its aliases (without
+    converting it), the real path of an existing folder, else the name as given (a hub id)."""
+    if name in (None, "", EMBEDDED_MODEL):
+        name = str(home() / EMBEDDED_MODEL)
+    return os.path.realpath(name) if os.path.isdir(name) else name
+
+
+def unload(model: str | BeaconModel | None = None) -> int:
+    """Drop loaded models and engines from the process-wide registries (:func:`load`, :func:`beacon_llm.get_engine`)
+    and free what nothing else references (``gc.collect()``, then ``torch.cuda.empty_cache()`` when CUDA is there).
+
+    Args:
+        model: ``None`` drops everything; a model name or folder (as given to :func:`load`; ``"smollm2-135m-instruct"``
+            for the embedded model) drops the models loaded from it, with any adapter and options, and the engines
+            over them; a :class:`BeaconModel` drops that model and the engines over it.
+
+    Returns how many registry entries (models plus engines) were dropped. Objects a caller still holds keep working;
+    a later :func:`load` or :func:`~beacon_llm.get_engine` loads again. A load in flight for a dropped model still
+    answers its callers but is not kept."""
+    from .engine import _ENGINES
+
+    if model is None:
+        dropped = len(_ENGINES.discard()) + len(_LOADED.discard())
+    elif isinstance(model, BeaconModel):
+        models = _LOADED.discard(value_matches=lambda bm: bm is model)
+        dropped = len(models) + len(_ENGINES.discard(value_matches=lambda engine: engine.bm is model))
+    else:
+        name = _same_model(model)
+        models = _LOADED.discard(key_matches=lambda key: _same_model(key[0]) == name)
+        engines = _ENGINES.discard(
+            key_matches=lambda key: _same_model(key[0]) == name,
+            value_matches=lambda engine: any(engine.bm is bm for bm in models),
+        )
+        dropped = len(models) + len(engines)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return dropped
 
 
 def model_identity(bm: BeaconModel) -> str:
