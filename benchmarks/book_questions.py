@@ -8,10 +8,16 @@ accepted strings and none of its rejected ones (case-insensitive).
 ``--excerpt first|last`` asks about the first or last part of the book that fits the base model's positions with
 the question and the answer, so the plain model's score (which cannot read the whole book) stands beside it.
 
-    python benchmarks/book_questions.py --label fit
-    python benchmarks/book_questions.py --label adapt --extra="--ratio-mix adapt-1024"
-    python benchmarks/book_questions.py --label plain_last --excerpt last
+    python benchmarks/book_questions.py --label after_fit_default
+    python benchmarks/book_questions.py --label before_adapt_default --extra="--ratio-mix adapt-1024"
+    python benchmarks/book_questions.py --label plain_last_7600 --excerpt last
+    python benchmarks/book_questions.py --label plain_first_7600 --excerpt first
     python benchmarks/book_questions.py --fast      # two questions on a small excerpt (CI smoke run)
+    python benchmarks/book_questions.py --plan-only # no model run: the prompt length and the fit plan of question 1
+
+``--plan-only`` tokenises the whole book and the first question as ``beacon-llm ask`` does (the embedded tokenizer,
+the shipped adapter's config with the CLI's inference defaults and answer length) and stores the read plan the
+engine computes for them under ``"plan"`` in the results file; the runs are kept as they are.
 """
 
 from __future__ import annotations
@@ -63,6 +69,73 @@ def ask(document: str, question: str, extra: list[str], threads: int, max_new_to
     }
 
 
+def read_plan(book_path: str, question: str) -> dict:
+    """Prompt length and read plan of ``beacon-llm ask BOOK QUESTION`` with the default settings (the embedded
+    model, the shipped adapter), computed as the CLI and the engine compute them, without loading any weights."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from beacon_llm import _compat
+    from beacon_llm.ask import DEFAULT_SYSTEM
+    from beacon_llm.cli import build_parser
+    from beacon_llm.config import CONFIG_NAME, BeaconConfig
+    from beacon_llm.documents import read_document
+    from beacon_llm.engine import BeaconEngine
+    from beacon_llm.loading import DEFAULT_ANSWER_RESERVE, inference_overrides, resolve_model, shipped_adapter
+    from beacon_llm.schedule import fit_plan, planned_read_length
+
+    max_new = build_parser().parse_args(["ask", book_path, question]).max_new_tokens  # the CLI's default
+    model = resolve_model(None)
+    adapter = shipped_adapter()
+    if adapter is None:
+        raise SystemExit("this installation ships no beacon adapter for the embedded model")
+    overrides = inference_overrides({}, max(max_new, DEFAULT_ANSWER_RESERVE))  # as beacon_llm.ask.load_for_cli
+    cfg = BeaconConfig.from_dict(json.loads((Path(adapter) / CONFIG_NAME).read_text()), **overrides)
+    positions = _compat.max_positions_from_dict(json.loads((Path(model) / "config.json").read_text()))
+    tok = AutoTokenizer.from_pretrained(model)
+    # the prompt of BeaconEngine.document_prompt: the document part tokenised on its own, then the question
+    prefix_text, rest_text = BeaconEngine.document_prompt_text(
+        SimpleNamespace(tokenizer=tok), read_document(book_path), question, system=DEFAULT_SYSTEM
+    )
+
+    def encode(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    prefix = encode(prefix_text)
+    n_prompt = len(prefix) + len(encode(rest_text))
+    # the engine reads with the answer length as its reserve (BeaconEngine._read)
+    planned = planned_read_length(cfg, positions, n_prompt, max_new, len(prefix))
+    plan = fit_plan(cfg, planned, positions)
+    return {
+        "book": str(Path(book_path).relative_to(ROOT)),
+        "question": question,
+        "ratio_mix": cfg.ratio_mix,
+        "max_positions": positions,
+        "answer_reserve": max_new,
+        "prompt_tokens": n_prompt,
+        "document_tokens": len(prefix),
+        "fit_plan": plan.to_dict(),
+        "raw_tokens": n_prompt - plan.raw_from,
+    }
+
+
+def write_results(out_path: Path, questions: str, *, run: dict | None = None, plan: dict | None = None) -> None:
+    """Add a run (by its label) or the read plan to the results file, keeping everything else in it."""
+    data = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    data["questions"] = questions
+    data.setdefault("runs", {})
+    if run is not None:
+        data["runs"][run["label"]] = run
+    if plan is not None:
+        data["plan"] = plan
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp_out.write_text(json.dumps(data, indent=2))
+    os.replace(tmp_out, out_path)
+    print(f"wrote {out_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", default="default", help="name of this run in the results file")
@@ -73,11 +146,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--plan-only", action="store_true", help="store the prompt length and read plan of question 1, run nothing"
+    )
     args = parser.parse_args()
 
     spec = json.loads(Path(args.questions).read_text())
     questions = spec["questions"]
     book_path = str(ROOT / spec["book"])
+    questions_file = str(Path(args.questions).relative_to(ROOT))
+    if args.plan_only:
+        plan = read_plan(book_path, questions[0]["question"])
+        print(json.dumps(plan, indent=2))
+        write_results(Path(args.out) if args.out else RESULTS / "book_questions.json", questions_file, plan=plan)
+        return
     extra = shlex.split(args.extra)
     max_new = None
     tmp = None
@@ -121,14 +203,8 @@ def main() -> None:
         "rows": rows,
     }
     print(f"{args.label}: {run['correct']}/{run['total']} correct")
-    RESULTS.mkdir(exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"book_questions{'_fast' if args.fast else ''}.json"
-    runs = json.loads(out_path.read_text())["runs"] if out_path.is_file() else {}
-    runs[args.label] = run
-    tmp_out = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps({"questions": str(Path(args.questions).relative_to(ROOT)), "runs": runs}, indent=2))
-    os.replace(tmp_out, out_path)
-    print(f"wrote {out_path}")
+    write_results(out_path, questions_file, run=run)
 
 
 if __name__ == "__main__":
