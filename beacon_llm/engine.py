@@ -10,47 +10,27 @@ what follows the longest stored prefix.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from . import prompts
 from .cache import BeaconCache
 from .generation import TokenSampler, _eos_ids, check_sampling_options, iter_tokens
 from .model import BeaconModel
+from .prefix_store import PrefixStore, prefix_hash
 from .registry import Registry
 from .schedule import fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
 logger = logging.getLogger(__name__)
-_SENTINEL = "\u2063\u2063BEACON\u2063\u2063"
-
-
-_DIGEST_CHARS = 40
-
-
-def _prefix_hash(ids: Sequence[int]) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:_DIGEST_CHARS]
-
-
-def _condensed(cache: BeaconCache) -> int:
-    plan = cache.state.fit_plan
-    return 0 if plan is None else plan.condensed_windows
-
-
-def _plan_tag(cache: BeaconCache) -> str:
-    """Part of a stored prefix's key: caches of one prefix read under different fit-N plans differ."""
-    plan = cache.state.fit_plan
-    return "" if plan is None else f"f{plan.condensed_windows}r{plan.ratio}"
 
 
 @dataclass
@@ -114,13 +94,6 @@ class _Guard:
         self.check_deadline(f"reading the prompt ({done} of {total} tokens read)")
 
 
-@dataclass
-class _Entry:
-    n_tokens: int
-    digest: str
-    cache: BeaconCache
-
-
 class BeaconEngine:
     """A beacon model plus a store of condensed prefixes.
 
@@ -141,29 +114,20 @@ class BeaconEngine:
     ) -> None:
         if bm.tokenizer is None:
             raise ValueError("BeaconEngine needs a model loaded with its tokenizer")
-        if max_prefixes < 0:
-            raise ValueError(f"max_prefixes={max_prefixes} must be >= 0")
         self.bm = bm
         self.tokenizer = bm.tokenizer
-        self.max_prefixes = max_prefixes
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.min_prefix = min_prefix
-        self._entries: OrderedDict[tuple[int, str, str], _Entry] = OrderedDict()
-        self._recent: deque[np.ndarray] = deque(maxlen=4)  # recent prompts (int64), to find shared prefixes
-        self._lock = threading.Lock()
-        self._identity: str | None = None
-        self._reading: dict[tuple[int, str], threading.Event] = {}  # prefixes being read now -> set when stored
+        self.store = PrefixStore(
+            bm, max_prefixes=max_prefixes, cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            min_prefix=min_prefix,
+        )  # fmt: skip
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        state.pop("_reading", None)
-        return state
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.store.cache_dir
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._reading = {}
+    @property
+    def max_prefixes(self) -> int:
+        return self.store.max_prefixes
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -173,150 +137,44 @@ class BeaconEngine:
 
     @property
     def identity(self) -> str:
-        if self._identity is None:
-            from .loading import model_identity
-
-            self._identity = model_identity(self.bm)
-        return self._identity
+        """A hash of the base model and the beacon weights and config: the key of stored prefixes."""
+        return self.store.identity()
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompts.encode(self.tokenizer, text)
 
     def encode_chat(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> tuple[list[int], int]:
         """Token ids of a chat (the tokenizer's template) and the index where the last message starts."""
-        if not messages:
-            raise ValueError("messages is empty")
-        tok = self.tokenizer
-        if not getattr(tok, "chat_template", None):
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + (
-                "assistant: " if add_generation_prompt else ""
-            )
-            head = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
-            ids = self.encode(text)
-            head_ids = self.encode(head)
-            return ids, len(head_ids) if ids[: len(head_ids)] == head_ids else 0
-        full = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
-        ids = self.encode(full)
-        boundary = 0
-        if len(messages) > 1:
-            marked = list(messages[:-1]) + [{**messages[-1], "content": _SENTINEL}]
-            text = tok.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
-            head = text[: text.index(_SENTINEL)]
-            # the last message's opening (role header) belongs to the question; cut at the previous turn's end
-            prev = tok.apply_chat_template(list(messages[:-1]), add_generation_prompt=False, tokenize=False)
-            cut = prev if head.startswith(prev) else head
-            head_ids = self.encode(cut)
-            if ids[: len(head_ids)] == head_ids:
-                boundary = len(head_ids)
-        return ids, boundary
+        return prompts.encode_chat(self.tokenizer, messages, add_generation_prompt)
 
     def document_prompt(
-        self,
-        document: str,
-        question: str,
-        *,
-        system: str | None = None,
-        instruction: str = "Read the document and answer the question after it.",
-    ) -> tuple[list[int], int]:
-        """Ids of a one-turn chat "<document> + question" and the index where the question starts.
-
-        The document part is tokenised on its own, so every question about it shares the exact same prefix.
-        """
-        prefix_text, rest_text = self.document_prompt_text(document, question, system=system, instruction=instruction)
-        prefix = self.encode(prefix_text)
-        return prefix + self.encode(rest_text), len(prefix)
+        self, document: str, question: str, *, system: str | None = None,
+        instruction: str = prompts.DEFAULT_INSTRUCTION,
+    ) -> tuple[list[int], int]:  # fmt: skip
+        """Ids of a one-turn chat "<document> + question" and the index where the question starts
+        (:func:`beacon_llm.prompts.document_prompt`)."""
+        return prompts.document_prompt(self.tokenizer, document, question, system=system, instruction=instruction)
 
     def document_prompt_text(
-        self,
-        document: str,
-        question: str,
-        *,
-        system: str | None = None,
-        instruction: str = "Read the document and answer the question after it.",
-    ) -> tuple[str, str]:
+        self, document: str, question: str, *, system: str | None = None,
+        instruction: str = prompts.DEFAULT_INSTRUCTION,
+    ) -> tuple[str, str]:  # fmt: skip
         """The two halves of :meth:`document_prompt` as text: (everything up to the question, the rest)."""
-        tok = self.tokenizer
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": _SENTINEL}
-        ]
-        if getattr(tok, "chat_template", None):
-            rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            rendered = f"{system + chr(10) if system else ''}{_SENTINEL}\nAnswer: "
-        head, tail = rendered.split(_SENTINEL)
-        return f"{head}{instruction}\n\n<document>\n{document}\n</document>\n\n", f"Question: {question}{tail}"
+        return prompts.document_prompt_text(self.tokenizer, document, question, system=system, instruction=instruction)
 
     # ------------------------------------------------------------------ prefixes
-    def _lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]) -> tuple[BeaconCache | None, int]:
-        """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
-        Of two with the same prefix, the one with fewer condensed windows."""
-        with self._lock:
-            found = [
-                e
-                for e in self._entries.values()
-                if e.n_tokens <= len(ids) and _prefix_hash(ids[: e.n_tokens]) == e.digest and usable(e.cache)
-            ]
-            best = max(found, key=lambda e: (e.n_tokens, -_condensed(e.cache)), default=None)
-            if best is not None:
-                self._entries.move_to_end((best.n_tokens, best.digest, _plan_tag(best.cache)))
-        disk = self._lookup_disk(ids, best.n_tokens if best else 0, usable)
-        if disk is not None:
-            return disk
-        return (best.cache.fork(), best.n_tokens) if best is not None else (None, 0)
-
-    def _disk_path(self, n: int, digest: str, tag: str) -> Path:
-        assert self.cache_dir is not None
-        return self.cache_dir / f"{self.identity}-{n}-{digest}{tag}.safetensors"
-
-    def _lookup_disk(
-        self, ids: Sequence[int], better_than: int, usable: Callable[[BeaconCache], bool]
-    ) -> tuple[BeaconCache, int] | None:
-        if self.cache_dir is None or not self.cache_dir.is_dir():
-            return None
-        found: list[tuple[int, str, Path]] = []
-        for path in self.cache_dir.glob(f"{self.identity}-*.safetensors"):
-            parts = path.stem.split("-")
-            if len(parts) == 3 and parts[1].isdigit() and better_than < int(parts[1]) <= len(ids):
-                found.append((int(parts[1]), parts[2][:_DIGEST_CHARS], parts[2][_DIGEST_CHARS:], path))
-        for n, digest, tag, path in sorted(found, key=lambda f: (-f[0], f[2])):
-            if _prefix_hash(ids[:n]) != digest:
-                continue
-            try:
-                cache, _ = load_cache(str(path), self.bm)
-            except ValueError as exc:  # corrupt or foreign: read again instead
-                logger.warning("ignoring unusable condensed cache %s: %s", path, exc)
-                continue
-            if _plan_tag(cache) != tag or not usable(cache):
-                continue
-            self._remember(ids[:n], cache, persist=False)
-            return cache.fork(), n
-        return None
-
-    def _remember(self, prefix: Sequence[int], cache: BeaconCache, persist: bool = True) -> None:
-        if len(prefix) < max(self.min_prefix, 1):
-            return
-        digest = _prefix_hash(prefix)
-        entry = _Entry(len(prefix), digest, cache.fork())
-        key = (entry.n_tokens, digest, _plan_tag(cache))
-        if self.max_prefixes:
-            with self._lock:
-                self._entries[key] = entry
-                self._entries.move_to_end(key)
-                while len(self._entries) > self.max_prefixes:
-                    self._entries.popitem(last=False)
-        if persist and self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            path = self._disk_path(entry.n_tokens, digest, key[2])
-            save_cache(entry.cache, str(path), extra={"n_tokens": len(prefix)})
+    def stored_prefixes(self) -> list[tuple[int, BeaconCache]]:
+        """(prefix length, condensed cache) of the prefixes kept in memory, least recently used first."""
+        return [(e.n_tokens, e.cache) for e in self.store.stored()]
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        """Forget the prefixes kept in memory (files in ``cache_dir`` stay)."""
+        self.store.clear()
 
     # ------------------------------------------------------------------ reading
     def read(
@@ -354,7 +212,7 @@ class BeaconEngine:
         if not ids:
             raise ValueError("the prompt is empty")
         if boundary is None:
-            boundary = self._shared_prefix(ids)
+            boundary = self.store.shared_prefix(ids)
         cfg, positions = self.bm.config, self.bm.max_positions
         needed = len(ids) + answer_reserve
         if needed > self.capacity:
@@ -374,37 +232,12 @@ class BeaconEngine:
                 return True
             return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
 
-        claim = self._claim(ids, boundary, usable, guard)
+        release = self.store.claim(ids, boundary, lambda: guard.check_reading(0, len(ids)))
         try:
             return self._read_claimed(ids, boundary, planned, needed, usable, progress, guard)
         finally:
-            if claim is not None:
-                with self._lock:
-                    self._reading.pop(claim[0], None)
-                claim[1].set()
-
-    def _claim(
-        self, ids: list[int], boundary: int | None, usable: Callable[[BeaconCache], bool], guard: _Guard
-    ) -> tuple[tuple[int, str], threading.Event] | None:
-        """One read per prefix, also under concurrency: if another call is reading the same prefix (the same ids up
-        to ``boundary``) right now, wait until it is stored, so this call forks it instead of reading it again;
-        otherwise mark it as being read by this call (the caller releases the claim). Waiting stops for this call's
-        cancel event or deadline; if the other read fails, this one reads."""
-        if boundary is None or not max(self.min_prefix, 1) <= boundary < len(ids):
-            return None
-        if not self.max_prefixes and self.cache_dir is None:
-            return None  # nothing is stored: nothing to wait for
-        key = (boundary, _prefix_hash(ids[:boundary]))
-        while True:
-            with self._lock:
-                other = self._reading.get(key)
-                if other is None:
-                    mine = threading.Event()
-                    self._reading[key] = mine
-                    return key, mine
-            while not other.wait(0.05):
-                guard.check_reading(0, len(ids))
-            guard.check_reading(0, len(ids))
+            if release is not None:
+                release()
 
     def _read_claimed(
         self,
@@ -417,7 +250,7 @@ class BeaconEngine:
         guard: _Guard,
     ) -> tuple[BeaconCache, Usage]:
         cfg = self.bm.config
-        cache, start = self._lookup(ids, usable)
+        cache, start = self.store.lookup(ids, usable)
         if cache is None:
             cache = self.bm.new_cache()
         elif cfg.is_fit:
@@ -456,27 +289,16 @@ class BeaconEngine:
                 usage.read_tokens += mark - pos
                 pos = mark
                 if mark != len(ids):  # only the caller's boundary (a document's end) is worth a disk copy
-                    self._remember(ids[:mark], cache, persist=mark == boundary)
+                    self.store.remember(ids[:mark], cache, persist=mark == boundary)
             if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
                 raise RuntimeError("internal error: reused prefix carries no logits")
         return cache, usage
-
-    def _shared_prefix(self, ids: list[int]) -> int | None:
-        best = 0
-        current = np.asarray(ids, dtype=np.int64)
-        with self._lock:
-            for prev in self._recent:
-                n = min(len(prev), len(current))
-                diff = np.flatnonzero(prev[:n] != current[:n])
-                best = max(best, int(diff[0]) if diff.size else n)
-            self._recent.append(current)
-        return best if best >= 32 else None
 
     def export_prefix(self, ids: Sequence[int], path: str | os.PathLike[str]) -> None:
         """Condense ``ids`` (reusing stored prefixes) and write the result to ``path`` (safetensors + JSON)."""
         ids = [int(i) for i in ids]
         cache, _ = self.read(ids, boundary=len(ids))
-        save_cache(cache, str(path), extra={"n_tokens": len(ids), "digest": _prefix_hash(ids), "model": self.identity})
+        save_cache(cache, str(path), extra={"n_tokens": len(ids), "digest": prefix_hash(ids), "model": self.identity})
 
     def import_prefix(self, path: str | os.PathLike[str]) -> int:
         """Load a prefix written by :meth:`export_prefix`; later prompts starting with it skip reading it.
@@ -491,10 +313,9 @@ class BeaconEngine:
             )
         if "digest" not in extra or "n_tokens" not in extra:
             raise ValueError(f"{path} carries no prefix key; write it with export_prefix")
-        entry = _Entry(int(extra["n_tokens"]), str(extra["digest"]), cache)
-        with self._lock:
-            self._entries[(entry.n_tokens, entry.digest, _plan_tag(cache))] = entry
-        return entry.n_tokens
+        n_tokens = int(extra["n_tokens"])
+        self.store.add(n_tokens, str(extra["digest"]), cache)
+        return n_tokens
 
     # ------------------------------------------------------------------ generating
     def stream(

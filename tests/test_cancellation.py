@@ -36,8 +36,8 @@ def _same_as_fresh(engine: BeaconEngine, ids: list[int], boundary: int | None) -
 
 def _sound_store(engine: BeaconEngine) -> None:
     """Each stored prefix (memory and disk) holds exactly the tokens its key says; no temporary files are left."""
-    for entry in engine._entries.values():
-        assert entry.cache.state.n_seen == entry.n_tokens and entry.cache.last_logits is not None
+    for n_tokens, cache in engine.stored_prefixes():
+        assert cache.state.n_seen == n_tokens and cache.last_logits is not None
     if engine.cache_dir is not None:
         assert not list(engine.cache_dir.glob("*.tmp"))
         for path in engine.cache_dir.glob("*.safetensors"):
@@ -60,7 +60,7 @@ def test_cancel_stops_the_read_within_one_window_and_stores_nothing_half_read(bm
     with pytest.raises(ReadCancelled, match=r"cancelled while reading the prompt \(\d+ of \d+ tokens read\)"):
         list(engine.stream(ids, boundary=boundary, max_new_tokens=8, cancel=cancel, progress=progress))
     assert len(steps) == 3 and _windows(engine, ids) > 100
-    assert not engine._entries and not list(tmp_path.iterdir())
+    assert not engine.stored_prefixes() and not list(tmp_path.iterdir())
     assert _same_as_fresh(engine, ids, boundary) == 0
     with pytest.raises(ReadCancelled):  # an event set before the call: nothing is read
         engine.read(ids, cancel=cancel)
@@ -98,7 +98,7 @@ def test_cancelled_async_task_stops_the_read_within_one_window(bm):
         t.join(10)
     assert not any(t.is_alive() for t in workers)
     assert len(steps) == 3 and _windows(engine, ids) > 100
-    assert not engine._entries
+    assert not engine.stored_prefixes()
     assert _same_as_fresh(engine, ids, boundary) == 0
 
 
@@ -118,7 +118,7 @@ def test_interrupt_in_progress_propagates_and_keeps_the_store_sound(bm, tmp_path
     with pytest.raises(KeyboardInterrupt):
         engine.complete(ids, boundary=boundary, max_new_tokens=8, progress=progress)
     assert done < len(ids)
-    assert [e.n_tokens for e in engine._entries.values()] == [boundary]
+    assert [n for n, _ in engine.stored_prefixes()] == [boundary]
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     _sound_store(engine)
     assert _same_as_fresh(engine, ids, boundary) == boundary
@@ -137,7 +137,7 @@ def test_timeout_covers_reading_and_generating(bm):
 
     with pytest.raises(TimeoutError, match=r"timeout=0.001 s while reading the prompt .*timeout=None for no limit"):
         list(engine.stream(ids, boundary=boundary, max_new_tokens=8, timeout=0.001, progress=slow))
-    assert len(steps) <= 1 and not engine._entries  # 0: out of time before the first window ended
+    assert len(steps) <= 1 and not engine.stored_prefixes()  # 0: out of time before the first window ended
     short = engine.encode("Once upon a time")
     events = engine.stream(short, max_new_tokens=50, timeout=1.0)
     assert isinstance(next(events), str)

@@ -249,7 +249,7 @@ def test_timeout_stops_the_read_within_a_window_and_names_the_fix(engine, monkey
         with pytest.raises(TimeoutError, match=r"timeout=0\.0(01|2) s while reading the prompt .*" + fix):
             call()
         assert len(steps) <= 10 < windows // 10, (len(steps), windows)  # 0: out of time before the first window
-    assert not engine._entries  # nothing half-read was kept
+    assert not engine.stored_prefixes()  # nothing half-read was kept
     monkeypatch.undo()
     generous = ChatBeacon(engine=engine, max_tokens=8, timeout=60).invoke(messages)
     unlimited = ChatBeacon(engine=BeaconEngine(engine.bm), max_tokens=8).invoke(messages)
@@ -270,7 +270,7 @@ def test_cancelled_ainvoke_stops_the_read(engine, monkeypatch):
     asyncio.run(main())
     for t in [t for t in threading.enumerate() if t.name == "beacon-generate"]:
         t.join(10)
-    assert len(steps) < windows // 4 and not engine._entries, (len(steps), windows)
+    assert len(steps) < windows // 4 and not engine.stored_prefixes(), (len(steps), windows)
 
 
 def test_timeout_while_generating_stops_within_a_token(engine):

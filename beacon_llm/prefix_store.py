@@ -1,0 +1,220 @@
+"""The store of condensed prefixes behind "ingest once, ask many".
+
+After a prompt is read, the condensed cache at its reusable boundary (a document's end) is kept in a bounded LRU in
+memory and, with a ``cache_dir``, on disk (one safetensors file each), keyed by a hash of the exact token prefix,
+the model identity and the fit plan. A later prompt that starts with the same tokens forks the stored cache and reads
+only what follows. Concurrent reads of one prefix are read once: the first caller claims it, the others wait for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import BeaconCache
+from .serialization import load_cache, save_cache
+
+logger = logging.getLogger(__name__)
+DIGEST_CHARS = 40
+MIN_SHARED_PREFIX = 32  # a guessed shared beginning shorter than this is not worth a checkpoint
+
+
+def prefix_hash(ids: Sequence[int]) -> str:
+    """The key of a token prefix (sha256 of its int64 ids)."""
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:DIGEST_CHARS]
+
+
+def condensed_windows(cache: BeaconCache) -> int:
+    plan = cache.state.fit_plan
+    return 0 if plan is None else plan.condensed_windows
+
+
+def plan_tag(cache: BeaconCache) -> str:
+    """Part of a stored prefix's key: caches of one prefix read under different fit-N plans differ."""
+    plan = cache.state.fit_plan
+    return "" if plan is None else f"f{plan.condensed_windows}r{plan.ratio}"
+
+
+@dataclass
+class StoredPrefix:
+    n_tokens: int
+    digest: str
+    cache: BeaconCache
+
+
+class PrefixStore:
+    """Condensed prefixes of one model: ``max_prefixes`` in memory (least recently used dropped), all on disk in
+    ``cache_dir`` when given, named by the model's identity (base model, beacon weights and config)."""
+
+    def __init__(
+        self,
+        bm: Any,
+        *,
+        max_prefixes: int = 4,
+        cache_dir: Path | None = None,
+        min_prefix: int = 0,
+    ) -> None:
+        if max_prefixes < 0:
+            raise ValueError(f"max_prefixes={max_prefixes} must be >= 0")
+        self.bm = bm
+        self._identity: str | None = None
+        self.max_prefixes = max_prefixes
+        self.cache_dir = cache_dir
+        self.min_prefix = min_prefix
+        self._entries: OrderedDict[tuple[int, str, str], StoredPrefix] = OrderedDict()
+        self._recent: deque[np.ndarray] = deque(maxlen=4)  # recent prompts (int64), to guess shared prefixes
+        self._lock = threading.Lock()
+        self._reading: dict[tuple[int, str], threading.Event] = {}  # prefixes being read now -> set when done
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state.pop("_reading", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._reading = {}
+
+    def identity(self) -> str:
+        """A hash of the base model and the beacon weights and config (computed once)."""
+        if self._identity is None:
+            from .loading import model_identity
+
+            self._identity = model_identity(self.bm)
+        return self._identity
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_prefixes) or self.cache_dir is not None
+
+    def stored(self) -> list[StoredPrefix]:
+        """The prefixes kept in memory, least recently used first."""
+        with self._lock:
+            return list(self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    # ------------------------------------------------------------------ finding
+    def lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]) -> tuple[BeaconCache | None, int]:
+        """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
+        Of two with the same prefix, the one with fewer condensed windows."""
+        with self._lock:
+            found = [
+                e
+                for e in self._entries.values()
+                if e.n_tokens <= len(ids) and prefix_hash(ids[: e.n_tokens]) == e.digest and usable(e.cache)
+            ]
+            best = max(found, key=lambda e: (e.n_tokens, -condensed_windows(e.cache)), default=None)
+            if best is not None:
+                self._entries.move_to_end((best.n_tokens, best.digest, plan_tag(best.cache)))
+        disk = self._lookup_disk(ids, best.n_tokens if best else 0, usable)
+        if disk is not None:
+            return disk
+        return (best.cache.fork(), best.n_tokens) if best is not None else (None, 0)
+
+    def _disk_path(self, n: int, digest: str, tag: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{self.identity()}-{n}-{digest}{tag}.safetensors"
+
+    def _lookup_disk(
+        self, ids: Sequence[int], better_than: int, usable: Callable[[BeaconCache], bool]
+    ) -> tuple[BeaconCache, int] | None:
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return None
+        found: list[tuple[int, str, str, Path]] = []
+        for path in self.cache_dir.glob(f"{self.identity()}-*.safetensors"):
+            parts = path.stem.split("-")
+            if len(parts) == 3 and parts[1].isdigit() and better_than < int(parts[1]) <= len(ids):
+                found.append((int(parts[1]), parts[2][:DIGEST_CHARS], parts[2][DIGEST_CHARS:], path))
+        for n, digest, tag, path in sorted(found, key=lambda f: (-f[0], f[2])):
+            if prefix_hash(ids[:n]) != digest:
+                continue
+            try:
+                cache, _ = load_cache(str(path), self.bm)
+            except ValueError as exc:  # corrupt or foreign: read again instead
+                logger.warning("ignoring unusable condensed cache %s: %s", path, exc)
+                continue
+            if plan_tag(cache) != tag or not usable(cache):
+                continue
+            self.remember(ids[:n], cache, persist=False)
+            return cache.fork(), n
+        return None
+
+    def shared_prefix(self, ids: list[int]) -> int | None:
+        """The longest beginning ``ids`` shares with a recent prompt (None if under ``MIN_SHARED_PREFIX``); ``ids``
+        becomes a recent prompt."""
+        best = 0
+        current = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            for prev in self._recent:
+                n = min(len(prev), len(current))
+                diff = np.flatnonzero(prev[:n] != current[:n])
+                best = max(best, int(diff[0]) if diff.size else n)
+            self._recent.append(current)
+        return best if best >= MIN_SHARED_PREFIX else None
+
+    # ------------------------------------------------------------------ storing
+    def remember(self, prefix: Sequence[int], cache: BeaconCache, persist: bool = True) -> None:
+        """Keep (a fork of) ``cache`` as the condensed form of ``prefix``; ``persist``: also write it to disk."""
+        if len(prefix) < max(self.min_prefix, 1):
+            return
+        digest = prefix_hash(prefix)
+        entry = StoredPrefix(len(prefix), digest, cache.fork())
+        key = (entry.n_tokens, digest, plan_tag(cache))
+        if self.max_prefixes:
+            with self._lock:
+                self._entries[key] = entry
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.max_prefixes:
+                    self._entries.popitem(last=False)
+        if persist and self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            path = self._disk_path(entry.n_tokens, digest, key[2])
+            save_cache(entry.cache, str(path), extra={"n_tokens": len(prefix)})
+
+    def add(self, n_tokens: int, digest: str, cache: BeaconCache) -> None:
+        """Keep an imported prefix (already keyed) in memory."""
+        with self._lock:
+            self._entries[(n_tokens, digest, plan_tag(cache))] = StoredPrefix(n_tokens, digest, cache)
+
+    # ------------------------------------------------------------------ one read per prefix
+    def claim(
+        self, ids: list[int], boundary: int | None, still_waiting: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        """One read per prefix, also under concurrency: if another call is reading the same prefix (the same ids up
+        to ``boundary``) right now, wait until it is done, so this call then finds it stored instead of reading it
+        again; then mark it as being read by this call. Returns the release function (call it when the read ends,
+        however it ends), or None when nothing is claimed. ``still_waiting`` is called while waiting and may raise
+        (cancel, deadline); if the other read fails, this one reads."""
+        if boundary is None or not max(self.min_prefix, 1) <= boundary < len(ids) or not self.enabled:
+            return None
+        key = (boundary, prefix_hash(ids[:boundary]))
+        while True:
+            with self._lock:
+                other = self._reading.get(key)
+                if other is None:
+                    mine = threading.Event()
+                    self._reading[key] = mine
+                    break
+            while not other.wait(0.05):
+                still_waiting()
+            still_waiting()
+
+        def release() -> None:
+            with self._lock:
+                self._reading.pop(key, None)
+            mine.set()
+
+        return release
