@@ -9,7 +9,6 @@ what follows the longest stored prefix.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from . import prompts
+from .aio import iterate_in_thread
 from .cache import BeaconCache
 from .generation import TokenSampler, _eos_ids, check_sampling_options, iter_tokens
 from .model import BeaconModel
@@ -398,43 +398,12 @@ class BeaconEngine:
         """:meth:`stream` for asyncio: reading and generating run in a worker thread, never on the event loop.
         Leaving the loop early (or cancelling the task) stops the reading within one window step and the generation
         at the next token."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        done = object()
 
-        def post(item: object, exc: BaseException | None) -> bool:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (item, exc))
-            except RuntimeError:  # the event loop is closed: nobody listens any more
-                cancel.set()
-                return False
-            return True
+        def start(cancel: threading.Event) -> Iterator[str | Completion]:
+            return self.stream(ids, cancel=cancel, **kwargs)
 
-        def worker() -> None:
-            events = self.stream(ids, cancel=cancel, **kwargs)
-            try:
-                for item in events:
-                    if not post(item, None):
-                        return
-            except BaseException as exc:  # re-raised on the event loop
-                post(done, exc)
-                return
-            finally:
-                events.close()
-            post(done, None)
-
-        threading.Thread(target=worker, name="beacon-generate", daemon=True).start()
-        try:
-            while True:
-                item, exc = await queue.get()
-                if exc is not None:
-                    raise exc
-                if item is done:
-                    break
-                yield item
-        finally:
-            cancel.set()
+        async for item in iterate_in_thread(start, "beacon-generate"):
+            yield item
 
     def complete(self, ids: Sequence[int], **kwargs: Any) -> Completion:
         """Like :meth:`stream`, returning only the final :class:`Completion`."""
