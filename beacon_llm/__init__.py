@@ -3,10 +3,10 @@
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
 from .documents import BUNDLED_BOOK, DocumentError, read_document
-from .engine import BeaconEngine, Completion, ReadCancelled, Usage, get_engine
+from .engine import BeaconEngine, Completion, ReadCancelled, Usage, check_timeout
 from .generation import GenerateOutput, check_sampling_options
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
-from .loading import capacity_from_files, load, unload
+from .loading import capacity_from_files, get_engine, load, unload
 from .model import BeaconModel, BeaconOutput
 from .serialization import from_pretrained, load_adapter, load_cache, save_adapter, save_cache
 
@@ -20,6 +20,7 @@ __all__ = [
     "Usage",
     "capacity_from_files",
     "check_sampling_options",
+    "check_timeout",
     "get_engine",
     "load",
     "read_document",

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import CliError
+from .cli_errors import CliError
 from .documents import DocumentError, read_document
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer questions about the document briefly and accurately."

@@ -9,9 +9,12 @@ stored on the model. Tensors are never modified in place, so a fork is cheap and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +49,28 @@ class _State:
     pending: list[int] = field(default_factory=list)  # generated token not yet fed (see generate)
     fit_plan: FitPlan | None = None  # fit-N: the read's plan, fixed at its first call
     n_raw_memory: int = 0  # raw (uncondensed) entries in the memory: ratio-0 windows, fit-N's raw part
+
+
+@dataclass(frozen=True)
+class WindowClose:
+    """How the complete open window closes (docs/design.md §3.2), from :meth:`BeaconCache.window_close`.
+
+    Attributes:
+        ratio: the window's compression ratio (0: kept raw).
+        move: window entries that go to the memory, in order (on the first close the sink comes first).
+        keep: raw entries that stay and start the next window (v2 with stride < window).
+        n_moved: the window's beacons (ratio > 0) or raw entries (ratio 0) among ``move``, the sink not counted.
+        n_sink: the cache's sink entries after this close.
+    """
+
+    ratio: int
+    move: tuple[int, ...]
+    keep: tuple[int, ...]
+    n_moved: int
+    n_sink: int
+
+
+_KV_NAMES = ("mem_k", "mem_v", "win_k", "win_v")
 
 
 class BeaconCache:
@@ -136,6 +161,121 @@ class BeaconCache:
         tensors = [t for t in (*self.mem_k, *self.mem_v, *self.win_k, *self.win_v) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    # ------------------------------------------------------------------ transitions (docs/design.md §3)
+    def bind(self, fingerprint: tuple) -> None:
+        """Refuse a cache built by another model (``fingerprint`` differs from the one it holds), else remember
+        ``fingerprint`` as its model's."""
+        if self.fingerprint is not None and self.fingerprint != fingerprint:
+            raise ValueError(f"this cache was built by a different model {self.fingerprint}, not {fingerprint}")
+        self.fingerprint = fingerprint
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[BeaconCache]:
+        """Within the block, any exception or interrupt restores the cache as it was before it (§3.1): a failed
+        call never leaves it half-updated. The caller holds the lock (:meth:`acquire`)."""
+        snapshot = self._snapshot()
+        try:
+            yield self
+        except BaseException:
+            self._restore(snapshot)
+            raise
+
+    def take_pending(self) -> list[int]:
+        """The generated tokens not fed yet (docs/design.md §8), removed from the cache: the caller feeds them."""
+        pending, self.state.pending = self.state.pending, []
+        return pending
+
+    def set_pending(self, token: int) -> None:
+        """Keep ``token`` (generated, not fed) to be fed first by the next read; the logits after the last fed token
+        no longer describe the context's end, so they are dropped."""
+        self.state.pending = [token]
+        self.last_logits = None
+
+    def set_last_logits(self, logits: torch.Tensor) -> None:
+        """Remember the (V,) next-token logits after the last fed token (``generate(input_ids=None)`` uses them)."""
+        self.last_logits = logits
+
+    def record(self, step: StepTrace) -> None:
+        """Append ``step`` to the trace when the cache keeps one."""
+        if self.trace is not None:
+            self.trace.append(step)
+
+    def ensure_fit_plan(self, choose: Callable[[], FitPlan]) -> FitPlan:
+        """``fit-N``: the cache's plan, chosen by ``choose()`` at its first read and fixed from then on."""
+        if self.state.fit_plan is None:
+            self.state.fit_plan = choose()
+        return self.state.fit_plan
+
+    def choose_window_ratio(self, ratio: int, *, fixed: int | None) -> int:
+        """Record ``ratio`` as the ratio of the window opening now and ``fixed`` as the ratio remembered for the rest
+        of the stream (``instance-random`` / ``adapt-N``; pass the current one to keep it). Returns ``ratio``."""
+        self.state.window_ratio = ratio
+        self.state.fixed_ratio = fixed
+        return ratio
+
+    def grow_window(
+        self,
+        new_k: Sequence[torch.Tensor],
+        new_v: Sequence[torch.Tensor],
+        window_flags: tuple[bool, ...],
+        *,
+        n_raw: int,
+        remainder: int,
+    ) -> None:
+        """After a step that read ``n_raw`` tokens: append its per-layer keys (before RoPE) / values to the open
+        window, whose layout becomes ``window_flags`` (§3.2)."""
+        st = self.state
+        st.n_seen += n_raw
+        st.n_steps += 1
+        st.remainder = remainder
+        self.win_k = [new if old is None else torch.cat([old, new], 2) for old, new in zip(self.win_k, new_k)]
+        self.win_v = [new if old is None else torch.cat([old, new], 2) for old, new in zip(self.win_v, new_v)]
+        st.window_flags = window_flags
+
+    def window_close(self, ratio: int) -> WindowClose:
+        """Which entries of the complete open window move to the memory and which stay (§3.2); nothing changes
+        until :meth:`commit_window`."""
+        cfg, st = self.config, self.state
+        flags = st.window_flags
+        raw_idx = [i for i, f in enumerate(flags) if not f]
+        keep = raw_idx[len(raw_idx) - (cfg.window - cfg.stride) :] if cfg.window > cfg.stride else []
+        if ratio > 0:
+            move = [i for i, f in enumerate(flags) if f]
+        else:
+            move = [i for i in raw_idx if i not in set(keep)]
+        n_moved = len(move)
+        n_sink = st.n_sink
+        if cfg.sink_size and st.n_sink == 0:
+            sink = raw_idx[: cfg.sink_size]
+            if ratio > 0:
+                move = sink + [i for i in move if i not in set(sink)]
+            else:  # as the official code: a window kept raw moves all its entries, so the sink's are there twice
+                move = sink + move
+            n_sink = len(sink)
+        return WindowClose(ratio, tuple(move), tuple(keep), n_moved, n_sink)
+
+    def commit_window(
+        self,
+        close: WindowClose,
+        moved_k: Sequence[torch.Tensor],
+        moved_v: Sequence[torch.Tensor],
+        kept_k: Sequence[torch.Tensor | None],
+        kept_v: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Close the open window as ``close`` says: append ``moved_k`` / ``moved_v`` (per layer, the ``close.move``
+        entries, keys rotated at the next memory positions) to the memory; ``kept_k`` / ``kept_v`` (the
+        ``close.keep`` entries, or None) become the open window (§3.2)."""
+        st = self.state
+        self.mem_k = [new if old is None else torch.cat([old, new], 2) for old, new in zip(self.mem_k, moved_k)]
+        self.mem_v = [new if old is None else torch.cat([old, new], 2) for old, new in zip(self.mem_v, moved_v)]
+        self.win_k, self.win_v = list(kept_k), list(kept_v)
+        st.n_sink = close.n_sink
+        st.window_flags = (False,) * len(close.keep)
+        if close.ratio == 0:
+            st.n_raw_memory += close.n_moved  # raw entries moved to memory
+        st.n_windows += 1
+        st.window_sizes.append(close.n_moved if close.ratio > 0 else -1)
+
     # ------------------------------------------------------------------ lifecycle
     def set_fit_plan(self, plan: FitPlan) -> None:
         """Fix the ``fit-N`` plan of a fresh cache (training uses its own position budget; reads plan themselves)."""
@@ -204,6 +344,77 @@ class BeaconCache:
         ) = snap
         if self.trace is not None and n_trace is not None:
             del self.trace[n_trace:]
+
+    # ------------------------------------------------------------------ records (serialization.save_cache)
+    def to_record(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The cache as CPU tensors and JSON-ready metadata (config, layers, model fingerprint, scheduling state,
+        generator); :meth:`from_record` reads them back. Files are ``serialization``'s business."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in _KV_NAMES:
+            for i, t in enumerate(getattr(self, name)):
+                if t is not None:
+                    tensors[f"{name}.{i}"] = t.detach().cpu().contiguous()
+        if self.last_logits is not None:
+            tensors["last_logits"] = self.last_logits.detach().cpu().contiguous()
+        st = self.state
+        meta = {
+            "config": {**self.config.to_dict(), "beacon_era": self.config.era},
+            "num_layers": self.num_layers,
+            "fingerprint": list(self.fingerprint) if self.fingerprint else None,
+            "state": {
+                "n_seen": st.n_seen,
+                "n_steps": st.n_steps,
+                "n_windows": st.n_windows,
+                "n_sink": st.n_sink,
+                "window_ratio": st.window_ratio,
+                "remainder": st.remainder,
+                "fixed_ratio": st.fixed_ratio,
+                "window_flags": [int(f) for f in st.window_flags],
+                "window_sizes": list(st.window_sizes),
+                "pending": list(st.pending),
+                "fit_plan": st.fit_plan.to_dict() if st.fit_plan is not None else None,
+                "n_raw_memory": st.n_raw_memory,
+            },
+            "generator": self.generator.bit_generator.state,
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_record(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        *,
+        config: BeaconConfig,
+        num_layers: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> BeaconCache:
+        """A cache from :meth:`to_record`'s output, its KVs on ``device`` in ``dtype``. ``config`` / ``num_layers``
+        are the model's (the caller checks they match ``meta``'s); a missing entry raises KeyError / TypeError."""
+        cache = cls(config, num_layers)
+        s = meta["state"]
+        st = cache.state
+        st.n_seen, st.n_steps, st.n_windows, st.n_sink = s["n_seen"], s["n_steps"], s["n_windows"], s["n_sink"]
+        st.window_ratio, st.remainder, st.fixed_ratio = s["window_ratio"], s["remainder"], s["fixed_ratio"]
+        st.window_flags = tuple(bool(f) for f in s["window_flags"])
+        st.window_sizes, st.pending = list(s["window_sizes"]), list(s["pending"])
+        st.fit_plan = FitPlan(**s["fit_plan"]) if s.get("fit_plan") else None
+        st.n_raw_memory = int(s.get("n_raw_memory", 0))
+        cache.generator.bit_generator.state = meta["generator"]
+        cache.fingerprint = tuple(meta["fingerprint"]) if meta["fingerprint"] else None
+        for name in _KV_NAMES:
+            setattr(
+                cache,
+                name,
+                [
+                    tensors[f"{name}.{i}"].to(device=device, dtype=dtype) if f"{name}.{i}" in tensors else None
+                    for i in range(num_layers)
+                ],
+            )
+        if "last_logits" in tensors:
+            cache.last_logits = tensors["last_logits"].to(device=device)
+        return cache
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -8,11 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_errors import CliError
+
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-gradient-checkpointing", action="store_true")
     tr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     tr.add_argument("--fresh", action="store_true", help="ignore checkpoints in --output-dir")
+
+    srv = sub.add_parser("serve", help="serve the model and its condensed books behind an OpenAI-compatible API")
+    _add_model_args(srv)
+    _add_beacon_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable); none = open")
+    srv.add_argument("--api-keys-file", default=None, help="file of API keys, one per line (# comments)")
+    srv.add_argument("--store-dir", default=None, help="condensed books, per key (default: $BEACON_LLM_HOME/serve)")
+    srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    srv.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 32 MiB)")
+    srv.add_argument("--max-tokens", type=int, default=None, help="answer length when a request sets none (512)")
+    srv.add_argument("--max-concurrent", type=int, default=None, help="generations at once (default 4)")
+    srv.add_argument("--max-engines", type=int, default=None, help="per-key engines kept in memory (default 8)")
+    srv.add_argument("--max-prefixes", type=int, default=None, help="condensed books per engine in memory (2)")
+    srv.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to finish requests at exit (30)")
     return parser
 
 
@@ -187,10 +201,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import run
+    except ImportError as exc:
+        raise CliError(f"beacon-llm serve needs the serve extra ({exc}): pip install 'beacon-llm[serve]'") from exc
+    try:
+        return run(args)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export}
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "export": cmd_export, "serve": cmd_serve}
     if args.command in ("ask", "chat"):
         from .ask import cmd_ask, cmd_chat
 

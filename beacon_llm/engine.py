@@ -23,10 +23,9 @@ import torch
 from . import prompts
 from .aio import iterate_in_thread
 from .cache import BeaconCache
-from .generation import TokenSampler, _eos_ids, check_sampling_options, iter_tokens
+from .generation import Decoding, TokenSampler, _eos_ids, check_sampling_options
 from .model import BeaconModel
 from .prefix_store import PrefixStore, prefix_hash
-from .registry import Registry
 from .schedule import fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
@@ -358,41 +357,19 @@ class BeaconEngine:
             repetition_penalty=repetition_penalty,
             generator=torch.Generator().manual_seed(seed) if seed is not None else None,
         )
-        eos = _eos_ids(self.bm, None)
-        tokens: list[int] = []
-        emitted = ""
-        finish = "length"
-        hold = max((len(s) for s in stops), default=1) - 1
-        text = ""
+
+        def stop_now() -> bool:
+            guard.check_deadline(f"generating the answer ({len(decoding.tokens)} tokens generated)")
+            return guard.cancelled()
+
         # the repetition penalty looks at the answer only: penalising every word of a whole book would be absurd
-        gen = iter_tokens(self.bm, cache, cache.last_logits, [], sampler, max_new_tokens)
-        try:
-            for token in gen:
-                if token in eos:
-                    finish = "eos"
-                    break
-                tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                safe = len(text) - hold
-                while safe > len(emitted) and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
-                    safe -= 1
-                if safe > len(emitted):
-                    yield text[len(emitted) : safe]
-                    emitted = text[:safe]
-                if guard.cancelled():
-                    finish = "cancelled"
-                    break
-                guard.check_deadline(f"generating the answer ({len(tokens)} tokens generated)")
-        finally:
-            gen.close()
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-        usage.output_tokens = len(tokens) + (1 if finish == "eos" else 0)
-        yield Completion(text=text, token_ids=tokens, finish_reason=finish, usage=usage)
+        decoding = Decoding(self.bm, cache, cache.last_logits, sampler, max_new_tokens, eos=_eos_ids(self.bm, None),
+                            stops=stops, tokenizer=self.tokenizer, stream_text=True, stop_now=stop_now)  # fmt: skip
+        yield from decoding
+        answer = decoding.tokens[:-1] if decoding.finish == "eos" else decoding.tokens
+        usage.output_tokens = len(decoding.tokens)
+        text = decoding.text or ""
+        yield Completion(text=text, token_ids=answer, finish_reason=decoding.finish, usage=usage)
 
     async def astream(self, ids: Sequence[int], **kwargs: Any) -> AsyncIterator[str | Completion]:
         """:meth:`stream` for asyncio: reading and generating run in a worker thread, never on the event loop.
@@ -412,42 +389,3 @@ class BeaconEngine:
             final = item
         assert isinstance(final, Completion)
         return final
-
-
-DEFAULT_MAX_ENGINES = 4
-_ENGINES: Registry[tuple, BeaconEngine] = Registry("engines", env="BEACON_LLM_MAX_ENGINES", default=DEFAULT_MAX_ENGINES)
-
-
-def get_engine(
-    model: str | None = None,
-    *,
-    adapter: str | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    cache_dir: str | None = None,
-    max_prefixes: int = 4,
-    **beacon_overrides: Any,
-) -> BeaconEngine:
-    """The process-wide engine for these arguments: weights are loaded once and condensed prefixes are shared by
-    every caller (LangChain / LlamaIndex objects, threads). It reads with ``fit-N`` unless ``beacon_ratio_mix`` is
-    given (:func:`beacon_llm.loading.inference_overrides`).
-
-    Engines are kept in a process-wide registry of at most ``$BEACON_LLM_MAX_ENGINES`` (default 4) entries, the least
-    recently used one dropped beyond that. Each engine holds its own model (from :func:`beacon_llm.load`, shared by
-    engines over the same model): an engine a caller still holds keeps its model alive and working after either
-    registry dropped it, but when the model registry (``$BEACON_LLM_MAX_MODELS``) evicts a model the registered
-    engines over it are dropped too, so the registries never keep more models alive than that bound. Loading runs
-    outside any global lock (callers for other engines are not blocked; callers for this one wait for its load).
-    :func:`beacon_llm.unload` drops engines and models explicitly."""
-    import json
-
-    from .loading import inference_overrides, load
-
-    beacon_overrides = inference_overrides(beacon_overrides)
-    key = (model, adapter, dtype, device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
-
-    def build() -> BeaconEngine:
-        bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
-        return BeaconEngine(bm, max_prefixes=max_prefixes, cache_dir=cache_dir)
-
-    return _ENGINES.get(key, build)

@@ -8,7 +8,7 @@ conversation continues seamlessly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +110,90 @@ def iter_tokens(
                 logits = bm.forward([token], cache, return_token_logprobs=False).last_logits
     finally:
         if produced:
-            cache.state.pending = [produced[-1]]
-            cache.last_logits = None
+            cache.set_pending(produced[-1])
+
+
+class Decoding:
+    """The one decode loop, used by :func:`generate` and the engine (and through it every integration).
+
+    Samples tokens through the cache (:func:`iter_tokens`) until an end-of-sequence token, a stop string,
+    ``max_new_tokens`` or ``stop_now()`` returns True (it may also raise, e.g. past a deadline). Iterating yields text
+    deltas once they can no longer be the start of a stop string (only when ``stream_text``). Afterwards ``tokens``
+    holds every sampled token (an end-of-sequence one included), ``text`` the answer without special tokens, cut before
+    a stop string (None without a tokenizer), and ``finish`` "eos", "stop", "length" or "cancelled". The last token is
+    left pending in the cache however the loop ends.
+    """
+
+    def __init__(
+        self,
+        bm: BeaconModel,
+        cache: BeaconCache,
+        logits: torch.Tensor,
+        sampler: TokenSampler,
+        max_new_tokens: int,
+        *,
+        history: Sequence[int] = (),
+        eos: set[int] | frozenset[int] = frozenset(),
+        stops: Sequence[str] = (),
+        tokenizer: Any = None,
+        stream_text: bool = False,
+        on_token: Callable[[int], None] | None = None,
+        stop_now: Callable[[], bool] | None = None,
+    ) -> None:
+        if stops and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.bm, self.cache, self.logits, self.sampler = bm, cache, logits, sampler
+        self.max_new_tokens, self.history, self.eos = max_new_tokens, list(history), eos
+        self.stops = [s for s in stops if s]
+        self.tokenizer, self.stream_text, self.on_token, self.stop_now = tokenizer, stream_text, on_token, stop_now
+        self.tokens: list[int] = []
+        self.text: str | None = None
+        self.finish = "length"
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def __iter__(self) -> Iterator[str]:
+        hold = max((len(s) for s in self.stops), default=1) - 1
+        emitted = ""
+        watch_text = self.tokenizer is not None and (self.stream_text or self.stops)
+        gen = iter_tokens(self.bm, self.cache, self.logits, self.history, self.sampler, self.max_new_tokens)
+        try:
+            for token in gen:
+                self.tokens.append(token)
+                if self.on_token is not None:
+                    self.on_token(token)
+                if token in self.eos:
+                    self.finish = "eos"
+                    break
+                if watch_text:
+                    text = self._decode(self.tokens)
+                    cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+                    if cut >= 0:
+                        self.text, self.finish = text[:cut], "stop"
+                        break
+                    if self.stream_text:
+                        safe = len(text) - hold
+                        while safe > len(emitted) and text[safe - 1] == "\ufffd":  # an incomplete character
+                            safe -= 1
+                        if safe > len(emitted):
+                            yield text[len(emitted) : safe]
+                            emitted = text[:safe]
+                if self.stop_now is not None and self.stop_now():
+                    self.finish = "cancelled"
+                    break
+        finally:
+            gen.close()  # leaves the last token pending in the cache
+        if self.text is None and self.tokenizer is not None:
+            self.text = self._decode(self.tokens[:-1] if self.finish == "eos" else self.tokens)
+        if self.stream_text and self.text is not None and len(self.text) > len(emitted):
+            yield self.text[len(emitted) :]
+
+    def run(self) -> Decoding:
+        """Decode to the end without streaming; returns itself."""
+        for _ in self:
+            pass
+        return self
 
 
 def _eos_ids(bm: BeaconModel, eos_token_id: int | Sequence[int] | None) -> set[int]:
@@ -185,33 +267,14 @@ def generate(
             logits = cache.last_logits
     if streamer is not None:
         streamer.put(prompt.cpu()[None])
-    eos = _eos_ids(bm, eos_token_id)
     history = prompt.cpu().tolist()
-    new_tokens: list[int] = []
-    finish = "length"
-    text = None
     sampler = TokenSampler(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
-    tokens = iter_tokens(bm, cache, logits, history, sampler, max_new_tokens)
-    for token in tokens:
-        new_tokens.append(token)
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
-        if token in eos:
-            finish = "eos"
-            break
-        if stops:
-            decoded = tokenizer.decode(new_tokens, skip_special_tokens=True)
-            hit = [decoded.find(s) for s in stops if s in decoded]
-            if hit:
-                finish = "stop"
-                text = decoded[: min(hit)]
-                break
-    tokens.close()  # leaves the last token pending in the cache
+    on_token = (lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None
+    decoding = Decoding(bm, cache, logits, sampler, max_new_tokens, history=history, eos=_eos_ids(bm, eos_token_id),
+                        stops=stops, tokenizer=tokenizer, on_token=on_token).run()  # fmt: skip
     if streamer is not None:
         streamer.end()
-    if text is None and tokenizer is not None:
-        body = new_tokens[:-1] if finish == "eos" else new_tokens
-        text = tokenizer.decode(body, skip_special_tokens=True)
+    new_tokens, finish, text = decoding.tokens, decoding.finish, decoding.text
     sequences = torch.tensor([history + new_tokens], dtype=torch.long)
     if return_dict_in_generate:
         return GenerateOutput(sequences, new_tokens, finish, cache, text)

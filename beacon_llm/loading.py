@@ -4,7 +4,6 @@ shipped adapter, an official beacon checkpoint, or a base model plus an adapter 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import torch
 
 from .config import BeaconConfig
 from .embedded import EMBEDDED_MODEL, embedded_model_path, home
+from .engine import BeaconEngine
 from .model import BeaconModel
 from .registry import Registry
 from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained
@@ -26,14 +26,47 @@ DEFAULT_MAX_MODELS = 2
 def _forget_engines(models: list[BeaconModel]) -> None:
     """The model registry evicted ``models``: drop the registered engines over them too, so that the registries
     never keep alive a model the model registry let go (engines held by callers keep their model and keep working)."""
-    from .engine import _ENGINES
-
     _ENGINES.discard(value_matches=lambda engine: any(engine.bm is bm for bm in models))
 
 
 _LOADED: Registry[tuple, BeaconModel] = Registry(
     "models", env="BEACON_LLM_MAX_MODELS", default=DEFAULT_MAX_MODELS, on_evict=_forget_engines
 )
+
+
+DEFAULT_MAX_ENGINES = 4
+_ENGINES: Registry[tuple, BeaconEngine] = Registry("engines", env="BEACON_LLM_MAX_ENGINES", default=DEFAULT_MAX_ENGINES)
+
+
+def get_engine(
+    model: str | None = None,
+    *,
+    adapter: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    max_prefixes: int = 4,
+    **beacon_overrides: Any,
+) -> BeaconEngine:
+    """The process-wide engine for these arguments: weights are loaded once and condensed prefixes are shared by
+    every caller (LangChain / LlamaIndex objects, threads). It reads with ``fit-N`` unless ``beacon_ratio_mix`` is
+    given (:func:`beacon_llm.loading.inference_overrides`).
+
+    Engines are kept in a process-wide registry of at most ``$BEACON_LLM_MAX_ENGINES`` (default 4) entries, the least
+    recently used one dropped beyond that. Each engine holds its own model (from :func:`beacon_llm.load`, shared by
+    engines over the same model): an engine a caller still holds keeps its model alive and working after either
+    registry dropped it, but when the model registry (``$BEACON_LLM_MAX_MODELS``) evicts a model the registered
+    engines over it are dropped too, so the registries never keep more models alive than that bound. Loading runs
+    outside any global lock (callers for other engines are not blocked; callers for this one wait for its load).
+    :func:`beacon_llm.unload` drops engines and models explicitly."""
+    beacon_overrides = inference_overrides(beacon_overrides)
+    key = (model, adapter, dtype, device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
+
+    def build() -> BeaconEngine:
+        bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
+        return BeaconEngine(bm, max_prefixes=max_prefixes, cache_dir=cache_dir)
+
+    return _ENGINES.get(key, build)
 
 
 def shipped_adapter(name: str = EMBEDDED_MODEL) -> str | None:
@@ -150,8 +183,6 @@ def unload(model: str | BeaconModel | None = None) -> int:
     Returns how many registry entries (models plus engines) were dropped. Objects a caller still holds keep working;
     a later :func:`load` or :func:`~beacon_llm.get_engine` loads again. A load in flight for a dropped model still
     answers its callers but is not kept."""
-    from .engine import _ENGINES
-
     if model is None:
         dropped = len(_ENGINES.discard()) + len(_LOADED.discard())
     elif isinstance(model, BeaconModel):
@@ -172,12 +203,9 @@ def unload(model: str | BeaconModel | None = None) -> int:
 
 
 def model_identity(bm: BeaconModel) -> str:
-    """A stable hash of the base model's name and config and of the beacon weights and config (cache keys)."""
-    h = hashlib.sha256()
-    h.update(str(getattr(bm.model.config, "_name_or_path", "")).encode())
-    h.update(json.dumps(bm.model.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(bm.weights_digest().encode())
-    return h.hexdigest()[:32]
+    """A stable hash of the base model's name and config and of the beacon weights and config (cache keys):
+    :meth:`BeaconModel.identity`."""
+    return bm.identity()
 
 
 def capacity_from_files(model: str | None = None, adapter: str | None = None, **beacon_overrides: Any) -> int:

@@ -23,6 +23,7 @@ from . import _compat
 from .attention import StepTensors, layer_step, rope
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
+from .generation import GenerateOutput, generate
 from .layers import attach_beacon_modules, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
 from .positions import window_positions
@@ -170,6 +171,15 @@ class BeaconModel:
         self.__dict__["_digest_memo"] = (key, digest)
         return digest
 
+    def identity(self) -> str:
+        """A stable hash of the base model's name and config and of the beacon weights and config: the key under
+        which condensed prefixes of this model are stored."""
+        h = hashlib.sha256()
+        h.update(str(getattr(self.model.config, "_name_or_path", "")).encode())
+        h.update(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        h.update(self.weights_digest().encode())
+        return h.hexdigest()[:32]
+
     def _fingerprint(self) -> tuple:
         """What a cache must have been built by: the base shape, the dtype and the beacon weights and config."""
         c = self.model.config
@@ -248,11 +258,12 @@ class BeaconModel:
 
     def _resolve_fit_plan(self, cache: BeaconCache, stream_total: int, planned_length: int | None) -> FitPlan:
         """``fit-N``: the plan is chosen once, at the first read of a cache, from the planned length."""
-        st = cache.state
-        if st.fit_plan is None:
+
+        def choose() -> FitPlan:
             total = stream_total + self.config.adapt_extra if planned_length is None else planned_length
-            st.fit_plan = fit_plan(self.config, max(total, stream_total), self.max_positions)
-        return st.fit_plan
+            return fit_plan(self.config, max(total, stream_total), self.max_positions)
+
+        return cache.ensure_fit_plan(choose)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -290,14 +301,11 @@ class BeaconModel:
         if not self._enabled:
             return self._plain_forward(ids, cache, labels, return_logits)
         cache.acquire()
-        snapshot = cache._snapshot()
         try:
-            return self._forward(
-                ids, cache, labels, return_token_logprobs, return_logits, progress, planned_length, return_hidden
-            )
-        except BaseException:
-            cache._restore(snapshot)  # an error or interrupt never leaves a half-updated cache
-            raise
+            with cache.transaction():  # an error or interrupt never leaves a half-updated cache
+                return self._forward(
+                    ids, cache, labels, return_token_logprobs, return_logits, progress, planned_length, return_hidden
+                )
         finally:
             cache.release()
 
@@ -322,16 +330,13 @@ class BeaconModel:
         planned_length: int | None = None,
         want_hidden: bool = False,
     ) -> BeaconOutput:
-        fp = self._fingerprint()
-        if cache.fingerprint is not None and cache.fingerprint != fp:
-            raise ValueError(f"this cache was built by a different model {cache.fingerprint}, not {fp}")
-        cache.fingerprint = fp
+        cache.bind(self._fingerprint())
         st = cache.state
-        if st.pending:  # the last generated token, not fed yet (see generation.generate)
+        pending = cache.take_pending()
+        if pending:  # the last generated token, not fed yet (see generation.generate)
             if labels is not None:
-                labels = torch.cat([torch.full((len(st.pending),), -100), torch.as_tensor(labels).reshape(-1).cpu()])
-            ids = torch.cat([torch.tensor(st.pending, device=ids.device, dtype=torch.long), ids])
-            st.pending = []
+                labels = torch.cat([torch.full((len(pending),), -100), torch.as_tensor(labels).reshape(-1).cpu()])
+            ids = torch.cat([torch.tensor(pending, device=ids.device, dtype=torch.long), ids])
         n = int(ids.numel())
         if n == 0:
             raise ValueError("input_ids is empty: give at least one token")
@@ -386,7 +391,7 @@ class BeaconModel:
                 pos = rows_end
                 if progress is not None:
                     progress(n_raw, cache)
-        cache.last_logits = last_logits.detach()
+        cache.set_last_logits(last_logits.detach())
         loss = None
         if loss_sum is not None and n_targets > 0:
             loss = loss_sum / n_targets
@@ -409,9 +414,9 @@ class BeaconModel:
             ratio = st.window_ratio
         elif opens_window and cfg.is_fit:
             assert st.fit_plan is not None and st.fit_plan.ratio > 0
-            ratio = st.window_ratio = st.fit_plan.ratio
+            ratio = cache.choose_window_ratio(st.fit_plan.ratio, fixed=st.fixed_ratio)
         elif opens_window:
-            ratio, st.fixed_ratio = pick_ratio(
+            ratio, fixed = pick_ratio(
                 cfg,
                 n_steps=st.n_steps,
                 n_windows=st.n_windows,
@@ -420,7 +425,7 @@ class BeaconModel:
                 max_positions=self.max_positions,
                 rng=cache.generator,
             )
-            st.window_ratio = ratio
+            cache.choose_window_ratio(ratio, fixed=fixed)
         else:
             ratio = 0
         return plan_step(cfg, raw_in_window=raw_in_window, remaining=remaining, ratio=ratio, remainder=st.remainder)
@@ -489,7 +494,7 @@ class BeaconModel:
         raw_hidden = inner.norm(hidden)[0].index_select(0, raw_rows)  # (n_raw, Dm)
 
         if cache.trace is not None:
-            cache.trace.append(
+            cache.record(
                 StepTrace(
                     beacon_size=plan.trace_beacon_size,
                     n_new_tokens=plan.n_raw,
@@ -510,7 +515,7 @@ class BeaconModel:
         hidden, keys, values = _compat.decoder_after_kv(self.model, raw_ids[None], cache.mem_k, cache.mem_v)
         if cache.trace is not None:
             n = int(raw_ids.numel())
-            cache.trace.append(
+            cache.record(
                 StepTrace(
                     beacon_size=-1,
                     n_new_tokens=n,
@@ -532,47 +537,22 @@ class BeaconModel:
         new_v: Sequence[torch.Tensor],
         like: torch.Tensor,
     ) -> None:
-        """After a step: grow the open window or, once it is complete, commit it to memory (docs/design.md §3.2)."""
-        cfg, st = self.config, cache.state
-        st.n_seen += plan.n_raw
-        st.n_steps += 1
-        st.remainder = plan.remainder
-        win_k = [new if old is None else torch.cat([old, new], 2) for old, new in zip(cache.win_k, new_k)]
-        win_v = [new if old is None else torch.cat([old, new], 2) for old, new in zip(cache.win_v, new_v)]
+        """After a step: grow the open window or, once it is complete, commit it to memory (docs/design.md §3.2). The
+        cache does the bookkeeping; the keys moved to memory are rotated here (RoPE is the model's)."""
+        cache.grow_window(new_k, new_v, window_flags, n_raw=plan.n_raw, remainder=plan.remainder)
         if not plan.completes_window:
-            cache.win_k, cache.win_v, st.window_flags = win_k, win_v, window_flags
             return
-        raw_idx = [i for i, f in enumerate(window_flags) if not f]
-        keep = raw_idx[len(raw_idx) - (cfg.window - cfg.stride) :] if cfg.window > cfg.stride else []
-        if plan.ratio > 0:
-            move = [i for i, f in enumerate(window_flags) if f]
-        else:
-            move = [i for i in raw_idx if i not in set(keep)]
-        n_beacons = len(move)
-        if cfg.sink_size and st.n_sink == 0:
-            sink = raw_idx[: cfg.sink_size]
-            if plan.ratio > 0:
-                move = sink + [i for i in move if i not in set(sink)]
-            else:  # as the official code: a window kept raw moves all its entries, so the sink's are there twice
-                move = sink + move
-            st.n_sink = len(sink)
+        close = cache.window_close(plan.ratio)
         mem_len = cache.memory_length
-        index = torch.tensor(move, dtype=torch.long, device=like.device)
-        cos, sin = self._rotary(like, torch.arange(mem_len, mem_len + len(move)))
-        keep_index = torch.tensor(keep, dtype=torch.long, device=like.device)
-        for i in range(self.num_layers):
-            k_sel = rope(win_k[i].index_select(2, index), cos, sin)  # (B, KVH, n_move, D) at memory positions
-            v_sel = win_v[i].index_select(2, index)
-            mk, mv = cache.mem_k[i], cache.mem_v[i]
-            cache.mem_k[i] = k_sel if mk is None else torch.cat([mk, k_sel], 2)
-            cache.mem_v[i] = v_sel if mv is None else torch.cat([mv, v_sel], 2)
-            cache.win_k[i] = win_k[i].index_select(2, keep_index) if keep else None
-            cache.win_v[i] = win_v[i].index_select(2, keep_index) if keep else None
-        st.window_flags = (False,) * len(keep)
-        if plan.ratio == 0:
-            st.n_raw_memory += n_beacons  # raw entries moved to memory
-        st.n_windows += 1
-        st.window_sizes.append(n_beacons if plan.ratio > 0 else -1)
+        index = torch.tensor(close.move, dtype=torch.long, device=like.device)
+        cos, sin = self._rotary(like, torch.arange(mem_len, mem_len + len(close.move)))
+        keep_index = torch.tensor(close.keep, dtype=torch.long, device=like.device)
+        win_k, win_v = cache.win_k, cache.win_v
+        moved_k = [rope(k.index_select(2, index), cos, sin) for k in win_k]  # (B, KVH, n_move, D) at memory positions
+        moved_v = [v.index_select(2, index) for v in win_v]
+        kept_k = [k.index_select(2, keep_index) if close.keep else None for k in win_k]
+        kept_v = [v.index_select(2, keep_index) if close.keep else None for v in win_v]
+        cache.commit_window(close, moved_k, moved_v, kept_k, kept_v)
 
     # ------------------------------------------------------------------ plain path
     def _plain_forward(self, ids: torch.Tensor, cache: BeaconCache, labels: object, want_logits: bool) -> BeaconOutput:
@@ -595,8 +575,6 @@ class BeaconModel:
         )
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids: object = None, **kwargs: object) -> object:
+    def generate(self, input_ids: object = None, **kwargs: object) -> torch.Tensor | GenerateOutput:
         """Greedy / sampled generation from a condensed context; see :func:`beacon_llm.generation.generate`."""
-        from .generation import generate
-
         return generate(self, input_ids, **kwargs)

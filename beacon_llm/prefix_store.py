@@ -88,9 +88,7 @@ class PrefixStore:
     def identity(self) -> str:
         """A hash of the base model and the beacon weights and config (computed once)."""
         if self._identity is None:
-            from .loading import model_identity
-
-            self._identity = model_identity(self.bm)
+            self._identity = self.bm.identity()
         return self._identity
 
     @property

@@ -19,7 +19,6 @@ from .cache import BeaconCache
 from .config import CONFIG_NAME, BeaconConfig
 from .layers import beacon_state_dict, is_beacon_parameter
 from .model import BeaconModel
-from .schedule import FitPlan
 
 ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
 CACHE_FORMAT = "beacon-llm-cache/1"
@@ -271,36 +270,8 @@ def load_adapter(model: nn.Module, folder: str, tokenizer: object | None = None)
 # ---------------------------------------------------------------------- condensed caches
 def save_cache(cache: BeaconCache, path: str, *, extra: dict[str, Any] | None = None) -> None:
     """Write a cache as one safetensors file; scheduling state and ``extra`` go into its JSON metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name in ("mem_k", "mem_v", "win_k", "win_v"):
-        for i, t in enumerate(getattr(cache, name)):
-            if t is not None:
-                tensors[f"{name}.{i}"] = t.detach().cpu().contiguous()
-    if cache.last_logits is not None:
-        tensors["last_logits"] = cache.last_logits.detach().cpu().contiguous()
-    st = cache.state
-    meta = {
-        "format": CACHE_FORMAT,
-        "config": {**cache.config.to_dict(), "beacon_era": cache.config.era},
-        "num_layers": cache.num_layers,
-        "fingerprint": list(cache.fingerprint) if cache.fingerprint else None,
-        "state": {
-            "n_seen": st.n_seen,
-            "n_steps": st.n_steps,
-            "n_windows": st.n_windows,
-            "n_sink": st.n_sink,
-            "window_ratio": st.window_ratio,
-            "remainder": st.remainder,
-            "fixed_ratio": st.fixed_ratio,
-            "window_flags": [int(f) for f in st.window_flags],
-            "window_sizes": st.window_sizes,
-            "pending": st.pending,
-            "fit_plan": st.fit_plan.to_dict() if st.fit_plan is not None else None,
-            "n_raw_memory": st.n_raw_memory,
-        },
-        "generator": cache.generator.bit_generator.state,
-        "extra": extra or {},
-    }
+    tensors, record = cache.to_record()
+    meta = {"format": CACHE_FORMAT, **record, "extra": extra or {}}
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"  # unique per writer
     try:
         save_file(tensors, tmp, metadata={"beacon_cache": json.dumps(meta, default=int)})
@@ -339,24 +310,9 @@ def _cache_from(
             f"cache file {path} was written by another model, beacon weights or beacon config ({fp}), not this one "
             f"({bm._fingerprint()}); read the document again"
         )
-    cache = bm.new_cache()
-    s = meta["state"]
-    st = cache.state
-    st.n_seen, st.n_steps, st.n_windows, st.n_sink = s["n_seen"], s["n_steps"], s["n_windows"], s["n_sink"]
-    st.window_ratio, st.remainder, st.fixed_ratio = s["window_ratio"], s["remainder"], s["fixed_ratio"]
-    st.window_flags = tuple(bool(f) for f in s["window_flags"])
-    st.window_sizes, st.pending = list(s["window_sizes"]), list(s["pending"])
-    st.fit_plan = FitPlan(**s["fit_plan"]) if s.get("fit_plan") else None
-    st.n_raw_memory = int(s.get("n_raw_memory", 0))
-    cache.generator.bit_generator.state = meta["generator"]
-    cache.fingerprint = fp
-    for name in ("mem_k", "mem_v", "win_k", "win_v"):
-        getattr(cache, name)[:] = [
-            tensors[f"{name}.{i}"].to(device=bm.device, dtype=bm.dtype) if f"{name}.{i}" in tensors else None
-            for i in range(bm.num_layers)
-        ]
-    if "last_logits" in tensors:
-        cache.last_logits = tensors["last_logits"].to(bm.device)
+    cache = BeaconCache.from_record(
+        tensors, meta, config=bm.config, num_layers=bm.num_layers, device=bm.device, dtype=bm.dtype
+    )
     if cache.window_length != (0 if cache.win_k[0] is None else cache.win_k[0].shape[2]):
         raise ValueError(f"cache file {path} is inconsistent (window layout vs tensors)")
     return cache, meta.get("extra", {})

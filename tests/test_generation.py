@@ -116,3 +116,20 @@ def test_generate_without_input_feeds_the_pending_token(bm):
         return_dict_in_generate=True,
     )
     assert more.new_tokens == ref.new_tokens and cache.n_seen == 30 + 4 + 3
+
+
+@pytest.mark.parametrize("stop", [None, ["e"], ["zz", " t"]])
+def test_generate_and_the_engine_share_one_decode_loop(stop):
+    """The same prompt, options and stop strings give the same tokens, text and finish reason through
+    ``BeaconModel.generate`` and ``BeaconEngine.complete`` (both run :class:`beacon_llm.generation.Decoding`)."""
+    from beacon_llm import BeaconEngine
+    from beacon_llm.testing import tiny_beacon_model
+
+    bm = tiny_beacon_model()
+    ids = bm.tokenizer("Dorothy lived in Kansas with Uncle Henry and Aunt Em and her dog Toto. " * 3,
+                       add_special_tokens=False)["input_ids"]  # fmt: skip
+    out = bm.generate(torch.tensor([ids]), max_new_tokens=12, stop_strings=stop, return_dict_in_generate=True)
+    done = BeaconEngine(tiny_beacon_model()).complete(ids, max_new_tokens=12, stop=stop)
+    assert done.text == out.text and done.finish_reason == out.finish_reason
+    expected = out.new_tokens[:-1] if out.finish_reason == "eos" else out.new_tokens
+    assert done.token_ids == expected

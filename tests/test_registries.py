@@ -17,7 +17,7 @@ import torch
 
 import beacon_llm
 from beacon_llm import loading
-from beacon_llm.engine import _ENGINES
+from beacon_llm.loading import _ENGINES
 from beacon_llm.registry import Registry
 from beacon_llm.testing import tiny_beacon_model
 

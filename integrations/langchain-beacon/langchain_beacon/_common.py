@@ -9,7 +9,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 import beacon_llm
-from beacon_llm.engine import check_timeout
 
 CALL_OPTIONS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty", "stop", "timeout"}
 
@@ -28,7 +27,7 @@ def check_options(
         )
     except ValueError as exc:  # the engine's max_new_tokens is LangChain's max_tokens
         raise ValueError(str(exc).replace("max_new_tokens=", "max_tokens=", 1)) from None
-    check_timeout(timeout)
+    beacon_llm.check_timeout(timeout)
 
 
 class BeaconFields(BaseModel):
