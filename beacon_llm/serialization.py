@@ -235,8 +235,20 @@ def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = No
     meta = {"format": "pt", "base_model_type": str(c.model_type), "base_name_or_path": str(c._name_or_path)}
     if rank is not None:
         meta["beacon_delta_rank"] = str(rank)
-    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata=meta)
-    bm.config.to_json_file(os.path.join(folder, CONFIG_NAME))
+    _write_atomically(os.path.join(folder, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _write_atomically(os.path.join(folder, CONFIG_NAME), bm.config.to_json_file)
+
+
+def _write_atomically(path: str, write: Any) -> None:
+    """``write(tmp)`` to a name unique to this writer, then rename it to ``path``: readers never see a half-written
+    file and concurrent writers all succeed (the last rename wins)."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import beacon_llm
-from beacon_llm.testing import tiny_beacon_model
+from beacon_llm.testing import tiny_base_model, tiny_beacon_model
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,42 @@ def test_weights_digest_follows_in_place_training_steps():
     assert tiny_beacon_model(
         beacon_llm.BeaconConfig(window=16, ratios=(2, 4), ratio_mix="adapt-8")
     ).weights_digest() != (tiny_beacon_model(cfg).weights_digest())
+
+
+def test_concurrent_adapter_writers_all_succeed_and_readers_never_see_half_a_file(tmp_path):
+    bm = tiny_beacon_model()
+    folder = str(tmp_path / "adapter")
+    beacon_llm.save_adapter(bm, folder)
+    errors, read_errors = [], []
+    done = threading.Event()
+
+    def write():
+        try:
+            for _ in range(10):
+                beacon_llm.save_adapter(bm, folder)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    def read():
+        while not done.is_set():
+            try:
+                load_file(str(tmp_path / "adapter" / "beacon_model.safetensors"))
+                json.loads((tmp_path / "adapter" / "beacon_config.json").read_text())
+            except Exception as exc:  # a half-written file
+                read_errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reader.join()
+    assert not errors and not read_errors, (errors[:1], read_errors[:1])
+    names = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert names == ["beacon_config.json", "beacon_model.safetensors"]  # no temporary file left
+    again = beacon_llm.load_adapter(tiny_base_model(), folder, bm.tokenizer)
+    with torch.no_grad():
+        assert torch.equal(again.forward([5, 6, 7]).token_logprobs, bm.forward([5, 6, 7]).token_logprobs)
