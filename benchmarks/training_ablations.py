@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs"))
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--eval-ratio", type=int, default=32,
+                        help="ratio of the condensed windows in the held-out protocol (rows of other ratios are named "
+                        "'<recipe> @r<ratio>'; baselines then keep the matching budget)")  # fmt: skip
     parser.add_argument(
         "--late", type=int, default=None, metavar="N",
         help="score every existing row again on the tail tokens from offset N on (what the memory adds once the tail "
@@ -110,7 +113,7 @@ def main() -> None:
     from beacon_llm.training import FitTrainConfig, evaluate_fit, train_fit
 
     runs = Path(args.runs)
-    eval_ratio = 32
+    eval_ratio = args.eval_ratio
     if args.fast:
         import tempfile
 
@@ -135,14 +138,16 @@ def main() -> None:
 
     out_path = Path(args.out) if args.out else RESULTS / f"training_ablations{'_fast' if args.fast else ''}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() else {"protocol": {}, "rows": []}
-    data["protocol"] = {"seq_len": args.seq_len, "positions": args.positions, "ratio": eval_ratio,
-                        "held_out": "4 x Oz + 4 x KJV excerpt" if not args.fast else "tiny", "teacher_topk": 32,
-                        "condensed_windows": plan_for(held[0]).condensed_windows,
-                        "tail_tokens": args.seq_len - plan_for(held[0]).raw_from}  # fmt: skip
+    suffix = "" if eval_ratio == 32 or args.fast else f" @r{eval_ratio}"
+    if not suffix:
+        data["protocol"] = {"seq_len": args.seq_len, "positions": args.positions, "ratio": eval_ratio,
+                            "held_out": "4 x Oz + 4 x KJV excerpt" if not args.fast else "tiny", "teacher_topk": 32,
+                            "condensed_windows": plan_for(held[0]).condensed_windows,
+                            "tail_tokens": args.seq_len - plan_for(held[0]).raw_from}  # fmt: skip
     rows: list[dict] = []
     t0 = time.perf_counter()
     if args.late is not None:
-        late_rows(args, data, shipped, fresh, base, held, plan_for, teacher, eval_ratio, runs)
+        late_rows(args, data, shipped, fresh, base, held, teacher, runs)
         _write(out_path, data)
         print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
         return
@@ -150,13 +155,15 @@ def main() -> None:
         n_mem = plan_for(held[0]).entries(plan_for(held[0]).raw_from)  # beacon entries before the tail
         for name in BASELINES:
             keep = baseline_keep(name, n_mem)
-            rows.append({"recipe": name, "tokens_trained": 0, **plain_tail_scores(base, held, plan_for, teacher, keep)})
+            rows.append({"recipe": name + suffix, "tokens_trained": 0,
+                         **plain_tail_scores(base, held, plan_for, teacher, keep)})  # fmt: skip
         for name, bm in (("shipped adapter (no further training)", shipped), ("fresh beacons (untrained)", fresh)):
             if bm is None:
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
             scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
             tokens = 368_640 if name.startswith("shipped") and not args.fast else 0
-            rows.append({"recipe": name, "tokens_trained": tokens, **{k: round(v, 4) for k, v in scores.items()}})
+            rows.append({"recipe": name + suffix, "tokens_trained": tokens,
+                         **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     else:
         spec = recipes[args.recipe]
         if spec["init"] == "shipped":
@@ -196,6 +203,8 @@ def main() -> None:
         })  # fmt: skip
     for row in rows:
         row["threads"] = args.threads
+        row["eval_ratio"] = eval_ratio
+        row["kv_entries_before_tail"] = plan_for(held[0]).entries(plan_for(held[0]).raw_from)
         print(json.dumps(row), flush=True)
     if out_path.is_file():  # re-read: another run may have written rows meanwhile
         data["rows"] = json.loads(out_path.read_text())["rows"]
@@ -225,19 +234,25 @@ def baseline_keep(name: str, n_mem: int):
     }[name]
 
 
-def late_rows(args, data, shipped, fresh, base, held, plan_for, teacher, eval_ratio, runs) -> None:
+def late_rows(args, data, shipped, fresh, base, held, teacher, runs) -> None:
     """Add ``kl_late`` / ``ppl_late`` (tail tokens from offset ``args.late`` on) to every row that can be re-scored:
     the baselines, the shipped and fresh adapters, and every trained recipe whose final adapter is in ``runs`` (rows
-    scored at this offset already are kept)."""
+    scored at this offset already are kept), each at its own protocol ratio."""
     import beacon_llm
+    from beacon_llm.schedule import fit_plan
     from beacon_llm.training import evaluate_fit
 
-    n_mem = plan_for(held[0]).entries(plan_for(held[0]).raw_from)
     for row in data["rows"]:
-        name = row["recipe"]
+        name = row["recipe"].split(" @r")[0]
+        ratio = int(row.get("eval_ratio", 32)) if not args.fast else 4
         if row.get("late_from") == args.late:
             continue  # scored already
+
+        def plan_for(ids, ratio=ratio):
+            return fit_plan(shipped.config, len(ids), args.positions, ratio=ratio)
+
         if name in BASELINES:
+            n_mem = plan_for(held[0]).entries(plan_for(held[0]).raw_from)
             scores = plain_tail_scores(base, held, plan_for, teacher, baseline_keep(name, n_mem), args.late)
         else:
             if name.startswith("shipped"):
@@ -252,10 +267,9 @@ def late_rows(args, data, shipped, fresh, base, held, plan_for, teacher, eval_ra
                     continue
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(final),
                                                 beacon_ratio_mix="fit-0") if not args.fast else shipped  # fmt: skip
-            scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher, score_from=args.late)
-            scores["ppl"] = round(scores["ppl"], 4)
+            scores = evaluate_fit(bm, held, args.positions, ratio, teacher, score_from=args.late)
         row.update({"late_from": args.late, "kl_late": round(scores["kl"], 4), "ppl_late": round(scores["ppl"], 3)})
-        print(json.dumps({"recipe": name, "kl_late": row["kl_late"], "ppl_late": row["ppl_late"]}), flush=True)
+        print(json.dumps({"recipe": row["recipe"], "kl_late": row["kl_late"], "ppl_late": row["ppl_late"]}), flush=True)
 
 
 if __name__ == "__main__":
