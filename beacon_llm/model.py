@@ -358,8 +358,10 @@ class BeaconModel:
         with torch.set_grad_enabled(grad):
             while pos < n:
                 if fit is not None and st.n_seen >= fit.raw_from:  # fit-N: past the condensed windows, all raw
-                    n_raw = n - pos
-                    raw_hidden = self._run_raw(cache, ids[pos:])  # (n_raw, Dm)
+                    # after condensed windows the raw part is read a window at a time (progress and cancellation
+                    # every window); a read that fits is one call, bit for bit the plain model's
+                    n_raw = n - pos if fit.condensed_windows == 0 else min(n - pos, self.config.window)
+                    raw_hidden = self._run_raw(cache, ids[pos : pos + n_raw])  # (n_raw, Dm)
                 else:
                     remaining = n - pos if fit is None else min(n - pos, fit.raw_from - st.n_seen)
                     plan = self._plan(cache, remaining, planned)

@@ -263,3 +263,15 @@ def test_disabled_is_per_thread_not_process_wide():
     assert not torch.allclose(plain, expected, atol=1e-3)
     assert torch.equal(seen["out"], expected)
     assert bm._enabled
+
+
+def test_the_raw_part_after_condensed_windows_is_read_a_window_at_a_time():
+    """Progress (and so cancellation) comes every window step, also in the raw part after the condensed windows."""
+    bm = _fit_model()
+    ids = _ids(300, seed=2)
+    steps = []
+    with torch.no_grad():
+        bm.forward(ids, bm.new_cache(), planned_length=310, progress=lambda n, cache: steps.append(n))
+    window = bm.config.window
+    assert sum(steps) == 300 and max(steps) <= window
+    assert len(steps) >= 300 // window  # 16 condensed windows, then the 44 raw tokens in window-sized reads
