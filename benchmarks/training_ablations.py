@@ -43,6 +43,7 @@ RECIPES: dict[str, dict] = {
     "kl_r32_fresh": {"init": "fresh", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
     # the best short run, trained on: starts from the last checkpoint of kl_r32 (same precision), new lr schedule
     "kl_r32_long": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32"},
+    "kl_r32_long2": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32_long"},
 }
 
 
