@@ -391,6 +391,41 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 _DONE = object()
 
 
+class FairSlots:
+    """At most ``n`` generations at once, handed out in arrival order (a plain semaphore wakes waiters in no
+    particular order, so under load some requests wait far longer than others)."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._lock = threading.Lock()
+        self._waiting: deque[threading.Event] = deque()
+
+    def acquire(self, cancelled: Callable[[], bool], poll: float = 0.05) -> bool:
+        """Wait for a slot in turn; False (and no slot taken) if ``cancelled()`` turns true while waiting."""
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            self._waiting.append(turn)
+        while not turn.wait(poll):
+            if cancelled():
+                with self._lock:
+                    if not turn.is_set():  # not handed a slot yet: leave the queue
+                        self._waiting.remove(turn)
+                        return False
+                self.release()  # handed a slot just now: give it on
+                return False
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # the slot goes straight to the longest waiter
+            else:
+                self._free += 1
+
+
 class _Job:
     """One generation in a worker thread, bridged to the event loop. ``cancel`` stops it within one window step
     (reading) or one token (generating); ``done`` is set when the thread has finished."""
@@ -401,7 +436,7 @@ class _Job:
         ids: list[int],
         boundary: int | None,
         options: dict[str, Any],
-        slots: threading.Semaphore,
+        slots: FairSlots,
         on_done: Callable[[_Job], None],
     ) -> None:
         self.engine, self.ids, self.boundary, self.options, self.slots = engine, ids, boundary, options, slots
@@ -419,9 +454,8 @@ class _Job:
 
     def _work(self) -> None:
         try:
-            while not self.slots.acquire(timeout=0.05):
-                if self.cancel.is_set():
-                    raise ReadCancelled("cancelled while waiting for a free worker")
+            if not self.slots.acquire(self.cancel.is_set):
+                raise ReadCancelled("cancelled while waiting for a free worker")
             try:
                 events = self.engine.stream(
                     self.ids, boundary=self.boundary, cancel=self.cancel, progress=self._progress, **self.options
@@ -607,7 +641,7 @@ class _Server:
         self.model_name, self.limits, self.store_dir = model_name, limits, store_dir
         self.key_digests = [_key_digest(k) for k in _checked_keys(api_keys)]
         self.engines = _Engines(factory, store_dir, limits.max_engines)
-        self.slots = threading.BoundedSemaphore(limits.max_concurrent)
+        self.slots = FairSlots(limits.max_concurrent)
         self.jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
         # the public engine serves without keys; with keys, a throwaway one (it never reads or writes its folder)

@@ -301,3 +301,29 @@ def test_cli_serve_refuses_bad_options_with_exit_code_2(tmp_path, capsys):
     assert "--max-concurrent=0 must be a positive int" in capsys.readouterr().err
     assert main(["serve", "--max-tokens", "-5"]) == 2
     assert "--max-tokens=-5 must be a positive int" in capsys.readouterr().err
+
+
+def test_worker_slots_are_handed_out_in_arrival_order():
+    import threading
+    import time
+
+    from beacon_llm.serve import FairSlots
+
+    slots = FairSlots(1)
+    assert slots.acquire(lambda: False)
+    order, threads = [], []
+    for i in range(6):
+        t = threading.Thread(target=lambda i=i: (slots.acquire(lambda: False), order.append(i), slots.release()))
+        t.start()
+        threads.append(t)
+        time.sleep(0.02)  # arrive one after another
+    cancelled = threading.Event()
+    late = threading.Thread(target=lambda: order.append("cancelled" if not slots.acquire(cancelled.is_set) else "x"))
+    late.start()
+    time.sleep(0.02)
+    cancelled.set()
+    late.join(5)
+    slots.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["cancelled", 0, 1, 2, 3, 4, 5]
