@@ -15,6 +15,19 @@ import beacon_llm
 
 from ._common import BeaconFields, usage_metadata
 
+_MIN_SHARED = 32  # a shared beginning shorter than this is not worth a reusable prefix
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    """The length of the beginning all ``sequences`` share."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        token = first[i]
+        if any(s[i] != token for s in sequences[1:]):
+            return i
+    return n
+
 
 class BeaconLLM(BeaconFields, LLM):
     """A LangChain ``LLM``: the prompt (a whole book plus a question, say) is read in one call; only the completion
@@ -34,9 +47,9 @@ class BeaconLLM(BeaconFields, LLM):
         return {"ids": self.get_engine().encode(prompt), **options}
 
     def _events(
-        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any], request: dict[str, Any] | None = None
     ) -> Iterator[str | beacon_llm.Completion]:
-        yield from self.get_engine().stream(**self._request(prompt, stop, kwargs))
+        yield from self.get_engine().stream(**(request or self._request(prompt, stop, kwargs)))
 
     async def _aevents(
         self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
@@ -49,10 +62,15 @@ class BeaconLLM(BeaconFields, LLM):
         return {"finish_reason": completion.finish_reason, "usage": usage_metadata(completion.usage)}
 
     def _complete(
-        self, prompt: str, stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]
+        self,
+        prompt: str,
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        kwargs: dict[str, Any],
+        request: dict[str, Any] | None = None,
     ) -> beacon_llm.Completion:
         final = None
-        for item in self._events(prompt, stop, kwargs):
+        for item in self._events(prompt, stop, kwargs, request):
             if isinstance(item, str):
                 if run_manager is not None:
                     run_manager.on_llm_new_token(item)
@@ -77,10 +95,16 @@ class BeaconLLM(BeaconFields, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        """One generation per prompt, each with its own finish reason and usage in ``generation_info``."""
+        """One generation per prompt, each with its own finish reason and usage in ``generation_info``. Prompts of
+        one batch that begin alike (the same book, other questions) mark that beginning as their reusable prefix, so
+        the first call condenses it once and the others reuse it."""
+        requests = [self._request(prompt, stop, kwargs) for prompt in prompts]
+        shared = _common_prefix([r["ids"] for r in requests]) if len(requests) > 1 else 0
         generations = []
-        for prompt in prompts:
-            completion = self._complete(prompt, stop, run_manager, kwargs)
+        for prompt, request in zip(prompts, requests):
+            if shared >= _MIN_SHARED and shared < len(request["ids"]):
+                request["boundary"] = shared
+            completion = self._complete(prompt, stop, run_manager, kwargs, request)
             generations.append([Generation(text=completion.text, generation_info=self._info(completion))])
         return LLMResult(generations=generations)
 

@@ -363,3 +363,12 @@ def test_a_batch_of_questions_about_one_document_reads_it_once(engine):
     answers = chat.batch([[("system", doc), ("human", q)] for q in questions], config={"max_concurrency": 6})
     cached = sorted(a.usage_metadata["input_token_details"]["cache_read"] for a in answers)
     assert cached[0] == 0 and len(set(cached[1:])) == 1 and cached[1] > 0  # one read, five forks
+
+
+def test_a_generate_call_with_prompts_about_one_document_reads_it_once(engine):
+    """``BeaconLLM.batch`` / ``generate`` with several prompts that begin with the same book: one read, then forks."""
+    doc = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry and Aunt Em. " * 10
+    llm = BeaconLLM(engine=engine, max_tokens=4)
+    result = llm.generate([doc + f"Question {i}: who is Toto?" for i in range(4)])
+    cached = [g[0].generation_info["usage"]["input_token_details"]["cache_read"] for g in result.generations]
+    assert cached[0] == 0 and len(set(cached[1:])) == 1 and cached[1] > 0
