@@ -105,6 +105,7 @@ class BeaconModel:
     def detach(self) -> nn.Module:
         """Remove the beacon modules and return the plain base model (bit-identical to before attaching)."""
         detach_beacon_modules(self.model)
+        self.__dict__.pop("_beacon_params", None)
         return self.model
 
     @contextlib.contextmanager
@@ -155,9 +156,15 @@ class BeaconModel:
 
     def weights_digest(self) -> str:
         """sha256 of the beacon config and every beacon weight (bytes as stored), remembered until a beacon weight
-        changes in place (an optimiser step), so checking it on every call costs a walk over the parameters."""
-        params = [(n, p) for n, p in self.model.named_parameters() if "beacon_" in n]
-        key = (json.dumps(self.config.to_dict(), sort_keys=True), tuple((id(p), p._version) for _, p in params))
+        changes in place (an optimiser step): a check on every call (every generated token) only reads the
+        parameters' version counters."""
+        found = self.__dict__.get("_beacon_params")
+        if found is None or found[0] is not self.config:  # the beacon parameters and config text, once per config
+            named = [(n, p) for n, p in self.model.named_parameters() if "beacon_" in n]
+            found = (self.config, json.dumps(self.config.to_dict(), sort_keys=True), named)
+            self.__dict__["_beacon_params"] = found
+        _, config_json, params = found
+        key = (config_json, tuple((id(p), p._version) for _, p in params))
         memo = self.__dict__.get("_digest_memo")
         if memo is not None and memo[0] == key:
             return memo[1]
