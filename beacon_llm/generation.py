@@ -235,16 +235,11 @@ def generate(
     ``streamer`` follows the transformers streamer protocol (``put(ids)`` / ``end()``), e.g. ``TextStreamer``.
     ``input_ids=None`` continues from what ``cache`` already holds.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    top_k = None if top_k == 0 and not isinstance(top_k, bool) else top_k  # transformers: 0 = no top-k filtering
+    check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           repetition_penalty=repetition_penalty)  # fmt: skip
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k={top_k!r} must be an int >= 0")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0")
     tokenizer = tokenizer if tokenizer is not None else bm.tokenizer
     stops = [s for s in (stop_strings or []) if s]
     if stops and tokenizer is None:
