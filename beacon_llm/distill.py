@@ -70,11 +70,16 @@ class TeacherStore:
             tensors = load_file(str(path))
             return tensors["indices"].long(), tensors["logprobs"]
         indices, logprobs = self.compute(ids, start)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        save_file({"indices": indices.to(torch.int32).contiguous(), "logprobs": logprobs.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        _save(path, {"indices": indices.to(torch.int32).contiguous(), "logprobs": logprobs.contiguous()})
         return indices, logprobs
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors under a unique temporary name, then renamed (concurrent writers never leave a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
 
 
 def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -85,7 +90,14 @@ def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch
     Returns (T,).
     """
     student = torch.log_softmax(student_logits.float(), -1).gather(1, indices)  # (T, k)
-    teacher = logprobs.float()  # (T, k)
+    return coarse_kl(logprobs, student)
+
+
+def coarse_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """:func:`topk_kl` from the student's log-probs at the teacher's top-k tokens (both (T, k), normalised over the
+    whole vocabulary): sum_i p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest). Returns (T,)."""
+    teacher = teacher_logprobs.float()  # (T, k)
+    student = student_logprobs.float()
     limit = 1.0 - 1e-6
 
     def rest(logp: torch.Tensor) -> torch.Tensor:  # log of the probability outside the top k, (T,)
@@ -93,3 +105,65 @@ def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch
 
     t_rest, s_rest = rest(teacher), rest(student)
     return (teacher.exp() * (teacher - student)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+
+
+class TailReferenceStore:
+    """A second reference for the distance-weighted loss: the plain ``model`` reading only the ``context`` tokens
+    before ``ids[start]`` and the tail (``context=1``: the ablations' "tail only (no memory)"), stored as its log-probs
+    at the teacher's top-k tokens, so :func:`distance_gain` is exactly ``topk_kl`` of its logits. Computed once per
+    (sample, teacher indices) and kept in ``folder`` like :class:`TeacherStore`'s targets."""
+
+    def __init__(self, model: nn.Module, folder: str | os.PathLike[str], context: int = 1) -> None:
+        if context < 1:
+            raise ValueError(f"context={context} must be >= 1 (the token before the tail predicts its first token)")
+        self.model = model
+        self.folder = Path(folder)
+        self.context = context
+
+    @torch.no_grad()
+    def compute(self, ids: list[int], start: int, indices: torch.Tensor) -> torch.Tensor:
+        """(T, k) float32 log-probs of the tail-only model at the teacher's ``indices`` (T, k) for ``ids[start:]``."""
+        if not self.context <= start < len(ids):
+            raise ValueError(f"start={start} must be within [{self.context}, {len(ids)})")
+        if indices.shape[0] != len(ids) - start:
+            raise ValueError(f"indices cover {indices.shape[0]} tokens, the tail has {len(ids) - start}")
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        try:
+            with torch.autocast(device.type, enabled=False):
+                seq = torch.tensor([ids[start - self.context :]], device=device)
+                logits = self.model(input_ids=seq, logits_to_keep=len(ids) - start + 1).logits
+        finally:
+            self.model.train(was_training)
+        logp = torch.log_softmax(logits[0, :-1].float(), -1)  # (T, V), predicting ids[start:]
+        return logp.gather(1, indices.to(logp.device).long()).cpu()
+
+    def get(self, ids: list[int], start: int, indices: torch.Tensor) -> torch.Tensor:
+        h = hashlib.sha256(np.ascontiguousarray(indices.to(torch.int64).cpu().numpy()).tobytes())
+        h.update(f"tail-only:{self.context}".encode())
+        key = _key(ids, start, indices.shape[-1], _model_tag(self.model) + "|" + h.hexdigest())
+        path = self.folder / f"{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["logprobs"]
+        logprobs = self.compute(ids, start, indices)
+        _save(path, {"logprobs": logprobs.contiguous()})
+        return logprobs
+
+
+def distance_gain(teacher_logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per tail token, how much the condensed context matters: g = KL(teacher || tail-only reference), coarsened as in
+    :func:`topk_kl` (both (T, k) at the teacher's top-k), clamped at 0 against rounding. Returns (T,)."""
+    return coarse_kl(teacher_logprobs, reference_logprobs).clamp(min=0.0)
+
+
+def distance_weights(gain: torch.Tensor, mix: float) -> torch.Tensor:
+    """Per-token KL weights (1 - mix) + mix * g / mean(g) over one sample's tail (mean 1, so the loss keeps its
+    scale); ``mix`` 0: all 1 (the plain mean), 1: proportional to the gain. All 1 when the gain is 0 everywhere."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix={mix} must be within [0, 1]")
+    gain = gain.float()
+    mean = gain.mean()
+    if mix == 0.0 or not mean > 0:
+        return torch.ones_like(gain)
+    return (1.0 - mix) + mix * gain / mean

@@ -262,6 +262,8 @@ class FitTrainConfig:
     windows get beacons (at a ratio drawn from ``ratios``) and its tail is read raw after them, by the plain decoder.
     The loss is on the tail only: ``kl_weight`` x KL to the teacher's top-k distributions (the plain model reading
     the whole sample, :class:`beacon_llm.distill.TeacherStore`) + ``ce_weight`` x next-token cross-entropy.
+    ``distant_weight`` (0..1) weights the KL of each tail token by (1 - d) + d * g / mean(g), g the teacher's KL to the
+    plain model reading the tail alone (:func:`beacon_llm.distill.distance_weights`): 0 is the plain mean.
     """
 
     output_dir: str
@@ -276,6 +278,7 @@ class FitTrainConfig:
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     topk: int = 32
+    distant_weight: float = 0.0
     autocast_bf16: bool = False
     save_every: int = 10
     seed: int = 0
@@ -290,6 +293,13 @@ class FitTrainConfig:
             raise ValueError("kl_weight and ce_weight must be >= 0, and not both 0")
         if not self.ratios or any(r <= 0 for r in self.ratios):
             raise ValueError(f"ratios={self.ratios} must be positive")
+        if not 0.0 <= self.distant_weight <= 1.0:  # also rejects NaN
+            raise ValueError(
+                f"distant_weight={self.distant_weight} must be within [0, 1] (0: every tail token weighs the same, "
+                "1: KL weights proportional to the distance gain)"
+            )
+        if self.distant_weight > 0 and self.kl_weight == 0:
+            raise ValueError("distant_weight > 0 weights the KL term: it needs kl_weight > 0")
 
 
 def tail_loss(
@@ -300,11 +310,14 @@ def tail_loss(
     kl_weight: float,
     ce_weight: float,
     score_from: int = 0,
+    kl_token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Read ``ids`` under the fit ``plan`` and score the tokens after its condensed windows: returns the weighted loss
     (with graph when training) and its parts (mean KL, mean NLL, tokens). ``teacher_topk``: the teacher's (indices,
     log-probs) for those tokens (:meth:`beacon_llm.distill.TeacherStore.get`). ``score_from``: score only the tail
-    tokens from that offset on (evaluation of what the memory adds once the tail itself gives the local context)."""
+    tokens from that offset on (evaluation of what the memory adds once the tail itself gives the local context).
+    ``kl_token_weights``: (tail tokens,) weights of the per-token KL, sum(w * kl) / T (None: the plain mean; the
+    reported ``kl`` part stays the plain mean, the weighted one is ``kl_weighted``)."""
     if plan.condensed_windows == 0:
         raise ValueError(f"a sample of {len(ids)} tokens has nothing condensed under {plan}; use longer samples")
     cache = bm.new_cache()
@@ -321,14 +334,25 @@ def tail_loss(
         from .distill import topk_kl
 
         indices, logprobs = (t[score_from:] for t in teacher_topk)
-        kl = topk_kl(logits, indices.to(logits.device), logprobs.to(logits.device)).mean()
+        per_token = topk_kl(logits, indices.to(logits.device), logprobs.to(logits.device))
+        kl = per_token.mean()
         parts["kl"] = float(kl.detach())
+        if kl_token_weights is not None:
+            w = kl_token_weights[score_from:].to(per_token.device, per_token.dtype)
+            if w.shape != per_token.shape:
+                raise ValueError(f"kl_token_weights cover {w.shape[0]} tokens, {per_token.shape[0]} are scored")
+            kl = (w * per_token).sum() / per_token.shape[0]
+            parts["kl_weighted"] = float(kl.detach())
         loss = loss + kl_weight * kl
     return loss, parts
 
 
-def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teacher: Any | None) -> TrainState:
+def train_fit(
+    bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teacher: Any | None, reference: Any | None = None
+) -> TrainState:
     """Train the beacons of ``bm`` (a ``fit-N`` config) in the fit regime; see :class:`FitTrainConfig`.
+    ``reference``: the tail-only model's store (:class:`beacon_llm.distill.TailReferenceStore`), for
+    ``cfg.distant_weight > 0``.
 
     Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, step, tokens, data position; the
     optimiser restarts). Returns the state with the loss history; the final adapter goes to ``output_dir/final``.
@@ -341,6 +365,8 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
         raise ValueError(f"train_fit needs a fit-N beacon config, got ratio_mix={bm.config.ratio_mix!r}")
     if cfg.kl_weight > 0 and teacher is None:
         raise ValueError("kl_weight > 0 needs a teacher (beacon_llm.distill.TeacherStore)")
+    if cfg.distant_weight > 0 and reference is None:
+        raise ValueError("distant_weight > 0 needs a tail-only reference (beacon_llm.distill.TailReferenceStore)")
     if stream.seq_len != cfg.seq_len or stream.task_rate:
         raise ValueError(
             f"train_fit reads text slices of seq_len={cfg.seq_len}: give a SampleStream with that seq_len and "
@@ -379,8 +405,15 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
                 ratio = cfg.ratios[int(draw.integers(len(cfg.ratios)))]
                 plan = fit_plan(bm.config, len(sample.input_ids), cfg.positions, ratio=ratio)
                 targets = teacher.get(sample.input_ids, plan.raw_from) if cfg.kl_weight > 0 else None  # full precision
+                weights = None
+                if cfg.distant_weight > 0:
+                    from .distill import distance_gain, distance_weights
+
+                    ref = reference.get(sample.input_ids, plan.raw_from, targets[0])
+                    weights = distance_weights(distance_gain(targets[1], ref), cfg.distant_weight)
                 with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-                    loss, parts = tail_loss(bm, sample.input_ids, plan, targets, cfg.kl_weight, cfg.ce_weight)
+                    loss, parts = tail_loss(bm, sample.input_ids, plan, targets, cfg.kl_weight, cfg.ce_weight,
+                                            kl_token_weights=weights)  # fmt: skip
                 (loss / cfg.grad_accum).backward()
                 record["loss"] += float(loss.detach()) / cfg.grad_accum
                 record["nll"] += parts["nll"] / cfg.grad_accum
@@ -398,7 +431,8 @@ def train_fit(bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teache
             state.history.append({"step": state.step, "tokens": state.tokens, "lr": lr, "tok_per_s": n_tok / dt,
                                   **record})  # fmt: skip
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{n_tok / dt:.0f}")
+            shown = {"kl": f"{record['kl']:.3f}"} if cfg.distant_weight > 0 else {}  # the loss is the weighted KL
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{n_tok / dt:.0f}")
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, None, None, stream, state)
     finally:

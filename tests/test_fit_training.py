@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from beacon_llm import BeaconConfig
-from beacon_llm.distill import TeacherStore, topk_kl
+from beacon_llm.distill import TailReferenceStore, TeacherStore, distance_gain, distance_weights, topk_kl
 from beacon_llm.schedule import fit_plan
 from beacon_llm.tasks import SampleStream
 from beacon_llm.testing import tiny_beacon_model, tiny_tokenizer
@@ -76,3 +76,105 @@ def test_train_fit_lowers_the_held_out_kl_and_resumes(tmp_path):
     cfg.steps = 6
     state2 = train_fit(again, SampleStream([TEXT], tok, 128, seed=1), cfg, store)  # resumes at the last checkpoint
     assert state2.step == 6 and len(state2.history) == 6
+
+
+# ---------------------------------------------------------------- distance-weighted KL (distant_weight)
+@pytest.mark.parametrize(
+    "gain, mix, expected",
+    [
+        ([1.0, 1.0, 1.0, 1.0], 0.8, [1.0, 1.0, 1.0, 1.0]),  # equal gains: uniform at any mix
+        ([0.0, 0.0, 2.0, 2.0], 1.0, [0.0, 0.0, 2.0, 2.0]),  # mix 1: g / mean(g)
+        ([0.0, 0.0, 2.0, 2.0], 0.0, [1.0, 1.0, 1.0, 1.0]),  # mix 0: the plain mean
+        ([0.0, 0.0, 2.0, 2.0], 0.5, [0.5, 0.5, 1.5, 1.5]),  # (1 - mix) + mix * g / mean(g)
+        ([0.0, 0.0, 0.0, 4.0], 0.8, [0.2, 0.2, 0.2, 3.4]),
+        ([0.0, 0.0, 0.0], 0.8, [1.0, 1.0, 1.0]),  # no gain anywhere: uniform, not NaN
+    ],
+)
+def test_distance_weights_table(gain, mix, expected):
+    w = distance_weights(torch.tensor(gain), mix)
+    assert torch.allclose(w, torch.tensor(expected), atol=1e-6)
+    assert abs(float(w.mean()) - 1.0) < 1e-6  # the loss keeps its scale
+
+
+@pytest.mark.parametrize("mix", [-0.1, 1.5, float("nan")])
+def test_distance_weights_rejects_a_mix_outside_0_1(mix):
+    with pytest.raises(ValueError, match="mix="):
+        distance_weights(torch.ones(3), mix)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"distant_weight": -0.1}, "distant_weight=-0.1"), ({"distant_weight": 1.2}, "distant_weight=1.2"),
+     ({"distant_weight": float("nan")}, "distant_weight=nan"),
+     ({"distant_weight": 0.5, "kl_weight": 0.0, "ce_weight": 1.0}, "needs kl_weight")],
+)  # fmt: skip
+def test_fit_config_validates_distant_weight(fields, message):
+    with pytest.raises(ValueError, match=message):
+        FitTrainConfig(output_dir="x", seq_len=128, positions=64, **fields)
+
+
+def test_distance_gain_is_topk_kl_of_the_tail_only_model_and_is_stored_once(tmp_path):
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    teacher = TeacherStore(bm.model, tmp_path / "teacher", k=8)
+    ref = TailReferenceStore(bm.model, tmp_path / "ref", context=1)
+    ids = list(range(4, 100))
+    idx, logp = teacher.get(ids, 60)
+    a = ref.get(ids, 60, idx)
+    assert torch.equal(a, ref.get(ids, 60, idx)) and len(list((tmp_path / "ref").glob("*.safetensors"))) == 1
+    with torch.no_grad():  # the one token before the tail + the tail, as the "tail only" baseline reads it
+        logits = bm.model(input_ids=torch.tensor([ids[59:]])).logits[0, :-1]
+    gain = distance_gain(logp, a)
+    assert torch.allclose(gain, topk_kl(logits, idx, logp).clamp(min=0), atol=1e-6) and gain.shape == (36,)
+    assert float(gain.mean()) > 0  # the tiny model's far context matters to it
+    wide = TailReferenceStore(bm.model, tmp_path / "ref", context=8).get(ids, 60, idx)  # another key
+    assert len(list((tmp_path / "ref").glob("*.safetensors"))) == 2 and not torch.equal(wide, a)
+    with pytest.raises(ValueError, match="indices cover"):
+        ref.compute(ids, 61, idx)
+
+
+def test_tail_loss_weights_sum_w_kl_over_t(tmp_path):
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    teacher = TeacherStore(bm.model, tmp_path / "t", k=16)
+    ids = list(range(4, 100))
+    plan = fit_plan(CFG, len(ids), 64, ratio=4)
+    targets = teacher.get(ids, plan.raw_from)
+    t = len(ids) - plan.raw_from
+    with torch.no_grad():
+        plain, parts = tail_loss(bm, ids, plan, targets, 1.0, 0.0)
+        ones, _ = tail_loss(bm, ids, plan, targets, 1.0, 0.0, kl_token_weights=torch.ones(t))
+        w = torch.zeros(t)
+        w[3] = float(t)  # all the weight on one token: its KL
+        one, parts_w = tail_loss(bm, ids, plan, targets, 1.0, 0.0, kl_token_weights=w)
+        late, _ = tail_loss(bm, ids, plan, targets, 1.0, 0.0, score_from=3, kl_token_weights=w)
+    assert float(plain) == parts["kl"] and torch.allclose(ones, plain, atol=1e-6)
+    assert parts_w["kl"] == parts["kl"] and float(one) == parts_w["kl_weighted"] != parts["kl"]
+    assert torch.allclose(late, one * t / (t - 3), atol=1e-5)  # weights sliced with the scored tokens: w[3] / (T - 3)
+
+
+class _Unused:
+    def get(self, *args):
+        raise AssertionError("distant_weight=0 must not read the reference")
+
+
+def test_distant_weight_0_trains_exactly_as_before_and_above_0_needs_a_reference(tmp_path):
+    tok = tiny_tokenizer()
+    histories = []
+    for name, reference in (("a", None), ("b", _Unused())):
+        bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+        store = TeacherStore(bm.model, tmp_path / "teacher", k=16)
+        cfg = FitTrainConfig(output_dir=str(tmp_path / name), steps=2, seq_len=128, positions=64, ratios=(4,),
+                             grad_accum=2, lr=3e-3, save_every=2, distant_weight=0.0)  # fmt: skip
+        state = train_fit(bm, SampleStream([TEXT], tok, 128, seed=1), cfg, store, reference)
+        histories.append([{k: v for k, v in h.items() if k != "tok_per_s"} for h in state.history])
+    assert histories[0] == histories[1]
+    assert all(h["loss"] == h["kl"] for h in histories[0])  # the plain mean KL, unweighted
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    store = TeacherStore(bm.model, tmp_path / "teacher", k=16)
+    cfg = FitTrainConfig(output_dir=str(tmp_path / "c"), steps=2, seq_len=128, positions=64, ratios=(4,),
+                         grad_accum=2, lr=3e-3, save_every=2, distant_weight=0.8)  # fmt: skip
+    with pytest.raises(ValueError, match="tail-only reference"):
+        train_fit(bm, SampleStream([TEXT], tok, 128, seed=1), cfg, store)
+    ref = TailReferenceStore(bm.model, tmp_path / "ref")
+    state = train_fit(bm, SampleStream([TEXT], tok, 128, seed=1), cfg, store, ref)
+    assert state.step == 2 and state.history[0]["loss"] != state.history[0]["kl"]  # weighted, kl stays the mean
+    assert len(list((tmp_path / "ref").glob("*.safetensors"))) == 4  # one per sample
