@@ -26,6 +26,10 @@ __all__ = [
     "max_positions",
     "rotate_half",
     "decoder_after_kv",
+    "native_bf16_cpu",
+    "mlp_parts",
+    "pack_linear_weight",
+    "packed_linear",
 ]
 
 
@@ -204,3 +208,47 @@ def decoder_after_kv(
     kv = DynamicCache(ddp_cache_data=data, config=model.config)
     out = model.model(input_ids=input_ids, cache=kv, use_cache=True)
     return out.last_hidden_state, [layer.keys for layer in kv.layers], [layer.values for layer in kv.layers]
+
+
+def mlp_parts(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, Callable[[torch.Tensor], torch.Tensor]]:
+    """(gate, up, down, activation) of a Llama / Mistral / Qwen2 MLP, whose forward is
+    ``down(act(gate(x)) * up(x))`` (the decode step computes exactly that with its own linear kernels)."""
+    return mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 matmuls are then 2-3x faster than fp32;
+    without it (AVX2 only) they are emulated and several times slower."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(p is not None for p in probes):
+        return any(bool(p()) for p in probes)
+    try:  # older torch: read the flags Linux reports
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def packed_linear_available() -> bool:
+    """oneDNN's pre-packed linear (what ``torch.compile`` uses on CPU): a bf16 matrix-vector product from weights
+    reordered once, at the memory-bandwidth limit, where ``F.linear`` re-reads them in an unfavourable layout."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (
+            bool(torch.backends.mkldnn.is_available())
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) reordered for :func:`packed_linear` with one input row (an opaque oneDNN tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with ``weight`` from :func:`pack_linear_weight`. x: (..., in) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

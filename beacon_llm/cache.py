@@ -4,13 +4,15 @@ A :class:`BeaconCache` holds, per layer, the condensed memory (sink + beacon KVs
 fixed memory positions ``0..M-1``) and the open window (raw and pending beacon KVs, keys *before* RoPE because
 their positions change when the window is committed). It also carries the scheduling state. It is created per
 call or kept by the caller (conversations, ``fork()`` to branch questions off one condensed book); it is never
-stored on the model. Tensors are never modified in place, so a fork is cheap and independent.
+stored on the model. Entries, once written, are never modified, so a fork is cheap and independent: the memory is
+appended in place into a buffer shared with forks, copy on write (``kv_arena``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from .config import BeaconConfig
+from .kv_arena import KVArena
 from .schedule import FitPlan
 
 
@@ -50,6 +53,10 @@ class _State:
     fit_plan: FitPlan | None = None  # fit-N: the read's plan, fixed at its first call
     n_raw_memory: int = 0  # raw (uncondensed) entries in the memory: ratio-0 windows, fit-N's raw part
 
+    def copy(self) -> _State:
+        """An independent copy (its lists are new; the tuples and the frozen plan are shared)."""
+        return dataclasses.replace(self, window_sizes=list(self.window_sizes), pending=list(self.pending))
+
 
 @dataclass(frozen=True)
 class WindowClose:
@@ -73,6 +80,22 @@ class WindowClose:
 _KV_NAMES = ("mem_k", "mem_v", "win_k", "win_v")
 
 
+class MemoryAppend:
+    """Entries ``start..end-1`` of every layer's memory, reserved by :meth:`BeaconCache.reserve_memory` for one read
+    that writes them layer by layer (the decode step); :meth:`BeaconCache.commit_memory` makes them the memory."""
+
+    def __init__(self, arena: KVArena, start: int, end: int) -> None:
+        self.arena, self.start, self.end = arena, start, end
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``keys`` (rotated) / ``values`` (B, KVH, end - start, D) of ``layer``; returns that layer's memory
+        with them, (B, KVH, end, D) each (views: nothing is copied)."""
+        a, s, e = self.arena, self.start, self.end
+        a.keys[layer, :, :, s:e] = keys
+        a.values[layer, :, :, s:e] = values
+        return a.keys[layer, :, :, :e], a.values[layer, :, :, :e]
+
+
 class BeaconCache:
     """Condensed context of one conversation / document.
 
@@ -82,6 +105,7 @@ class BeaconCache:
         generator: numpy generator for ``step-random`` / ``instance-random`` ratio draws. Defaults to
             ``numpy.random.default_rng(seed)`` (the official code uses seed 42).
         trace: record a :class:`StepTrace` per step (``cache.trace``).
+        max_entries: the model's positions: the memory buffer is not grown past them in advance.
     """
 
     def __init__(
@@ -92,8 +116,10 @@ class BeaconCache:
         generator: np.random.Generator | None = None,
         seed: int = 42,
         trace: bool = False,
+        max_entries: int | None = None,
     ) -> None:
         self.config = config
+        self.max_entries = max_entries
         self.num_layers = num_layers
         self.generator = generator if generator is not None else np.random.default_rng(seed)
         self.trace: list[StepTrace] | None = [] if trace else None
@@ -102,6 +128,7 @@ class BeaconCache:
         self.mem_v: list[torch.Tensor | None] = [None] * num_layers  # (B, KVH, M, D)
         self.win_k: list[torch.Tensor | None] = [None] * num_layers  # (B, KVH, R, D) before RoPE
         self.win_v: list[torch.Tensor | None] = [None] * num_layers  # (B, KVH, R, D)
+        self._arena: KVArena | None = None  # the buffer mem_k / mem_v are views of (None: they are plain tensors)
         self.last_logits: torch.Tensor | None = None  # (V,) next-token logits after the last fed token
         self.fingerprint: tuple | None = None  # (model identity) set on first use
         self._lock = threading.Lock()
@@ -266,8 +293,8 @@ class BeaconCache:
         entries, keys rotated at the next memory positions) to the memory; ``kept_k`` / ``kept_v`` (the
         ``close.keep`` entries, or None) become the open window (§3.2)."""
         st = self.state
-        self.mem_k = [new if old is None else torch.cat([old, new], 2) for old, new in zip(self.mem_k, moved_k)]
-        self.mem_v = [new if old is None else torch.cat([old, new], 2) for old, new in zip(self.mem_v, moved_v)]
+        if moved_k and moved_k[0].shape[2]:
+            self._extend_memory(moved_k, moved_v)
         self.win_k, self.win_v = list(kept_k), list(kept_v)
         st.n_sink = close.n_sink
         st.window_flags = (False,) * len(close.keep)
@@ -285,15 +312,64 @@ class BeaconCache:
             raise ValueError(f"{plan} does not match the cache's window {self.config.window} / sink")
         self.state.fit_plan = plan
 
-    def append_raw_memory(self, keys: list[torch.Tensor], values: list[torch.Tensor], n_tokens: int) -> None:
-        """Make ``keys`` / ``values`` (per layer: the old memory followed by ``n_tokens`` raw entries, keys rotated
-        at their positions) the memory: a read past ``fit-N``'s condensed windows keeps every token raw."""
+    def append_raw_memory(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Append ``keys`` / ``values`` (per layer (B, KVH, n, D): ``n`` raw tokens, keys rotated at their memory
+        positions) to the memory: a read past ``fit-N``'s condensed windows keeps every token raw."""
+        self._extend_memory(keys, values)
+        self._count_raw(int(keys[0].shape[2]))
+
+    def reserve_memory(self, n: int, like: torch.Tensor) -> MemoryAppend:
+        """Reserve the next ``n`` memory entries of every layer for a read that writes them itself, layer by layer
+        (``like``: (B, KVH, n, D) in the entries' dtype and device). Nothing changes until :meth:`commit_memory`."""
+        return self._writable(self.memory_length, self.memory_length + n, like)
+
+    def commit_memory(self, append: MemoryAppend) -> None:
+        """Make the entries written through ``append`` (raw tokens, as :meth:`append_raw_memory`) the memory."""
+        if append.start != self.memory_length:
+            raise ValueError(f"this reservation starts at {append.start}, the memory has {self.memory_length} entries")
+        self._arena = append.arena
+        self._set_memory_views(append.end)
+        self._count_raw(append.end - append.start)
+
+    def _count_raw(self, n_tokens: int) -> None:
         st = self.state
-        self.mem_k, self.mem_v = list(keys), list(values)
         st.n_seen += n_tokens
         st.n_steps += 1
         st.n_raw_memory += n_tokens
         st.window_ratio = 0
+
+    def _writable(self, start: int, end: int, like: torch.Tensor) -> MemoryAppend:
+        """Entries ``start..end-1`` of an arena holding this cache's first ``start`` entries: its own when it may
+        append there, else a new one with those entries copied (copy on write, ``kv_arena``)."""
+        arena = self._arena
+        same_kind = arena is not None and arena.keys.dtype == like.dtype and arena.keys.device == like.device
+        if arena is None or not same_kind or not arena.claim(start, end):
+            arena = KVArena.allocate(like, self.num_layers, end, self.max_entries)
+            arena.claim(0, end)
+            if start:
+                for i in range(self.num_layers):
+                    arena.keys[i, :, :, :start] = self.mem_k[i]
+                    arena.values[i, :, :, :start] = self.mem_v[i]
+        return MemoryAppend(arena, start, end)
+
+    def _extend_memory(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        if keys[0].requires_grad or (self.mem_k[0] is not None and self.mem_k[0].requires_grad):
+            # training: autograd keeps the memory it read, so entries go to new tensors instead of a shared buffer
+            self.mem_k = [k if old is None else torch.cat([old, k], 2) for old, k in zip(self.mem_k, keys)]
+            self.mem_v = [v if old is None else torch.cat([old, v], 2) for old, v in zip(self.mem_v, values)]
+            self._arena = None
+            return
+        append = self._writable(self.memory_length, self.memory_length + int(keys[0].shape[2]), keys[0])
+        for i, (k, v) in enumerate(zip(keys, values)):
+            append.write(i, k, v)
+        self._arena = append.arena
+        self._set_memory_views(append.end)
+
+    def _set_memory_views(self, end: int) -> None:
+        arena = self._arena
+        assert arena is not None
+        self.mem_k = [arena.keys[i, :, :, :end] for i in range(self.num_layers)]  # (B, KVH, end, D) views
+        self.mem_v = [arena.values[i, :, :, :end] for i in range(self.num_layers)]
 
     def reset(self) -> None:
         """Forget everything read so far (the generator is kept, as in the official code)."""
@@ -302,6 +378,7 @@ class BeaconCache:
         self.mem_v = [None] * self.num_layers
         self.win_k = [None] * self.num_layers
         self.win_v = [None] * self.num_layers
+        self._arena = None
         self.last_logits = None
         if self.trace is not None:
             self.trace = []
@@ -319,12 +396,13 @@ class BeaconCache:
 
     def _snapshot(self) -> tuple:
         return (
-            copy.deepcopy(self.state),
-            copy.deepcopy(self.generator),
+            self.state.copy(),
+            copy.deepcopy(self.generator.bit_generator.state),
             list(self.mem_k),
             list(self.mem_v),
             list(self.win_k),
             list(self.win_v),
+            self._arena,
             self.last_logits,
             None if self.trace is None else len(self.trace),
             self.fingerprint,
@@ -333,15 +411,17 @@ class BeaconCache:
     def _restore(self, snap: tuple) -> None:
         (
             self.state,
-            self.generator,
+            generator_state,
             self.mem_k,
             self.mem_v,
             self.win_k,
             self.win_v,
+            self._arena,
             self.last_logits,
             n_trace,
             self.fingerprint,
         ) = snap
+        self.generator.bit_generator.state = generator_state
         if self.trace is not None and n_trace is not None:
             del self.trace[n_trace:]
 
@@ -389,10 +469,11 @@ class BeaconCache:
         num_layers: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        max_entries: int | None = None,
     ) -> BeaconCache:
         """A cache from :meth:`to_record`'s output, its KVs on ``device`` in ``dtype``. ``config`` / ``num_layers``
         are the model's (the caller checks they match ``meta``'s); a missing entry raises KeyError / TypeError."""
-        cache = cls(config, num_layers)
+        cache = cls(config, num_layers, max_entries=max_entries)
         s = meta["state"]
         st = cache.state
         st.n_seen, st.n_steps, st.n_windows, st.n_sink = s["n_seen"], s["n_steps"], s["n_windows"], s["n_sink"]

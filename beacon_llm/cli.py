@@ -22,7 +22,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--adapter", default=None, help="beacon adapter folder (beacon_config.json + weights)")
     g.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, auto (default: cpu)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    g.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: bfloat16 on a CPU with native bf16, else float32; a GPU: the checkpoint's)",
+    )  # fmt: skip
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 

@@ -17,7 +17,7 @@ from .embedded import EMBEDDED_MODEL, embedded_model_path, home
 from .engine import BeaconEngine
 from .model import BeaconModel
 from .registry import Registry
-from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained
+from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained, resolve_dtype
 
 SHIPPED_ADAPTERS = Path(__file__).parent / "adapters"
 DEFAULT_MAX_MODELS = 2
@@ -42,7 +42,7 @@ def get_engine(
     model: str | None = None,
     *,
     adapter: str | None = None,
-    dtype: str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     device: str | None = None,
     cache_dir: str | None = None,
     max_prefixes: int = 4,
@@ -60,7 +60,8 @@ def get_engine(
     outside any global lock (callers for other engines are not blocked; callers for this one wait for its load).
     :func:`beacon_llm.unload` drops engines and models explicitly."""
     beacon_overrides = inference_overrides(beacon_overrides)
-    key = (model, adapter, dtype, device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
+    dtype = resolve_dtype("auto" if dtype is None else dtype, device)
+    key = (model, adapter, str(dtype), device, cache_dir, max_prefixes, json.dumps(beacon_overrides, sort_keys=True))
 
     def build() -> BeaconEngine:
         bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
@@ -115,7 +116,7 @@ def load(
     *,
     adapter: str | None = None,
     beacon_config: BeaconConfig | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     device: str | None = None,
     attn_implementation: str = "sdpa",
     shared: bool = True,
@@ -126,7 +127,9 @@ def load(
     * ``model=None``: the embedded SmolLM2-135M-Instruct with the beacon adapter shipped in this package;
     * a folder / hub id of an official beacon checkpoint;
     * a base model plus ``adapter=`` (beacon-only folder) or ``beacon_config=`` (fresh beacons).
-    ``beacon_overrides`` are ``beacon_*`` keys applied on top (e.g. ``beacon_ratio=[8]``).
+    ``beacon_overrides`` are ``beacon_*`` keys applied on top (e.g. ``beacon_ratio=[8]``). ``dtype`` defaults to
+    ``"auto"`` (None means the same): bf16 on a CPU that computes it natively, else fp32; a checkpoint's own dtype
+    on a GPU (:func:`beacon_llm.serialization.resolve_dtype`).
 
     Shared models are kept in a process-wide registry of at most ``$BEACON_LLM_MAX_MODELS`` (default 2) entries; the
     least recently used one is dropped beyond that (models still referenced elsewhere keep working), together with
@@ -135,6 +138,7 @@ def load(
     a failed load is retried by the next call). :func:`unload` drops models explicitly.
     """
     path = resolve_model(model)
+    dtype = resolve_dtype("auto" if dtype is None else dtype, device)
     if adapter is None and beacon_config is None and model in (None, "", EMBEDDED_MODEL):
         adapter = shipped_adapter()
         if adapter is None:

@@ -11,6 +11,7 @@ import contextvars
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from . import _compat
 from .attention import StepTensors, layer_step, rope
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
+from .decode import DecodeLinears, raw_token_step, should_pack
 from .generation import GenerateOutput, generate
 from .layers import attach_beacon_modules, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
@@ -84,12 +86,24 @@ class BeaconModel:
         self.config = config
         self.tokenizer = tokenizer
         self.gradient_checkpointing = False  # recompute each layer in backward (training long samples)
+        self._decode_lock = threading.Lock()
         self.max_positions = _compat.max_positions(model.config)
         if self.max_positions <= config.window:
             raise ValueError(
                 f"beacon_window={config.window} must be smaller than the model's "
                 f"max_position_embeddings={self.max_positions}"
             )
+
+    def __getstate__(self) -> dict:
+        """Pickling / deepcopy: the lock and the decode step's kernels (made again on use) are left out."""
+        state = dict(self.__dict__)
+        for key in ("_decode_lock", "_decode", "_decode_inference"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._decode_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,6 +120,8 @@ class BeaconModel:
         """Remove the beacon modules and return the plain base model (bit-identical to before attaching)."""
         detach_beacon_modules(self.model)
         self.__dict__.pop("_beacon_params", None)
+        self.__dict__.pop("_decode", None)
+        self.__dict__.pop("_decode_inference", None)
         return self.model
 
     @contextlib.contextmanager
@@ -152,7 +168,9 @@ class BeaconModel:
         self, *, generator: np.random.Generator | None = None, seed: int = 42, trace: bool = False
     ) -> BeaconCache:
         """A fresh, empty cache for this model."""
-        return BeaconCache(self.config, self.num_layers, generator=generator, seed=seed, trace=trace)
+        return BeaconCache(
+            self.config, self.num_layers, generator=generator, seed=seed, trace=trace, max_entries=self.max_positions
+        )
 
     def weights_digest(self) -> str:
         """sha256 of the beacon config and every beacon weight (bytes as stored), remembered until a beacon weight
@@ -396,7 +414,7 @@ class BeaconModel:
                             logit_parts.append(logits.detach())
                         last_logits = logits[-1]
                 else:
-                    last_logits = self.model.lm_head(raw_hidden[-1:]).float()[0]
+                    last_logits = self._last_logits(raw_hidden[-1:])
                 pos = rows_end
                 if progress is not None:
                     progress(n_raw, cache)
@@ -521,7 +539,18 @@ class BeaconModel:
         at positions 0..M-1), exactly as the plain model continues its own KV cache; every new KV entry is kept raw.
         Returns the final-normed hidden states (n_raw, Dm)."""
         mem_len = cache.memory_length
-        hidden, keys, values = _compat.decoder_after_kv(self.model, raw_ids[None], cache.mem_k, cache.mem_v)
+        n = int(raw_ids.numel())
+        decode = n == 1 and not torch.is_grad_enabled()
+        if decode:  # the decode step: written in place into the memory buffer
+            embed = self.model.model.embed_tokens.weight
+            layer0 = self.model.model.layers[0].self_attn
+            like = embed.new_empty(1, layer0.k_proj.out_features // layer0.head_dim, 1, layer0.head_dim)
+            append = cache.reserve_memory(1, like)
+            impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+            linears = self._decode_linears()
+            hidden = raw_token_step(self.model, linears, raw_ids, append, _compat.attention_function(impl))
+        else:  # the stock decoder over a DynamicCache of the memory (one call when the read fits: bit for bit)
+            hidden, keys, values = _compat.decoder_after_kv(self.model, raw_ids[None], cache.mem_k, cache.mem_v)
         if cache.trace is not None:
             n = int(raw_ids.numel())
             cache.record(
@@ -534,8 +563,28 @@ class BeaconModel:
                     positions=tuple(range(mem_len, mem_len + n)),
                 )
             )
-        cache.append_raw_memory(keys, values, int(raw_ids.numel()))
+        if decode:
+            cache.commit_memory(append)  # after the step: a failed step leaves the memory as it was
+        else:
+            cache.append_raw_memory([k[:, :, mem_len:] for k in keys], [v[:, :, mem_len:] for v in values])
         return hidden[0]  # (n_raw, Dm)
+
+    def _decode_linears(self) -> DecodeLinears:
+        """The decode step's linear kernels for the current weights, made once and made again after a weight
+        changes: packed for oneDNN when :func:`beacon_llm.decode.should_pack` says so (decided when they are made)
+        and no gradient is needed, else ``F.linear`` on the weights themselves."""
+        key = "_decode" if torch.is_grad_enabled() else "_decode_inference"
+        with self._decode_lock:
+            found = self.__dict__.get(key)
+            if found is None or not found.matches(self.model):
+                found = DecodeLinears(self.model, packed=key == "_decode_inference" and should_pack(self.model))
+                self.__dict__[key] = found
+            return found
+
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(V,) float32 next-token logits from one final-normed hidden state (1, Dm), through the decode step's
+        output kernel (the same product; packed for oneDNN on a bf16 CPU model)."""
+        return self._decode_linears().lm_head(hidden).float()[0]
 
     def _commit(
         self,

@@ -11,7 +11,9 @@ just before the tail instead of the beacons), StreamingLLM (4 sink tokens + rece
     python benchmarks/training_ablations.py --recipe kl_r32 --steps 25  # train a recipe, evaluate, add a row
     python benchmarks/training_ablations.py --fast                      # tiny model (CI smoke run)
 
-Runs go to ``runs/ablations/<recipe>`` (resumable), the teacher's top-k to ``runs/teacher``.
+Runs go to ``runs/ablations/<recipe>`` (resumable), the teacher's top-k to ``runs/teacher`` (the tail-only
+reference of the distance-weighted recipes to ``runs/teacher_tail_only``). A recipe that ``continues`` another starts
+from its last checkpoint, step count included: ``--steps`` is the total (the parent's steps + this recipe's).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 BOOKS = ROOT / "benchmarks" / "data" / "books"
 TRAIN_BOOKS = ("frankenstein", "adventures_of_sherlock_holmes", "pride_and_prejudice", "dracula",
                "tale_of_two_cities", "oliver_twist")  # fmt: skip
-# name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate)
+# name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
+# distant_weight, the KL weighted toward tail tokens the tail alone predicts badly])
 RECIPES: dict[str, dict] = {
     "ce_r32": {"init": "shipped", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
     "kl_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
@@ -44,6 +47,16 @@ RECIPES: dict[str, dict] = {
     # the best short run, trained on: starts from the last checkpoint of kl_r32 (same precision), new lr schedule
     "kl_r32_long": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32"},
     "kl_r32_long2": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32_long"},
+    # the plateaued kl_r32_long2, trained on with the KL weighted by the teacher's distance to the tail-only model
+    "kl_r32_distant": {
+        "init": "shipped",
+        "ratios": (32,),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 1e-4,
+        "distant": 0.8,
+        "continues": "kl_r32_long2",
+    },
 }
 
 
@@ -125,9 +138,10 @@ def main() -> None:
         shipped = tiny_beacon_model(cfg, max_position_embeddings=512)
         fresh = tiny_beacon_model(cfg, max_position_embeddings=512, perturb=0.0)
         args.seq_len, args.positions, args.steps, args.held_out, eval_ratio = 128, 64, 2, 1, 4
-        recipes = {k: {**v, "ratios": (4,)} for k, v in RECIPES.items()}
+        # tiny runs start afresh: no parent run to continue from
+        recipes = {k: {**{f: x for f, x in v.items() if f != "continues"}, "ratios": (4,)} for k, v in RECIPES.items()}
     else:
-        shipped = beacon_llm.load(beacon_ratio_mix="fit-0", shared=False)
+        shipped = beacon_llm.load(beacon_ratio_mix="fit-0", shared=False, dtype="float32")  # evaluation in fp32
         fresh = None
         recipes = RECIPES
     tok, base = shipped.tokenizer, shipped.model
@@ -178,28 +192,43 @@ def main() -> None:
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
         name = args.recipe + ("+bf16" if args.bf16 else "")
         run_dir = runs / "ablations" / name
-        if spec.get("continues") and not run_dir.exists():
+        start_step = 0
+        if spec.get("continues"):
             from beacon_llm.training import latest_checkpoint
 
             parent = runs / "ablations" / (spec["continues"] + ("+bf16" if args.bf16 else ""))
             last = latest_checkpoint(parent) if parent.is_dir() else None
             if last is None:
                 raise SystemExit(f"{args.recipe} continues {parent}: run that recipe first (no checkpoint there)")
-            shutil.copytree(last, run_dir / last.name)
+            start_step = int(last.name.split("-")[1])
+            if not run_dir.exists():
+                shutil.copytree(last, run_dir / last.name)
+        distant = float(spec.get("distant", 0.0))
+        reference = None
+        if distant > 0:
+            from beacon_llm.distill import TailReferenceStore
+
+            reference = TailReferenceStore(base, runs / "teacher_tail_only", context=1)  # = "tail only (no memory)"
         cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps,
                              seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
                              grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
-                             autocast_bf16=args.bf16, save_every=5)  # fmt: skip
-        state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None)
+                             distant_weight=distant, autocast_bf16=args.bf16, save_every=5)  # fmt: skip
+        state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None, reference)
+        own = [h for h in state.history if h["step"] > start_step]  # this recipe's steps (history is cumulative)
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
         base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
         rows.append({
             "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]),
-            "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"],
+            "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"], "distant_weight": distant,
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
             "first_loss": state.history[0]["loss"], "last_loss": state.history[-1]["loss"],
+            **({"start_step": start_step, "steps_this_recipe": len(own),
+                "tokens_this_recipe_only": state.tokens - sum(h["tokens"] for h in state.history
+                                                              if h["step"] == start_step),
+                "first_loss_this_recipe": own[0]["loss"], "first_kl_this_recipe": own[0]["kl"],
+                "last_kl": own[-1]["kl"]} if own else {}),
             **{k: round(v, 4) for k, v in scores.items()},
         })  # fmt: skip
     for row in rows:

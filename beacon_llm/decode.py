@@ -1,0 +1,226 @@
+"""The decode step: one raw token read after the memory (docs/design.md §8).
+
+Past ``fit-N``'s condensed windows every token is kept raw, so each generated token of the default schedule is this
+step. It runs the stock decoder layer's operations on the token, the same calls transformers makes for one token
+after its KV cache (its logits equal the plain model's bit for bit), and writes the token's keys and values straight
+into the cache's memory buffer (``kv_arena``): nothing is concatenated or rebuilt per token, and the Python work per
+token does not grow with the memory.
+
+With bf16 weights on the CPU (:func:`should_pack`), the step runs fused instead: the q/k/v and gate/up projections
+as one matrix-vector product each, with weights packed once for oneDNN (:class:`DecodeLinears`, ``packed=True``: at
+the memory-bandwidth limit, where ``F.linear`` on bf16 vectors is slower than fp32) and RoPE on queries and keys
+together: bit for bit the stock bf16 layers still. The packed copy costs as much memory as the linear weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _compat
+from .attention import rope
+from .cache import MemoryAppend
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+_PACK_MEMORY_SHARE = 4  # pack only when the packed copy takes at most 1/4 of the memory still available
+
+
+@dataclass(frozen=True)
+class _FusedLayer:
+    """One layer of the packed step: fused projections and the norms' weights."""
+
+    qkv: Linear  # x -> [q | k | v]
+    o: Linear
+    gate_up: Linear  # x -> [gate | up]
+    down: Linear
+    act: Linear
+    norm1: nn.Module  # the input RMSNorm
+    norm2: nn.Module  # the post-attention RMSNorm
+    n_q: int  # query features (heads x head_dim)
+    n_k: int  # key features (kv heads x head_dim)
+    n_inter: int  # MLP intermediate features
+
+
+@dataclass(frozen=True)
+class _LayerLinears:
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+    act: Linear
+
+
+class DecodeLinears:
+    """The decode step's linear kernels for one model's current weights: ``F.linear`` on the weights themselves, or
+    oneDNN with weights packed once (``packed=True``). ``matches(model)`` tells whether they still describe the
+    model's weights (a weight replaced or changed in place makes them stale)."""
+
+    def __init__(self, model: nn.Module, *, packed: bool) -> None:
+        self.packed = packed
+        self.dtype = model.lm_head.weight.dtype
+        self.layers: list[_LayerLinears] = []
+        self.fused: list[_FusedLayer] = []
+        self._watched = _watched_weights(model)
+        if packed:
+            for layer in model.model.layers:
+                self.fused.append(_fused_layer(layer))
+            self.lm_head = _packed(model.lm_head.weight, model.lm_head.bias)
+            return
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            gate, up, down, act = _compat.mlp_parts(layer.mlp)
+            q, k, v, o = (self._kernel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+            self.layers.append(_LayerLinears(q, k, v, o, self._kernel(gate), self._kernel(up), self._kernel(down), act))
+        self.lm_head = self._kernel(model.lm_head)
+
+    @staticmethod
+    def _kernel(module: nn.Linear) -> Linear:
+        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return module  # a wrapped or hooked projection runs as itself
+        return functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether every weight they were made from is still in its module, unchanged (checked on every decode
+        step: a dictionary lookup and a version counter per weight)."""
+        if self._watched[0] is not model.lm_head:
+            return False
+        return all(params.get(name) is p and p._version == version for params, name, p, version in self._watched[1])
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    b = None if bias is None else bias.detach()
+    return functools.partial(_compat.packed_linear, weight=_compat.pack_linear_weight(weight.detach()), bias=b)
+
+
+def _cat_bias(*mods: nn.Linear) -> torch.Tensor | None:
+    if all(m.bias is None for m in mods):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods]).detach()
+
+
+def _fused_layer(layer: nn.Module) -> _FusedLayer:
+    attn = layer.self_attn
+    gate, up, down, act = _compat.mlp_parts(layer.mlp)
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    return _FusedLayer(
+        qkv=_packed(torch.cat([q.weight, k.weight, v.weight]), _cat_bias(q, k, v)),
+        o=_packed(attn.o_proj.weight, attn.o_proj.bias),
+        gate_up=_packed(torch.cat([gate.weight, up.weight]), _cat_bias(gate, up)),
+        down=_packed(down.weight, down.bias),
+        act=act,
+        norm1=layer.input_layernorm,
+        norm2=layer.post_attention_layernorm,
+        n_q=q.out_features,
+        n_k=k.out_features,
+        n_inter=gate.out_features,
+    )
+
+
+def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, torch.Tensor, int]]]:
+    """The linear weights the decode step uses: (their modules' parameter dict, name, tensor, in-place version)."""
+    mods: list[nn.Module] = [model.lm_head]
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
+    watched = [
+        (m._parameters, name, m._parameters[name], m._parameters[name]._version)
+        for m in mods
+        for name in ("weight", "bias")
+        if m._parameters.get(name) is not None
+    ]
+    return (model.lm_head, watched)
+
+
+def should_pack(model: nn.Module) -> bool:
+    """Pack the decode weights for oneDNN: bf16 weights on a CPU with native bf16, the packed kernels present, and
+    the packed copy (as large as the linear weights) within a quarter of the memory still available."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return False
+    if not (_compat.native_bf16_cpu() and _compat.packed_linear_available()):
+        return False
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    available = _available_memory()
+    return available is None or nbytes * _PACK_MEMORY_SHARE <= available
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "sysconf"):
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def raw_token_step(
+    model: nn.Module, linears: DecodeLinears, token: torch.Tensor, append: MemoryAppend, attention: Callable
+) -> torch.Tensor:
+    """Read one raw token after the memory: every layer of the stock decoder, its key/value written into the
+    reserved memory entry ``append.start`` (its position). Returns the final-normed hidden state (1, 1, Dm).
+
+    token: (1,) long. ``attention`` is the model's attention kernel (transformers' ``sdpa`` / ``eager`` / flash).
+    """
+    inner = model.model
+    position = append.start
+    hidden = inner.embed_tokens(token[None])  # (1, 1, Dm)
+    cos, sin = inner.rotary_emb(hidden, torch.tensor([[position]], device=hidden.device))  # (1, 1, D) each
+    if linears.packed:
+        return _fused_token_step(model, linears, hidden, cos, sin, append)
+    for i, (layer, lin) in enumerate(zip(inner.layers, linears.layers)):
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        residual = hidden
+        x = layer.input_layernorm(hidden)  # (1, 1, Dm)
+        q = lin.q(x).view(1, 1, -1, head_dim).transpose(1, 2)  # (1, H, 1, D)
+        k = lin.k(x).view(1, 1, -1, head_dim).transpose(1, 2)  # (1, KVH, 1, D)
+        v = lin.v(x).view(1, 1, -1, head_dim).transpose(1, 2)  # (1, KVH, 1, D)
+        keys, values = append.write(i, rope(k, cos, sin), v)  # (1, KVH, M + 1, D) each
+        out, _ = attention(attn, rope(q, cos, sin), keys, values, None, dropout=0.0, scaling=attn.scaling)
+        hidden = residual + lin.o(out.reshape(1, 1, -1).contiguous())  # (1, 1, Dm)
+        x = layer.post_attention_layernorm(hidden)
+        hidden = hidden + lin.down(lin.act(lin.gate(x)) * lin.up(x))
+    return inner.norm(hidden)  # (1, 1, Dm)
+
+
+def _fused_token_step(
+    model: nn.Module,
+    linears: DecodeLinears,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    append: MemoryAppend,
+) -> torch.Tensor:
+    """:func:`raw_token_step` with fused projections (bf16 on the CPU). hidden: (1, 1, Dm). Each fused product equals
+    the separate ones bit for bit (every output is the same dot product), RoPE is elementwise, and the norms,
+    attention call and MLP formula are the stock layer's: the logits equal the stock bf16 layers' (tested)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for i, (layer, f) in enumerate(zip(model.model.layers, linears.fused)):
+        attn = layer.self_attn
+        head_dim = attn.head_dim
+        n_heads, n_kv = f.n_q // head_dim, f.n_k // head_dim
+        qkv = f.qkv(f.norm1(hidden))  # (1, 1, n_q + 2 n_k)
+        qk = rope(qkv[..., : f.n_q + f.n_k].view(1, 1, n_heads + n_kv, head_dim).transpose(1, 2), cos, sin)
+        v = qkv[..., f.n_q + f.n_k :].view(1, 1, n_kv, head_dim).transpose(1, 2)  # (1, KVH, 1, D)
+        keys, values = append.write(i, qk[:, n_heads:], v)  # (1, KVH, M + 1, D) each
+        out = sdpa(qk[:, :n_heads], keys, values, scale=attn.scaling, enable_gqa=n_heads != n_kv)  # (1, H, 1, D)
+        hidden = hidden + f.o(out.transpose(1, 2).reshape(1, 1, f.n_q))
+        gate_up = f.gate_up(f.norm2(hidden))  # (1, 1, 2 I)
+        hidden = hidden + f.down(f.act(gate_up[..., : f.n_inter]) * gate_up[..., f.n_inter :])
+    return model.model.norm(hidden)  # (1, 1, Dm)

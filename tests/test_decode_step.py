@@ -1,0 +1,301 @@
+"""The decode step (``beacon_llm.decode``) and the memory buffer it writes into (``beacon_llm.kv_arena``): appends in
+place, forks that never see each other's tokens, a failed step that leaves the cache as it was, the packed bf16
+kernels against the plain ones, weights changed after the kernels were made, and ``dtype="auto"``."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import beacon_llm
+from beacon_llm import BeaconConfig, _compat
+from beacon_llm.decode import DecodeLinears, should_pack
+from beacon_llm.kv_arena import KVArena, grown_capacity
+from beacon_llm.serialization import resolve_dtype
+from beacon_llm.testing import tiny_beacon_model
+
+FIT = BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-8")
+
+
+def _ids(n, seed=0):
+    return torch.randint(4, 100, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _model(**kw):
+    return tiny_beacon_model(FIT, max_position_embeddings=kw.pop("positions", 128), **kw)
+
+
+def _greedy(bm, cache, n):
+    out = bm.generate(None, cache=cache, max_new_tokens=n, eos_token_id=[], return_dict_in_generate=True)
+    return out.new_tokens
+
+
+# ---------------------------------------------------------------------- capacity (pure)
+@pytest.mark.parametrize(
+    "needed,limit,expected",
+    [
+        (1, None, 256),
+        (171, None, 256),  # 171 + 85 = 256
+        (172, None, 512),
+        (1000, None, 1536),
+        (1000, 1200, 1200),  # capped at the positions
+        (1300, 1200, 1300),  # never below what is needed
+        (8192, 8192, 8192),
+    ],
+)
+def test_grown_capacity(needed, limit, expected):
+    assert grown_capacity(needed, limit) == expected
+
+
+def test_grown_capacity_refuses_nothing_needed():
+    with pytest.raises(ValueError, match="needed=0"):
+        grown_capacity(0, None)
+
+
+@pytest.mark.parametrize(
+    "claims,expected",
+    [
+        ([(0, 4)], [True]),
+        ([(0, 4), (4, 6)], [True, True]),
+        ([(0, 4), (0, 2)], [True, False]),  # a second cache at 0: the first one already wrote past it
+        ([(0, 4), (2, 6)], [True, False]),
+        ([(0, 300)], [False]),  # beyond the capacity
+    ],
+)
+def test_arena_claims(claims, expected):
+    arena = KVArena.allocate(torch.zeros(1, 2, 1, 8), num_layers=2, needed=8)
+    assert arena.capacity == 256
+    assert [arena.claim(s, e) for s, e in claims] == expected
+
+
+def test_arena_pickles_with_a_fresh_lock():
+    arena = KVArena.allocate(torch.zeros(1, 2, 1, 8), num_layers=1, needed=3)
+    arena.claim(0, 3)
+    again = pickle.loads(pickle.dumps(arena))
+    assert again.claimed == 3 and again.claim(3, 4)
+
+
+# ---------------------------------------------------------------------- appends in place, copy on write
+def test_decoding_appends_in_place_into_one_buffer():
+    bm = _model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(40), cache, planned_length=80, return_token_logprobs=False)
+        first = cache.mem_k[0]
+        _greedy(bm, cache, 6)
+    grown = cache.mem_k[0]
+    assert grown.shape[2] == 40 + 5  # the last token stays pending
+    assert grown.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # no copy of the memory
+    assert torch.equal(grown[:, :, :40], first)
+
+
+def test_forks_decode_independently_and_equal_one_cache_each():
+    bm = _model()
+    ctx = _ids(50, seed=2)
+    with torch.no_grad():
+        base = bm.new_cache()
+        bm.forward(ctx, base, planned_length=90, return_token_logprobs=False)
+        before = [k.clone() for k in base.mem_k]
+        fork = base.fork()
+        a = _greedy(bm, base, 8)  # extends the shared buffer in place
+        b = _greedy(bm, fork, 8)  # must copy: the buffer was claimed past its end
+        alone = bm.new_cache()
+        bm.forward(ctx, alone, planned_length=90, return_token_logprobs=False)
+        c = _greedy(bm, alone, 8)
+        # interleaved steps on two forks of one cache
+        x, y = alone.fork(), alone.fork()
+        xs, ys = [], []
+        for _ in range(4):
+            xs += _greedy(bm, x, 2)
+            ys += _greedy(bm, y, 2)
+    assert a == b == c
+    assert xs == ys
+    assert all(torch.equal(k[:, :, :50], old) for k, old in zip(fork.mem_k, before))
+    assert fork.mem_k[0].untyped_storage().data_ptr() != base.mem_k[0].untyped_storage().data_ptr()
+
+
+def test_a_failed_step_leaves_the_cache_as_it_was(monkeypatch):
+    bm = _model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(30), cache, planned_length=60, return_token_logprobs=False)
+        ref = cache.fork()
+        state = (cache.n_seen, cache.memory_length, [k.clone() for k in cache.mem_k])
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("interrupted")
+
+        monkeypatch.setattr(beacon_llm.model, "raw_token_step", boom)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            bm.forward([7], cache)
+        monkeypatch.undo()
+        assert (cache.n_seen, cache.memory_length) == state[:2]
+        assert all(torch.equal(k, old) for k, old in zip(cache.mem_k, state[2]))
+        # and it goes on exactly like a cache that never failed
+        assert torch.equal(bm.forward([7], cache).last_logits, bm.forward([7], ref).last_logits)
+
+
+def test_a_saved_cache_continues_like_the_original(tmp_path):
+    bm = _model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(40, seed=4), cache, planned_length=80, return_token_logprobs=False)
+        _greedy(bm, cache, 3)
+        beacon_llm.save_cache(cache, str(tmp_path / "c.safetensors"))
+        loaded, _ = beacon_llm.load_cache(str(tmp_path / "c.safetensors"), bm)
+        assert _greedy(bm, loaded, 6) == _greedy(bm, cache, 6)
+
+
+def test_training_reads_keep_their_graph():
+    """With gradients the memory goes to new tensors (autograd keeps what it read), never into the shared buffer."""
+    bm = _model()
+    bm.model.train()
+    cache = bm.new_cache()
+    out = bm.forward(_ids(60, seed=5), cache, labels=_ids(60, seed=5), planned_length=140)
+    assert cache.mem_k[0].requires_grad
+    bm.forward([9], cache, labels=[9]).loss  # one raw token after the memory, with a graph
+    out.loss.backward()
+    assert any(p.grad is not None for n, p in bm.model.named_parameters() if "beacon_" in n)
+
+
+# ---------------------------------------------------------------------- kernels
+needs_bf16 = pytest.mark.skipif(
+    not (_compat.native_bf16_cpu() and _compat.packed_linear_available()),
+    reason="packed bf16 kernels need a CPU with native bf16 (AVX512-BF16 / AMX) and oneDNN",
+)
+
+
+@needs_bf16
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, monkeypatch):
+    bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128)
+    bm.model.to(torch.bfloat16)
+    assert should_pack(bm.model)
+    ctx = _ids(40, seed=6)
+
+    def run():
+        cache = bm.new_cache()
+        with torch.no_grad():
+            logits = [bm.forward(ctx, cache, planned_length=80, return_token_logprobs=False).last_logits]
+            for t in _ids(12, seed=7).tolist():
+                logits.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
+        return torch.stack(logits)
+
+    packed = run()
+    assert bm.__dict__["_decode_inference"].packed
+    monkeypatch.setattr(beacon_llm.model, "should_pack", lambda model: False)
+    bm.__dict__.pop("_decode_inference")
+    plain = run()
+    assert not bm.__dict__["_decode_inference"].packed
+    assert torch.equal(packed, plain)  # fused packed products equal the separate ones, bit for bit
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_bf16)])
+def test_kernels_follow_weights_changed_after_they_were_made(packed):
+    bm = _model()
+    if packed:
+        bm.model.to(torch.bfloat16)
+    ctx = _ids(30, seed=8)
+
+    def step():
+        cache = bm.new_cache()
+        with torch.no_grad():
+            bm.forward(ctx, cache, planned_length=60, return_token_logprobs=False)
+            return bm.forward([11], cache, return_token_logprobs=False).last_logits
+
+    before = step()
+    with torch.no_grad():
+        made = bm._decode_linears()
+    assert made.packed == packed
+    with torch.no_grad():
+        bm.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # in place
+    assert not made.matches(bm.model)
+    changed = step()
+    assert not torch.equal(before, changed)
+    fresh = copy.deepcopy(bm)  # no kernels carried over: made from the changed weights
+    assert "_decode_inference" not in fresh.__dict__
+    assert torch.equal(changed, _step_of(fresh, ctx))
+    with torch.no_grad():  # a replaced weight, too
+        layer = bm.model.model.layers[1].self_attn
+        layer.q_proj.weight = torch.nn.Parameter(layer.q_proj.weight.detach() * 0.5)
+    assert not bm.__dict__["_decode_inference"].matches(bm.model)
+    assert not torch.equal(step(), changed)
+
+
+def _step_of(bm, ctx):
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(ctx, cache, planned_length=60, return_token_logprobs=False)
+        return bm.forward([11], cache, return_token_logprobs=False).last_logits
+
+
+def test_only_bf16_cpu_models_are_packed(monkeypatch):
+    bm = _model()
+    assert not should_pack(bm.model)  # fp32
+    assert not DecodeLinears(bm.model, packed=False).packed
+    bm.model.to(torch.bfloat16)
+    monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: False)
+    assert not should_pack(bm.model)  # emulated bf16: no packing
+    if _compat.packed_linear_available():
+        monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: True)
+        monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 10 * 2**30)
+        assert should_pack(bm.model)
+        monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 1000)  # the copy would not fit
+        assert not should_pack(bm.model)
+
+
+# ---------------------------------------------------------------------- dtype="auto"
+@pytest.mark.parametrize(
+    "dtype,device,native,expected",
+    [
+        ("auto", None, True, torch.bfloat16),
+        ("auto", "cpu", True, torch.bfloat16),
+        ("auto", None, False, torch.float32),
+        ("auto", "cuda", True, "auto"),  # a GPU: the checkpoint's own dtype
+        ("float32", None, True, torch.float32),
+        ("bfloat16", None, False, torch.bfloat16),
+        (torch.float16, None, True, torch.float16),
+        (None, None, True, None),
+    ],
+)
+def test_resolve_dtype(dtype, device, native, expected, monkeypatch):
+    monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: native)
+    assert resolve_dtype(dtype, device) == expected
+
+
+def test_resolve_dtype_refuses_unknown_names():
+    with pytest.raises(ValueError, match="'bf16' is not one of"):
+        resolve_dtype("bf16")
+
+
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_load_defaults_to_auto(native, expected, monkeypatch, tmp_path):
+    monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: native)
+    bm = tiny_beacon_model()
+    base = tmp_path / "base"
+    copy.deepcopy(bm).detach().save_pretrained(base)
+    beacon_llm.save_adapter(bm, str(tmp_path / "adapter"))
+    for dtype in (None, "auto"):
+        loaded = beacon_llm.load(str(base), adapter=str(tmp_path / "adapter"), dtype=dtype, shared=False)
+        assert loaded.dtype == expected
+    assert beacon_llm.load(str(base), adapter=str(tmp_path / "adapter"), dtype="float32", shared=False).dtype == (
+        torch.float32
+    )
+
+
+@needs_bf16
+def test_packed_bf16_decoding_equals_transformers_bf16_generate_bit_for_bit():
+    bm = tiny_beacon_model(FIT, max_position_embeddings=128)
+    bm.model.to(torch.bfloat16)
+    ids = _ids(90, seed=9)
+    hf = bm.model.generate(ids[None], max_new_tokens=16, do_sample=False, eos_token_id=127, output_logits=True,
+                           return_dict_in_generate=True)  # fmt: skip
+    tokens = hf.sequences[0, len(ids) :].tolist()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        ours = [bm.forward(ids, cache, planned_length=106, return_token_logprobs=False).last_logits]
+        for t in tokens[:-1]:
+            ours.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
+    assert bm.__dict__["_decode_inference"].packed
+    assert all(torch.equal(a, b[0].float()) for a, b in zip(ours, hf.logits))
