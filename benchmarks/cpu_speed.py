@@ -123,6 +123,9 @@ def native_bf16(flags: set[str]) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     name, flags = cpu_info()
     try:
@@ -137,6 +140,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "threads": threads,
         "torch": torch_version,
         "python": platform.python_version(),
+        # instruction-set limits given to torch / MKL / oneDNN (e.g. to emulate an AVX2-only CPU); empty: none
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
     }
 
 
