@@ -65,7 +65,6 @@ class DecodeLinears:
 
     def __init__(self, model: nn.Module, *, packed: bool) -> None:
         self.packed = packed
-        self.dtype = model.lm_head.weight.dtype
         self.layers: list[_LayerLinears] = []
         self.fused: list[_FusedLayer] = []
         self._watched = _watched_weights(model)
