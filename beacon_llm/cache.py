@@ -52,6 +52,7 @@ class _State:
     pending: list[int] = field(default_factory=list)  # generated token not yet fed (see generate)
     fit_plan: FitPlan | None = None  # fit-N: the read's plan, fixed at its first call
     n_raw_memory: int = 0  # raw (uncondensed) entries in the memory: ratio-0 windows, fit-N's raw part
+    overlap_ids: tuple[int, ...] = ()  # fit-N with an overlap: the last condensed tokens, to be read again raw
 
     def copy(self) -> _State:
         """An independent copy (its lists are new; the tuples and the frozen plan are shared)."""
@@ -233,6 +234,15 @@ class BeaconCache:
             self.state.fit_plan = choose()
         return self.state.fit_plan
 
+    def remember_condensed(self, ids: Sequence[int], keep: int) -> None:
+        """``fit_overlap``: keep the last ``keep`` condensed token ids read so far (``ids``: the step's tokens)."""
+        self.state.overlap_ids = (self.state.overlap_ids + tuple(int(t) for t in ids))[-keep:]
+
+    def take_overlap_ids(self) -> tuple[int, ...]:
+        """The remembered condensed token ids, forgotten from now on (they are read again once)."""
+        ids, self.state.overlap_ids = self.state.overlap_ids, ()
+        return ids
+
     def choose_window_ratio(self, ratio: int, *, fixed: int | None) -> int:
         """Record ``ratio`` as the ratio of the window opening now and ``fixed`` as the ratio remembered for the rest
         of the stream (``instance-random`` / ``adapt-N``; pass the current one to keep it). Returns ``ratio``."""
@@ -312,28 +322,31 @@ class BeaconCache:
             raise ValueError(f"{plan} does not match the cache's window {self.config.window} / sink")
         self.state.fit_plan = plan
 
-    def append_raw_memory(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    def append_raw_memory(
+        self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, new_tokens: bool = True
+    ) -> None:
         """Append ``keys`` / ``values`` (per layer (B, KVH, n, D): ``n`` raw tokens, keys rotated at their memory
-        positions) to the memory: a read past ``fit-N``'s condensed windows keeps every token raw."""
+        positions) to the memory: a read past ``fit-N``'s condensed windows keeps every token raw. ``new_tokens``
+        False: tokens of the stream read again (``fit_overlap``), entries without new stream tokens."""
         self._extend_memory(keys, values)
-        self._count_raw(int(keys[0].shape[2]))
+        self._count_raw(int(keys[0].shape[2]), new_tokens)
 
     def reserve_memory(self, n: int, like: torch.Tensor) -> MemoryAppend:
         """Reserve the next ``n`` memory entries of every layer for a read that writes them itself, layer by layer
         (``like``: (B, KVH, n, D) in the entries' dtype and device). Nothing changes until :meth:`commit_memory`."""
         return self._writable(self.memory_length, self.memory_length + n, like)
 
-    def commit_memory(self, append: MemoryAppend) -> None:
+    def commit_memory(self, append: MemoryAppend, *, new_tokens: bool = True) -> None:
         """Make the entries written through ``append`` (raw tokens, as :meth:`append_raw_memory`) the memory."""
         if append.start != self.memory_length:
             raise ValueError(f"this reservation starts at {append.start}, the memory has {self.memory_length} entries")
         self._arena = append.arena
         self._set_memory_views(append.end)
-        self._count_raw(append.end - append.start)
+        self._count_raw(append.end - append.start, new_tokens)
 
-    def _count_raw(self, n_tokens: int) -> None:
+    def _count_raw(self, n_tokens: int, new_tokens: bool) -> None:
         st = self.state
-        st.n_seen += n_tokens
+        st.n_seen += n_tokens if new_tokens else 0
         st.n_steps += 1
         st.n_raw_memory += n_tokens
         st.window_ratio = 0
@@ -454,6 +467,7 @@ class BeaconCache:
                 "pending": list(st.pending),
                 "fit_plan": st.fit_plan.to_dict() if st.fit_plan is not None else None,
                 "n_raw_memory": st.n_raw_memory,
+                "overlap_ids": list(st.overlap_ids),
             },
             "generator": self.generator.bit_generator.state,
         }
@@ -482,6 +496,7 @@ class BeaconCache:
         st.window_sizes, st.pending = list(s["window_sizes"]), list(s["pending"])
         st.fit_plan = FitPlan(**s["fit_plan"]) if s.get("fit_plan") else None
         st.n_raw_memory = int(s.get("n_raw_memory", 0))
+        st.overlap_ids = tuple(int(t) for t in s.get("overlap_ids", ()))
         cache.generator.bit_generator.state = meta["generator"]
         cache.fingerprint = tuple(meta["fingerprint"]) if meta["fingerprint"] else None
         for name in _KV_NAMES:

@@ -59,6 +59,10 @@ class BeaconConfig:
         param: attention projections that get beacon-only copies (q, k, v, o).
         embed_init: base embedding row copied into the beacon embedding at attach time.
         sink_size: era v3: number of first tokens kept raw at the head of the memory.
+        fit_overlap: ``fit-N`` only (this project's option): the last ``fit_overlap`` tokens of the condensed windows
+            are read once more, raw, right after the beacons, so the text after the condensed part keeps its local
+            context (they take that many positions more). 0 (the default) reads the raw part straight after the
+            beacons.
         era: ``"v2"`` or ``"v3"`` semantics (see module docstring).
     """
 
@@ -74,6 +78,7 @@ class BeaconConfig:
     embed_init: str = "eos"
     sink_size: int = 0
     era: str = "v3"
+    fit_overlap: int = 0
     adapt_extra: int = field(init=False, default=0)  # the N of adapt-N / fit-N
 
     def __post_init__(self) -> None:
@@ -83,7 +88,7 @@ class BeaconConfig:
         self.param = tuple(self.param)
         if self.era not in ERAS:
             _fail(f"era={self.era!r} is not one of {ERAS}")
-        for name in ("window", "sink_size"):
+        for name in ("window", "sink_size", "fit_overlap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 _fail(f"beacon_{name}={value!r} must be an int")
@@ -123,6 +128,13 @@ class BeaconConfig:
                 _fail(f"beacon_ratio_mix={self.ratio_mix!r}: ratios {bad_fit} do not divide the window {self.window}")
         if self.sink_size < 0:
             _fail(f"beacon_sink_size={self.sink_size} must be >= 0")
+        if not 0 <= self.fit_overlap <= self.window:
+            _fail(f"beacon_fit_overlap={self.fit_overlap} must be within [0, beacon_window={self.window}]")
+        if self.fit_overlap and not self.is_fit:
+            _fail(
+                f"beacon_fit_overlap={self.fit_overlap} only applies to a fit-N beacon_ratio_mix (got "
+                f"{self.ratio_mix!r}); set beacon_fit_overlap=0 or use a fit-N mix"
+            )
         if self.era == "v2":
             if self.attend_prev is not None:
                 _fail("beacon_attend_prev is an era-v3 key; era v2 uses beacon_attend_previous (attend to memory)")
@@ -199,17 +211,24 @@ class BeaconConfig:
             out["beacon_pos"] = self.pos
             out["beacon_sink_size"] = self.sink_size
             out["beacon_parallel_window"] = 1
+        if self.fit_overlap:  # this project's key: written only when used, so official configs stay as they were
+            out["beacon_fit_overlap"] = self.fit_overlap
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides: Any) -> BeaconConfig:
         """Read ``beacon_*`` keys of an official config.json (any era) or of :meth:`to_dict`.
 
-        ``overrides`` are ``beacon_*`` keys applied on top (like the official ``Config.from_pretrained(**kw)``).
+        ``overrides`` are ``beacon_*`` keys applied on top (like the official ``Config.from_pretrained(**kw)``); one
+        that switches ``beacon_ratio_mix`` away from ``fit-N`` also drops a saved ``beacon_fit_overlap``.
         Other keys are ignored. The era is detected from the key spelling: ``beacon_attend_previous`` or a list
         ``beacon_stride`` means v2 (Llama-2 checkpoint), otherwise v3 (Mistral / Qwen-2 checkpoints).
         """
-        d = {**{k: v for k, v in d.items() if k.startswith("beacon_") or k in _UNSUPPORTED_KEYS}, **overrides}
+        d = {k: v for k, v in d.items() if k.startswith("beacon_") or k in _UNSUPPORTED_KEYS}
+        mix = overrides.get("beacon_ratio_mix")
+        if isinstance(mix, str) and not mix.startswith("fit-") and "beacon_fit_overlap" not in overrides:
+            d.pop("beacon_fit_overlap", None)  # a saved fit-N option does not follow the read into another mode
+        d = {**d, **overrides}
         if not any(k.startswith("beacon_") for k in d):
             raise ValueError("the config has no beacon_* keys: it is not an Activation Beacon config")
         for key, ok in _UNSUPPORTED_KEYS.items():
@@ -230,6 +249,7 @@ class BeaconConfig:
             "beacon_pos",
             "beacon_parallel_window",
             "beacon_era",
+            "beacon_fit_overlap",
         }
         unknown = sorted(k for k in d if k.startswith("beacon_") and k not in known)
         if unknown:
@@ -251,6 +271,7 @@ class BeaconConfig:
             ("beacon_embed_init", "embed_init"),
             ("beacon_sink_size", "sink_size"),
             ("beacon_pos", "pos"),
+            ("beacon_fit_overlap", "fit_overlap"),
         ):
             if d.get(src) is not None:
                 kwargs[dst] = d[src]

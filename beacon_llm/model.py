@@ -392,6 +392,8 @@ class BeaconModel:
                     plan = self._plan(cache, remaining, planned)
                     n_raw = plan.n_raw
                     raw_hidden = self._run_step(cache, ids[pos : pos + n_raw], plan)  # (n_raw, Dm)
+                    if fit is not None and fit.overlap:
+                        raw_hidden = self._read_overlap(cache, fit, ids[pos : pos + n_raw], raw_hidden)
                 rows_end = pos + n_raw
                 if want_hidden:
                     hidden_parts.append(raw_hidden)
@@ -534,10 +536,24 @@ class BeaconModel:
         self._commit(cache, plan, window_flags, new_k, new_v, hidden)
         return raw_hidden
 
-    def _run_raw(self, cache: BeaconCache, raw_ids: torch.Tensor) -> torch.Tensor:
+    def _read_overlap(
+        self, cache: BeaconCache, fit: FitPlan, step_ids: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """``fit_overlap``: remember the last condensed tokens and, once the condensed windows are closed, read them
+        again raw after the beacons. The state that predicts the first raw token is then the one read again (its
+        local context is raw text, as for every later token). step_ids: (n,) the step's tokens; hidden: (n, Dm)."""
+        cache.remember_condensed(step_ids.tolist(), fit.overlap)
+        if cache.state.n_seen < fit.raw_from:
+            return hidden
+        again = torch.tensor(cache.take_overlap_ids(), device=step_ids.device, dtype=torch.long)
+        again_hidden = self._run_raw(cache, again, new_tokens=False)  # (overlap, Dm)
+        return torch.cat([hidden[:-1], again_hidden[-1:]])  # (n, Dm)
+
+    def _run_raw(self, cache: BeaconCache, raw_ids: torch.Tensor, *, new_tokens: bool = True) -> torch.Tensor:
         """``fit-N`` past the condensed windows: the stock decoder reads ``raw_ids`` after the memory (keys already
         at positions 0..M-1), exactly as the plain model continues its own KV cache; every new KV entry is kept raw.
-        Returns the final-normed hidden states (n_raw, Dm)."""
+        ``new_tokens`` False: tokens of the stream read again (``fit_overlap``). Returns the final-normed hidden
+        states (n_raw, Dm)."""
         mem_len = cache.memory_length
         n = int(raw_ids.numel())
         decode = n == 1 and not torch.is_grad_enabled()
@@ -563,10 +579,11 @@ class BeaconModel:
                     positions=tuple(range(mem_len, mem_len + n)),
                 )
             )
-        if decode:
-            cache.commit_memory(append)  # after the step: a failed step leaves the memory as it was
+        if decode:  # after the step: a failed step leaves the memory as it was
+            cache.commit_memory(append, new_tokens=new_tokens)
         else:
-            cache.append_raw_memory([k[:, :, mem_len:] for k in keys], [v[:, :, mem_len:] for v in values])
+            keys, values = [k[:, :, mem_len:] for k in keys], [v[:, :, mem_len:] for v in values]
+            cache.append_raw_memory(keys, values, new_tokens=new_tokens)
         return hidden[0]  # (n_raw, Dm)
 
     def _decode_linears(self) -> DecodeLinears:

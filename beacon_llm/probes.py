@@ -237,6 +237,50 @@ def make_probe_context(
     return ctx, probes
 
 
+def recall_probes(rng: np.random.Generator, tasks: tuple[str, ...]) -> list[tuple[Probe, list[str]]]:
+    """The probes of ``tasks`` (names from :data:`PROBE_TASKS`) with their sentences in text order, drawn as
+    :func:`make_probe_context` draws them (depths left empty)."""
+    unknown = [t for t in tasks if t not in PROBE_TASKS]
+    if unknown:
+        raise ValueError(f"unknown probe tasks {unknown}; choose from {PROBE_TASKS}")
+    groups, owner, probes = _facts(rng)
+    return [(probes[owner[gi]], group) for gi, group in enumerate(groups) if probes[owner[gi]].task in tasks]
+
+
+def plant_at_depths(
+    tokenizer, filler_ids: list[int], n_tokens: int, sentences: list[tuple[str, float]], rng: np.random.Generator
+) -> tuple[list[int], list[float]]:
+    """A context of exactly ``n_tokens`` tokens: a random slice of ``filler_ids`` with each sentence inserted at the
+    sentence boundary nearest to its depth (0 = start, 1 = end; equal spots keep the given order). Returns the
+    context and each sentence's realised depth, in the order given."""
+    if any(not 0.0 <= d <= 1.0 for _, d in sentences):
+        raise ValueError(f"depths {[d for _, d in sentences]} must be within [0, 1]")
+    fact_ids = [tokenizer(" " + text, add_special_tokens=False)["input_ids"] for text, _ in sentences]
+    body_len = n_tokens - sum(map(len, fact_ids))
+    if body_len < 3 * (n_tokens - body_len) or len(filler_ids) < body_len:
+        raise ValueError(
+            f"n_tokens={n_tokens} leaves {body_len} tokens of text around {n_tokens - body_len} planted ones (at "
+            f"least 3x needed) and the filler has {len(filler_ids)}"
+        )
+    start = int(rng.integers(0, len(filler_ids) - body_len + 1))
+    body = filler_ids[start : start + body_len]
+    bounds = sentence_boundaries(tokenizer, body)
+    if len(bounds) == 0:
+        raise ValueError("the filler text has no sentence boundary to plant at")
+    spots = [int(bounds[np.argmin(np.abs(bounds - d * body_len))]) for _, d in sentences]
+    order = sorted(range(len(spots)), key=lambda i: (spots[i], i))
+    ctx: list[int] = []
+    depths = [0.0] * len(spots)
+    cursor = 0
+    for i in order:
+        ctx += body[cursor : spots[i]]
+        cursor = spots[i]
+        depths[i] = round(len(ctx) / n_tokens, 4)
+        ctx += fact_ids[i]
+    ctx += body[cursor:]
+    return ctx, depths
+
+
 def plant_passkey(
     tokenizer, filler_ids: list[int], n_tokens: int, depth: float, rng: np.random.Generator
 ) -> tuple[list[int], Probe]:

@@ -28,7 +28,7 @@ def config_capacity(config: BeaconConfig, max_positions: int) -> int:
     ``fit-N`` holds a little more (see :func:`fit_capacity`)."""
     ratios = config.ratios
     if config.is_fit:
-        return fit_capacity(max(ratios), max_positions, config.window, config.sink_size)
+        return fit_capacity(max(ratios), max_positions, config.window, config.sink_size, config.fit_overlap)
     ratio = max(ratios) if (len(ratios) == 1 or config.is_adaptive) else min(ratios)
     return ratio_capacity(ratio, max_positions, config.window)
 
@@ -42,21 +42,24 @@ def adaptive_ratio(ratios: tuple[int, ...], needed: int, max_positions: int, win
     return max(ratios)
 
 
-def fit_capacity(ratio: int, max_positions: int, window: int, sink_size: int = 0) -> int:
+def fit_capacity(ratio: int, max_positions: int, window: int, sink_size: int = 0, overlap: int = 0) -> int:
     """Longest read ``fit-N`` can always plan with ``ratio``: up to it, every length fits ``max_positions`` with its
-    full windows condensed to ``window / ratio`` beacons each (plus the sink) and its last partial window raw."""
+    full windows condensed to ``window / ratio`` beacons each (plus the sink and the ``overlap`` tokens read again
+    raw) and its last partial window raw."""
     if ratio == 0:
         return max_positions
     per_window, sink = window // ratio, min(sink_size, window)
-    safe = (max_positions - sink - window + 1) // per_window  # windows after which a whole raw window still fits
-    extra = max_positions - sink - (safe + 1) * per_window
+    room = max_positions - overlap  # positions left once the overlap is read again
+    safe = (room - sink - window + 1) // per_window  # windows after which a whole raw window still fits
+    extra = room - sink - (safe + 1) * per_window
     return max(max_positions, (safe + 1) * window + (extra if extra >= 0 else -1))  # raw reads need no window
 
 
 @dataclass(frozen=True)
 class FitPlan:
     """How ``fit-N`` reads one context (this project's mode): the first ``condensed_windows`` windows get beacons
-    at ``ratio``, everything after token ``raw_from`` stays raw. Chosen once per read from ``planned_length``
+    at ``ratio``, everything after token ``raw_from`` stays raw; the last ``overlap`` condensed tokens are read once
+    more, raw, right after the beacons (``BeaconConfig.fit_overlap``). Chosen once per read from ``planned_length``
     (document + question + answer reserve), so a condensed document stays reusable for follow-up questions."""
 
     planned_length: int
@@ -64,6 +67,7 @@ class FitPlan:
     condensed_windows: int
     window: int
     sink_size: int = 0
+    overlap: int = 0
 
     @property
     def raw_from(self) -> int:
@@ -74,16 +78,20 @@ class FitPlan:
         if self.condensed_windows == 0:
             return n_tokens
         sink = min(self.sink_size, self.window)
-        return sink + self.condensed_windows * (self.window // self.ratio) + max(n_tokens - self.raw_from, 0)
+        overlap = self.overlap if n_tokens >= self.raw_from else 0  # read again once the condensed windows close
+        return sink + self.condensed_windows * (self.window // self.ratio) + overlap + max(n_tokens - self.raw_from, 0)
 
     def to_dict(self) -> dict[str, int]:
-        return {
+        out = {
             "planned_length": self.planned_length,
             "ratio": self.ratio,
             "condensed_windows": self.condensed_windows,
             "window": self.window,
             "sink_size": self.sink_size,
         }
+        if self.overlap:
+            out["overlap"] = self.overlap
+        return out
 
 
 def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int, ratio: int | None = None) -> FitPlan:
@@ -92,11 +100,11 @@ def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int, rati
     condensed window frees the most positions, so the most recent text stays raw) and no more windows than needed.
     Raises ``ValueError`` with the numbers when even condensing every window does not fit. ``ratio`` overrides the
     condensing ratio (training draws one per sample)."""
-    window, sink = config.window, config.sink_size
+    window, sink, overlap = config.window, config.sink_size, config.fit_overlap
     if planned_length <= max_positions:
         return FitPlan(planned_length, 0, 0, window, sink)
     ratio = max(config.ratios) if ratio is None else ratio
-    capacity = fit_capacity(ratio, max_positions, window, sink)
+    capacity = fit_capacity(ratio, max_positions, window, sink, overlap)
     if ratio == 0 or planned_length > capacity:
         raise ValueError(
             f"the read is planned for {planned_length} tokens (prompt + answer reserve), beyond the capacity of "
@@ -104,8 +112,8 @@ def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int, rati
             "larger ratio, or shorten the document, the question or the answer length"
         )
     freed = window - window // ratio  # positions one condensed window gives back
-    windows = -(-(planned_length + min(sink, window) - max_positions) // freed)
-    return FitPlan(planned_length, ratio, windows, window, sink)
+    windows = -(-(planned_length + min(sink, window) + overlap - max_positions) // freed)
+    return FitPlan(planned_length, ratio, windows, window, sink, overlap)
 
 
 def planned_read_length(

@@ -65,15 +65,23 @@ def main() -> None:
         packed = bm._decode_linears().packed
     rows = {"shipped": {"packed_kernels": packed, "ms_per_token": ms_per_token(args.tokens)}}
     try:
-        model_module.raw_token_step = lambda m, linears, tok, append, attention: shipped(m, plain, tok, append, attention)
+        model_module.raw_token_step = lambda m, linears, tok, append, attention: shipped(
+            m, plain, tok, append, attention
+        )
         rows["f_linear"] = {"packed_kernels": False, "ms_per_token": ms_per_token(args.tokens)}
         compiled = torch.compile(shipped, dynamic=True, options={"freezing": True})
-        model_module.raw_token_step = lambda m, linears, tok, append, attention: compiled(m, plain, tok, append, attention)
+        model_module.raw_token_step = lambda m, linears, tok, append, attention: compiled(
+            m, plain, tok, append, attention
+        )
         t0 = time.perf_counter()
         try:
             ms_per_token(1)
             compile_s = round(time.perf_counter() - t0, 1)
-            rows["compiled"] = {"packed_kernels": False, "compile_s": compile_s, "ms_per_token": ms_per_token(args.tokens)}
+            rows["compiled"] = {
+                "packed_kernels": False,
+                "compile_s": compile_s,
+                "ms_per_token": ms_per_token(args.tokens),
+            }
         except Exception as e:  # recorded, not hidden: what inductor refused
             rows["compiled"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     finally:

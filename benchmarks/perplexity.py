@@ -1,10 +1,21 @@
-"""Perplexity of a book's continuation after a long prefix, at an equal KV budget.
+"""Perplexity of a held-out book's continuation after a long prefix, beacons against baselines at an equal KV budget.
 
-The first ``--context`` tokens of held-out book text are read, then the next ``--target`` tokens are scored. Methods:
-trained beacons, untrained (initialised) beacons, truncation (the most recent tokens that fit the beacon memory's KV
-budget), StreamingLLM (4 sink tokens + recent tokens, same budget) and full attention (where it fits the positions).
+For each held-out book (the bundled Oz and the King James Bible excerpt; the beacons never trained on either) and
+each context length N, ``--samples`` spans of N + ``--target`` tokens are taken at evenly spaced offsets; the model
+reads the first N tokens and the next ``--target`` tokens are scored. Two reading settings:
 
-    python benchmarks/perplexity.py --context 16384 --target 1024
+* ``default``: the shipped adapter with the default inference settings (``fit-1024``: only the oldest windows that do
+  not fit the base model's positions are condensed, at the largest ratio; the rest is read raw);
+* ``condensed r<R>`` (``--condensed``): the same settings, with every full window of the context condensed at ratio R
+  (the hard case: the target is read raw after the beacons and the adapter's overlap, if it has one).
+
+Baselines with the same KV budget B (the entries the beacon cache holds when the target starts): truncation (the last
+B tokens), StreamingLLM (the first 4 tokens + the last B - 4) and full attention where context + target fit the
+positions. Gap closure = (truncation - beacons) / (truncation - full attention), from the perplexities, where full
+attention fits. Perplexities pool every scored token of a (book, setting, length).
+
+    python benchmarks/perplexity.py                       # 16K and 32K (default), 7,680 (condensed r32)
+    python benchmarks/perplexity.py --adapter DIR --out x.json
     python benchmarks/perplexity.py --fast
 """
 
@@ -13,27 +24,66 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BOOKS = ROOT / "benchmarks" / "data" / "books"
 
 
 def _plain_nll(model, context: list[int], target: list[int]) -> float:
+    """Summed NLL of ``target`` after ``context`` by the plain model."""
     ids = torch.tensor([context + target])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(context) - 1 : -1].float()  # (target, V)
-    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(target)))
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum"))
+
+
+def _beacon_nll(bm, context: list[int], target: list[int], condense_ratio: int | None) -> tuple[float, int]:
+    """Summed NLL of ``target`` read after ``context`` in one beacon call, and the KV entries held when it starts.
+    ``condense_ratio``: plan the read with every full window of the context condensed at that ratio."""
+    from beacon_llm.schedule import FitPlan
+
+    cache = bm.new_cache()
+    if condense_ratio is not None:
+        cfg = bm.config
+        windows = len(context) // cfg.window
+        cache.set_fit_plan(FitPlan(len(context) + len(target), condense_ratio, windows, cfg.window, cfg.sink_size,
+                                   cfg.fit_overlap))  # fmt: skip
+    with torch.no_grad():
+        out = bm.forward(context + target, cache)
+    nll = -float(out.token_logprobs[-len(target) :].double().sum())
+    return nll, cache.state.fit_plan.entries(len(context))
+
+
+def _spans(n_ids: int, length: int, samples: int) -> list[int]:
+    if n_ids < length:
+        raise ValueError(f"the book has {n_ids} tokens, fewer than the {length} a span needs")
+    if samples == 1:
+        return [0]
+    return [round(i * (n_ids - length) / (samples - 1)) for i in range(samples)]
+
+
+def _ppl(nll: float, n: int) -> float:
+    return round(math.exp(nll / n), 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
-    parser.add_argument("--context", type=int, nargs="+", default=None)
-    parser.add_argument("--target", type=int, default=1024)
-    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--context", type=int, nargs="+", default=None, help="lengths read with the default settings")
+    parser.add_argument(
+        "--condensed", type=int, nargs="*", default=None, help="lengths read with every window condensed"
+    )
+    parser.add_argument("--condensed-ratio", type=int, default=32)
+    parser.add_argument("--target", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=2, help="spans per book and length")
+    parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -41,45 +91,69 @@ def main() -> None:
 
     import beacon_llm
 
-    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     if args.fast:
         from beacon_llm.testing import tiny_beacon_model
 
-        cfg = beacon_llm.BeaconConfig(window=64, ratios=(2, 4, 8), ratio_mix="adapt-64")
-        trained = tiny_beacon_model(cfg, max_position_embeddings=1024)
-        untrained = tiny_beacon_model(cfg, max_position_embeddings=1024, perturb=0.0)
-        ids = [3 + (ord(c) % 100) for c in book]
-        contexts, target = args.context or [512, 1536], min(args.target, 128)
+        cfg = beacon_llm.BeaconConfig(window=64, ratios=(2, 4, 8), ratio_mix="fit-64", fit_overlap=16)
+        default = tiny_beacon_model(cfg, max_position_embeddings=512)
+        texts = {name: beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)[k * 20000 :] for k, name in enumerate("ab")}
+        encode = lambda text: [3 + (ord(c) % 100) for c in text[:6000]]  # noqa: E731
+        contexts, condensed_lengths, target, ratio = args.context or [768], args.condensed or [384], 64, 8
     else:
-        trained = beacon_llm.load(adapter=args.adapter, beacon_ratio_mix="adapt-1024")
-        untrained = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=trained.config)
-        ids = trained.tokenizer(book, add_special_tokens=False)["input_ids"]
-        contexts, target = args.context or [4096, 16384, 32768], args.target
+        default = beacon_llm.load(adapter=args.adapter, dtype=args.dtype, shared=False)
+        ratio = args.condensed_ratio
+        texts = {
+            "oz (bundled)": beacon_llm.read_document(beacon_llm.BUNDLED_BOOK),
+            "kjv excerpt": (BOOKS / "kjv_bible_excerpt.txt").read_text(),
+        }
+        encode = lambda text: default.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        contexts = args.context or [16384, 32768]
+        condensed_lengths = [7680] if args.condensed is None else args.condensed
+        target = args.target
+    plain = default.model
+    max_positions = default.max_positions
+    settings = [("default", None, n) for n in contexts] + [(f"condensed r{ratio}", ratio, n) for n in condensed_lengths]
     rows = []
-    for n in contexts:
-        context, tgt = ids[:n], ids[n : n + target]
-        row = {"context": n, "target": len(tgt)}
-        for name, bm in (("trained", trained), ("untrained", untrained)):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = bm.forward(context + tgt)
-            row[name] = round(math.exp(-float(out.token_logprobs[-len(tgt) :].mean())), 3)
-            row[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
-            if name == "trained":
-                cache = bm.new_cache()
-                with torch.no_grad():
-                    bm.forward(context, cache, return_token_logprobs=False)
-                row["kv_budget"] = budget = cache.get_seq_length()
-                row["ratio"] = cache.state.window_ratio
-        row["truncation"] = round(math.exp(_plain_nll(trained.model, context[-budget:], tgt)), 3)
-        row["streamingllm"] = round(math.exp(_plain_nll(trained.model, context[:4] + context[-(budget - 4) :], tgt)), 3)
-        fits = n + len(tgt) <= trained.max_positions
-        row["full"] = round(math.exp(_plain_nll(trained.model, context, tgt)), 3) if fits else None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
+    for book, text in texts.items():
+        ids = encode(text)
+        for setting, condense_ratio, n in settings:
+            sums = {"beacons": 0.0, "truncation": 0.0, "streamingllm": 0.0, "full": 0.0}
+            budgets, scored, t0 = [], 0, time.perf_counter()
+            fits = n + target <= max_positions
+            for start in _spans(len(ids), n + target, args.samples):
+                context, tgt = ids[start : start + n], ids[start + n : start + n + target]
+                nll, budget = _beacon_nll(default, context, tgt, condense_ratio)
+                sums["beacons"] += nll
+                sums["truncation"] += _plain_nll(plain, context[-budget:], tgt)
+                sums["streamingllm"] += _plain_nll(plain, context[:4] + context[-(budget - 4) :], tgt)
+                if fits:
+                    sums["full"] += _plain_nll(plain, context, tgt)
+                budgets.append(budget)
+                scored += len(tgt)
+            row = {"book": book, "setting": setting, "context": n, "target": target, "samples": args.samples}
+            row.update({m: _ppl(s, scored) for m, s in sums.items() if m != "full" or fits})
+            row["full"] = row.get("full")
+            row["kv_budget"] = budgets
+            if fits and row["truncation"] != row["full"]:
+                row["gap_closure"] = round((row["truncation"] - row["beacons"]) / (row["truncation"] - row["full"]), 3)
+            row["beats_truncation"] = row["beacons"] < row["truncation"]
+            row["beats_streamingllm"] = row["beacons"] < row["streamingllm"]
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {
+        "adapter": args.adapter or "shipped",
+        "dtype": str(default.model.dtype).replace("torch.", ""),
+        "threads": args.threads,
+        "max_positions": max_positions,
+        "condensed_ratio": ratio,
+        "fit_overlap": default.config.fit_overlap,
+    }
     out_path = Path(args.out) if args.out else RESULTS / f"perplexity{'_fast' if args.fast else ''}.json"
-    out_path.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"rows": rows, "meta": meta, "args": vars(args)}, indent=2))
+    os.replace(tmp, out_path)
     print(f"wrote {out_path}")
 
 

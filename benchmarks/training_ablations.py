@@ -35,7 +35,8 @@ BOOKS = ROOT / "benchmarks" / "data" / "books"
 TRAIN_BOOKS = ("frankenstein", "adventures_of_sherlock_holmes", "pride_and_prejudice", "dracula",
                "tale_of_two_cities", "oliver_twist")  # fmt: skip
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
-# distant_weight, the KL weighted toward tail tokens the tail alone predicts badly])
+# distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
+# fit_overlap in training and evaluation])
 RECIPES: dict[str, dict] = {
     "ce_r32": {"init": "shipped", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
     "kl_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
@@ -55,6 +56,16 @@ RECIPES: dict[str, dict] = {
         "ce": 0.0,
         "lr": 1e-4,
         "distant": 0.8,
+        "continues": "kl_r32_long2",
+    },
+    # kl_r32_long2 trained on with the last 64 condensed tokens read again raw after the beacons (fit_overlap)
+    "kl_r32_overlap64": {
+        "init": "shipped",
+        "ratios": (32,),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 1e-4,
+        "overlap": 64,
         "continues": "kl_r32_long2",
     },
 }
@@ -113,6 +124,11 @@ def main() -> None:
                         help="ratio of the condensed windows in the held-out protocol (rows of other ratios are named "
                         "'<recipe> @r<ratio>'; baselines then keep the matching budget)")  # fmt: skip
     parser.add_argument(
+        "--overlap", type=int, default=None,
+        help="fit_overlap of the evaluation (default: the recipe's, 0 for baselines): the last N condensed tokens "
+        "read again raw; rows get ' +overlapN' and the baselines' budget grows by N",
+    )  # fmt: skip
+    parser.add_argument(
         "--late", type=int, default=None, metavar="N",
         help="score every existing row again on the tail tokens from offset N on (what the memory adds once the tail "
         "gives the local context): adds kl_late / ppl_late to the rows (baselines and the runs' final adapters)",
@@ -128,20 +144,23 @@ def main() -> None:
 
     runs = Path(args.runs)
     eval_ratio = args.eval_ratio
+    overlap = args.overlap if args.overlap is not None else int(RECIPES.get(args.recipe, {}).get("overlap", 0))
     if args.fast:
         import tempfile
 
         from beacon_llm.testing import tiny_beacon_model
 
         runs = Path(tempfile.mkdtemp(prefix="ablation-"))
-        cfg = beacon_llm.BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-0")
+        overlap = min(overlap, 16)
+        cfg = beacon_llm.BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-0", fit_overlap=overlap)
         shipped = tiny_beacon_model(cfg, max_position_embeddings=512)
         fresh = tiny_beacon_model(cfg, max_position_embeddings=512, perturb=0.0)
         args.seq_len, args.positions, args.steps, args.held_out, eval_ratio = 128, 64, 2, 1, 4
         # tiny runs start afresh: no parent run to continue from
         recipes = {k: {**{f: x for f, x in v.items() if f != "continues"}, "ratios": (4,)} for k, v in RECIPES.items()}
     else:
-        shipped = beacon_llm.load(beacon_ratio_mix="fit-0", shared=False, dtype="float32")  # evaluation in fp32
+        shipped = beacon_llm.load(beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap, shared=False,
+                                  dtype="float32")  # evaluation in fp32  # fmt: skip
         fresh = None
         recipes = RECIPES
     tok, base = shipped.tokenizer, shipped.model
@@ -153,8 +172,8 @@ def main() -> None:
 
     out_path = Path(args.out) if args.out else RESULTS / f"training_ablations{'_fast' if args.fast else ''}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() else {"protocol": {}, "rows": []}
-    suffix = "" if eval_ratio == 32 or args.fast else f" @r{eval_ratio}"
-    if not suffix:
+    suffix = ("" if eval_ratio == 32 or args.fast else f" @r{eval_ratio}") + (f" +overlap{overlap}" if overlap else "")
+    if not suffix or args.fast:
         data["protocol"] = {"seq_len": args.seq_len, "positions": args.positions, "ratio": eval_ratio,
                             "held_out": "4 x Oz + 4 x KJV excerpt" if not args.fast else "tiny", "teacher_topk": 32,
                             "condensed_windows": plan_for(held[0]).condensed_windows,
@@ -191,6 +210,8 @@ def main() -> None:
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
         name = args.recipe + ("+bf16" if args.bf16 else "")
+        if overlap != int(spec.get("overlap", 0)):
+            raise SystemExit(f"--overlap {overlap}: {args.recipe} trains with overlap {spec.get('overlap', 0)}")
         run_dir = runs / "ablations" / name
         start_step = 0
         if spec.get("continues"):
@@ -235,6 +256,7 @@ def main() -> None:
         row["threads"] = args.threads
         row["eval_ratio"] = eval_ratio
         row["kv_entries_before_tail"] = plan_for(held[0]).entries(plan_for(held[0]).raw_from)
+        row["overlap"] = overlap
         print(json.dumps(row), flush=True)
     if out_path.is_file():  # re-read: another run may have written rows meanwhile
         data["rows"] = json.loads(out_path.read_text())["rows"]
@@ -273,10 +295,12 @@ def late_rows(args, data, shipped, fresh, base, held, teacher, runs) -> None:
     from beacon_llm.training import evaluate_fit
 
     for row in data["rows"]:
-        name = row["recipe"].split(" @r")[0]
+        name = row["recipe"].split(" @r")[0].split(" +overlap")[0]
         ratio = int(row.get("eval_ratio", 32)) if not args.fast else 4
         if row.get("late_from") == args.late:
             continue  # scored already
+        if int(row.get("overlap", 0)) != shipped.config.fit_overlap:
+            continue  # scored by a --late run with its --overlap
 
         def plan_for(ids, ratio=ratio):
             return fit_plan(shipped.config, len(ids), args.positions, ratio=ratio)
@@ -295,8 +319,10 @@ def late_rows(args, data, shipped, fresh, base, held, teacher, runs) -> None:
                 if not (final / "beacon_model.safetensors").is_file():
                     print(f"skipping {name}: no final adapter in {final}", flush=True)
                     continue
+                overlap_now = shipped.config.fit_overlap
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(final),
-                                                beacon_ratio_mix="fit-0") if not args.fast else shipped  # fmt: skip
+                                                beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap_now,
+                                                ) if not args.fast else shipped  # fmt: skip
             scores = evaluate_fit(bm, held, args.positions, ratio, teacher, score_from=args.late)
         row.update({"late_from": args.late, "kl_late": round(scores["kl"], 4), "ppl_late": round(scores["ppl"], 3)})
         print(json.dumps({"recipe": row["recipe"], "kl_late": row["kl_late"], "ppl_late": row["ppl_late"]}), flush=True)

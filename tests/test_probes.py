@@ -96,3 +96,51 @@ def test_sentence_boundaries(tok):
     text = tok.decode(ids)
     got = [text[:i].rstrip()[-1] for i in sentence_boundaries(tok, ids)]
     assert got == [".", "!", "?"]
+
+
+# ---------------------------------------------------------------------- facts at chosen depths
+@pytest.mark.parametrize(
+    "depths",
+    [(0.1, 0.5, 0.9), (0.9, 0.1, 0.5), (0.3, 0.3), (0.0, 1.0)],
+)
+def test_plant_at_depths_puts_each_sentence_near_its_depth(tok, filler, depths):
+    from beacon_llm.probes import plant_at_depths
+
+    sentences = [(f"The special magic number of Town{i} is {1000 + i}.", d) for i, d in enumerate(depths)]
+    n_tokens = 6000
+    ctx, realised = plant_at_depths(tok, filler, n_tokens, sentences, np.random.default_rng(0))
+    assert len(ctx) == n_tokens
+    text = tok.decode(ctx)
+    for (sentence, depth), got in zip(sentences, realised):
+        assert text.count(sentence) == 1
+        assert abs(got - depth) < 0.05  # the nearest sentence boundary of the book text
+    # equal depths keep the given order in the text
+    if depths[0] == depths[1]:
+        assert text.index(sentences[0][0]) < text.index(sentences[1][0])
+
+
+def test_plant_at_depths_refuses_bad_input(tok, filler):
+    from beacon_llm.probes import plant_at_depths
+
+    with pytest.raises(ValueError, match=r"depths \[1.5\] must be within \[0, 1\]"):
+        plant_at_depths(tok, filler, 6000, [("A fact.", 1.5)], np.random.default_rng(0))
+    with pytest.raises(
+        ValueError, match=r"n_tokens=40 leaves -?\d+ tokens of text around \d+ planted ones \(at least 3x needed\)"
+    ):
+        plant_at_depths(tok, filler, 40, [("A fact that is rather long for such a short text.", 0.5)],
+                        np.random.default_rng(0))  # fmt: skip
+
+
+def test_recall_probes_are_the_drawn_probes_with_their_sentences():
+    from beacon_llm.probes import recall_probes
+
+    chosen = recall_probes(np.random.default_rng(5), ("passkey", "chain3"))
+    assert [p.task for p, _ in chosen] == ["passkey", "chain3"]
+    passkey, sentences = chosen[0]
+    assert len(sentences) == 1 and passkey.answer in sentences[0]
+    chain, sentences = chosen[1]
+    assert len(sentences) == 4 and chain.answer in " ".join(sentences)
+    same = recall_probes(np.random.default_rng(5), ("passkey",))
+    assert same[0][0].answer == passkey.answer  # drawn as make_probe_context draws them
+    with pytest.raises(ValueError, match=r"unknown probe tasks \['riddle'\]"):
+        recall_probes(np.random.default_rng(0), ("riddle",))
