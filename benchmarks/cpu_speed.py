@@ -726,6 +726,47 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def model_dims(config: Any) -> dict[str, int]:
+    """What a decoded token reads, from a Llama-style transformers config: layers, KV heads, head size and the
+    parameters of every linear layer (attention, MLP, the output head)."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * inter
+    return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+            "linear_params": layers * per_layer + config.vocab_size * hidden}  # fmt: skip
+
+
+def decode_bytes(dims: dict[str, int], entries: int, dtype_bytes: int) -> tuple[int, int]:
+    """Bytes one decoded token must read: (linear weights, keys and values of ``entries`` memory entries)."""
+    kv = entries * dims["layers"] * 2 * dims["kv_heads"] * dims["head_dim"] * dtype_bytes
+    return dims["linear_params"] * dtype_bytes, kv
+
+
+def decode_bandwidth_bound(rows: list[dict[str, Any]], dims: dict[str, int]) -> list[dict[str, Any]]:
+    """Per dtype and commit: the project's decode after each longer context over its decode after the shortest one,
+    next to the most that ratio can be at the memory-bandwidth limit (every weight and every KV entry read once per
+    token, at the same bytes per second): (weights + short KV) / (weights + long KV)."""
+    size = {"float32": 4, "bfloat16": 2}
+    decode = [r for r in rows if r.get("engine") == "beacon_llm" and r.get("kind") == "decode" and r.get("tok_s")]
+    out = []
+    for key in sorted({(r["dtype"], r["commit"], r.get("threads")) for r in decode if r["dtype"] in size}):
+        sel = sorted((r for r in decode if (r["dtype"], r["commit"], r.get("threads")) == key),
+                     key=lambda r: r["context_tokens"])  # fmt: skip
+        short = sel[0]
+        w, kv_short = decode_bytes(dims, short["kv_entries"], size[key[0]])
+        for r in sel[1:]:
+            _, kv_long = decode_bytes(dims, r["kv_entries"], size[key[0]])
+            out.append({
+                "dtype": key[0], "commit": key[1], "threads": key[2], "short_context": short["context_tokens"],
+                "context_tokens": r["context_tokens"], "kv_entries": r["kv_entries"], "weight_bytes": w,
+                "kv_bytes": kv_long, "measured_ratio": round(r["tok_s"] / short["tok_s"], 3),
+                "bandwidth_bound_ratio": round((w + kv_short) / (w + kv_long), 3),
+            })  # fmt: skip
+    return out
+
+
 def write_results(out: Path, update: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge ``rows`` and the ``update`` sections into ``out`` (atomically) and return the whole file."""
     data = json.loads(out.read_text()) if out.is_file() else {}
@@ -797,6 +838,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and worker specs, run nothing")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per subprocess")
     parser.add_argument("--fast", action="store_true", help="tiny model, project side, small sizes (CI smoke run)")
+    parser.add_argument(
+        "--bound-only", action="store_true",
+        help="add the decode bandwidth bound of the embedded model to the existing results file, run nothing",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.fast:
@@ -830,6 +875,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare_anchor:
         prepared = prepare_anchor(dtypes, args.jobs, Path(args.anchor_sdist) if args.anchor_sdist else None)
         print(json.dumps(prepared, indent=2, default=str))
+        return
+    out = Path(args.out) if args.out else RESULTS / f"cpu_speed{'_fast' if args.fast else ''}.json"
+    if args.bound_only:
+        from transformers import AutoConfig
+
+        existing = json.loads(out.read_text())["rows"] if out.is_file() else []
+        dims = model_dims(AutoConfig.from_pretrained(embedded_model_dir()))
+        data = write_results(out, {"decode_bandwidth_bound": decode_bandwidth_bound(existing, dims)}, [])
+        for b in data["decode_bandwidth_bound"]:
+            print(json.dumps(b))
+        print(f"wrote {out}")
         return
     commit = checkout_commit(repo or ROOT)
     if args.dry_run:
@@ -865,7 +921,6 @@ def main(argv: list[str] | None = None) -> None:
         rows += run_project(args, dtypes, repo, commit)
     if not args.skip_ask:
         rows.append(run_first_ask(args, repo, commit))
-    out = Path(args.out) if args.out else RESULTS / f"cpu_speed{'_fast' if args.fast else ''}.json"
     data = write_results(out, update, rows)
     print_table(data)
     print(f"wrote {out}")

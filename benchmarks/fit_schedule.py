@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--reserve", type=int, default=96, help="tokens of a length left for question and answer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--merge", nargs="+", default=None, help="merge these results files into --out and stop")
     args = parser.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
                                 max_position_embeddings=1024)  # fmt: skip
         lengths, n, ppl_lengths, target = args.lengths or [2048], min(args.n, 2), args.ppl_lengths or [1536], 64
     else:
-        fit = beacon_llm.load()  # the shipped adapter's default: fit-1024
+        fit = beacon_llm.load(adapter=args.adapter)  # the adapter's saved default: fit-1024
         lengths = [4096, 12288, 16384, 32768] if args.lengths is None else args.lengths
         ppl_lengths = [8192, 16384, 32768] if args.ppl_lengths is None else args.ppl_lengths
         n, target = args.n, args.target

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=512)
     parser.add_argument("--samples", type=int, default=2, help="spans per book and length")
     parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
+    parser.add_argument("--fit-overlap", type=int, default=None, help="override the adapter's fit_overlap")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
@@ -100,7 +101,8 @@ def main() -> None:
         encode = lambda text: [3 + (ord(c) % 100) for c in text[:6000]]  # noqa: E731
         contexts, condensed_lengths, target, ratio = args.context or [768], args.condensed or [384], 64, 8
     else:
-        default = beacon_llm.load(adapter=args.adapter, dtype=args.dtype, shared=False)
+        overrides = {} if args.fit_overlap is None else {"beacon_fit_overlap": args.fit_overlap}
+        default = beacon_llm.load(adapter=args.adapter, dtype=args.dtype, shared=False, **overrides)
         ratio = args.condensed_ratio
         texts = {
             "oz (bundled)": beacon_llm.read_document(beacon_llm.BUNDLED_BOOK),
@@ -118,22 +120,25 @@ def main() -> None:
         ids = encode(text)
         for setting, condense_ratio, n in settings:
             sums = {"beacons": 0.0, "truncation": 0.0, "streamingllm": 0.0, "full": 0.0}
-            budgets, scored, t0 = [], 0, time.perf_counter()
+            budgets, per_span, scored, t0 = [], [], 0, time.perf_counter()
             fits = n + target <= max_positions
             for start in _spans(len(ids), n + target, args.samples):
                 context, tgt = ids[start : start + n], ids[start + n : start + n + target]
                 nll, budget = _beacon_nll(default, context, tgt, condense_ratio)
-                sums["beacons"] += nll
-                sums["truncation"] += _plain_nll(plain, context[-budget:], tgt)
-                sums["streamingllm"] += _plain_nll(plain, context[:4] + context[-(budget - 4) :], tgt)
+                span = {"start": start, "beacons": nll, "truncation": _plain_nll(plain, context[-budget:], tgt),
+                        "streamingllm": _plain_nll(plain, context[:4] + context[-(budget - 4) :], tgt)}  # fmt: skip
                 if fits:
-                    sums["full"] += _plain_nll(plain, context, tgt)
+                    span["full"] = _plain_nll(plain, context, tgt)
+                for m in sums:
+                    sums[m] += span.get(m, 0.0)
+                per_span.append({k: round(v, 3) if isinstance(v, float) else v for k, v in span.items()})
                 budgets.append(budget)
                 scored += len(tgt)
             row = {"book": book, "setting": setting, "context": n, "target": target, "samples": args.samples}
             row.update({m: _ppl(s, scored) for m, s in sums.items() if m != "full" or fits})
             row["full"] = row.get("full")
             row["kv_budget"] = budgets
+            row["nll_sum_per_span"] = per_span
             if fits and row["truncation"] != row["full"]:
                 row["gap_closure"] = round((row["truncation"] - row["beacons"]) / (row["truncation"] - row["full"]), 3)
             row["beats_truncation"] = row["beacons"] < row["truncation"]

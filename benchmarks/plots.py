@@ -72,16 +72,22 @@ def plot_quality(quality: dict, png: Path) -> None:
 
 
 def plot_perplexity(ppl: dict, png: Path) -> None:
+    """One panel per held-out book: each method's continuation perplexity against the context length."""
     import matplotlib.pyplot as plt
 
     rows = ppl["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m in ("trained", "untrained", "truncation", "streamingllm", "full"):
-        pts = sorted((r["context"], r[m]) for r in rows if r.get(m) is not None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="perplexity of the next tokens")
-    ax.set_title("continuation perplexity at the beacon memory's KV budget")
-    ax.legend(fontsize=8)
+    books = sorted({r["book"] for r in rows})
+    fig, axes = plt.subplots(1, len(books), figsize=(6 * len(books), 4.2), squeeze=False)
+    for ax, book in zip(axes[0], books):
+        for setting in sorted({r["setting"] for r in rows}):
+            sel = sorted((r for r in rows if r["book"] == book and r["setting"] == setting), key=lambda r: r["context"])
+            for m in ("beacons", "truncation", "streamingllm", "full"):
+                pts = [(r["context"], r[m]) for r in sel if r.get(m) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{m} ({setting})")
+        ax.set(xscale="log", xlabel="context tokens", ylabel="perplexity of the next tokens", title=book)
+        ax.legend(fontsize=7)
+    fig.suptitle("continuation perplexity at the beacon cache's KV budget")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -182,6 +182,10 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.late is not None:
         late_rows(args, data, shipped, fresh, base, held, teacher, runs)
+        scored = {r["recipe"]: r for r in data["rows"] if r.get("late_from") == args.late}
+        if out_path.is_file():  # re-read: another run may have added rows meanwhile
+            data["rows"] = json.loads(out_path.read_text())["rows"]
+        data["rows"] = [{**r, **scored.get(r["recipe"], {})} for r in data["rows"]]
         _write(out_path, data)
         print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
         return
@@ -198,6 +202,16 @@ def main() -> None:
             tokens = 368_640 if name.startswith("shipped") and not args.fast else 0
             rows.append({"recipe": name + suffix, "tokens_trained": tokens,
                          **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
+        if overlap and not args.fast:  # the recipes' final adapters trained without an overlap, read with one
+            for run in sorted((runs / "ablations").glob("*/final/beacon_model.safetensors")):
+                name = run.parent.parent.name
+                if int(RECIPES.get(name.split("+")[0], {}).get("overlap", 0)):
+                    continue
+                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(run.parent),
+                                                beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
+                scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
+                rows.append({"recipe": f"{name}{suffix} (trained without it)", "adapter": f"runs/ablations/{name}",
+                             **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     else:
         spec = recipes[args.recipe]
         if spec["init"] == "shipped":

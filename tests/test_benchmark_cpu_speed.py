@@ -187,3 +187,26 @@ def test_llama_bench_commands_and_build_flags(tmp_path):
     configure, build = cs.build_commands(tmp_path / "tree", tmp_path / "build", 2)
     assert {"-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF"} <= set(configure)
     assert build[-4:] == ["--target", "llama-bench", "-j", "2"]
+
+
+def test_decode_bandwidth_bound_from_the_model_shape():
+    """Bytes a decoded token reads (weights + KV entries) and the best long/short decode ratio they allow."""
+    from types import SimpleNamespace
+
+    mod = _module()
+    # SmolLM2-135M's shape: 30 layers, hidden 576, 9 heads, 3 KV heads, MLP 1536, vocabulary 49,152
+    config = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=49152)  # fmt: skip
+    dims = mod.model_dims(config)
+    assert dims == {"layers": 30, "kv_heads": 3, "head_dim": 64, "linear_params": 134_479_872}
+    assert mod.decode_bytes(dims, 1, 2) == (268_959_744, 23_040)  # one entry: 30 layers x (k, v) x 3 x 64 x 2 bytes
+    rows = [
+        {"engine": "beacon_llm", "kind": "decode", "dtype": "bfloat16", "commit": "c", "threads": 2,
+         "context_tokens": n, "kv_entries": e, "tok_s": t}
+        for n, e, t in ((512, 512, 40.0), (32768, 6976, 20.0))
+    ] + [{"engine": "llama.cpp", "kind": "decode", "dtype": "float32", "commit": "x", "context_tokens": 512,
+          "kv_entries": 512, "tok_s": 30.0}]  # fmt: skip
+    (bound,) = mod.decode_bandwidth_bound(rows, dims)
+    assert bound["measured_ratio"] == 0.5 and bound["kv_entries"] == 6976
+    weights, short_kv, long_kv = 268_959_744, 512 * 23_040, 6976 * 23_040
+    assert bound["bandwidth_bound_ratio"] == round((weights + short_kv) / (weights + long_kv), 3) == 0.653
