@@ -198,6 +198,21 @@ def sentence_boundaries(tokenizer, ids: list[int]) -> np.ndarray:
     return np.asarray(ends, dtype=np.int64)
 
 
+def _insert(body: list[int], spots: list[int], fact_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+    """``body`` with ``fact_ids[i]`` inserted before ``body[spots[i]]`` (equal spots keep the given order). Returns the
+    context and where each fact starts in it, in the order given."""
+    order = sorted(range(len(spots)), key=lambda i: (spots[i], i))
+    ctx: list[int] = []
+    starts = [0] * len(spots)
+    cursor = 0
+    for i in order:
+        ctx += body[cursor : spots[i]]
+        cursor = spots[i]
+        starts[i] = len(ctx)
+        ctx += fact_ids[i]
+    return ctx + body[cursor:], starts
+
+
 def make_probe_context(
     tokenizer, filler_ids: list[int], n_tokens: int, rng: np.random.Generator
 ) -> tuple[list[int], list[Probe]]:
@@ -219,19 +234,14 @@ def make_probe_context(
     bounds = sentence_boundaries(tokenizer, body)
     if len(bounds) < sum(len(g) for g in groups):
         raise ValueError("the filler text has too few sentence boundaries for the probes")
-    inserts: list[tuple[int, int, int, list[int]]] = []  # (position in body, group, index in group, ids)
-    for gi, group in enumerate(fact_ids):
-        spots = np.sort(rng.choice(bounds, len(group), replace=True))
-        inserts += [(int(p), gi, si, ids) for si, (p, ids) in enumerate(zip(spots, group))]
-    inserts.sort(key=lambda item: (item[0], item[1], item[2]))
-    ctx: list[int] = []
-    cursor = 0
-    for pos, gi, _, ids in inserts:
-        ctx += body[cursor:pos]
-        cursor = pos
-        probes[owner[gi]].depths.append(round(len(ctx) / n_tokens, 3))
-        ctx += ids
-    ctx += body[cursor:]
+    spots: list[int] = []  # in (group, index in group) order: equal spots keep it
+    for group in fact_ids:
+        spots += [int(p) for p in np.sort(rng.choice(bounds, len(group), replace=True))]
+    flat_ids = [ids for group in fact_ids for ids in group]
+    ctx, starts = _insert(body, spots, flat_ids)
+    flat_owner = [owner[gi] for gi, group in enumerate(fact_ids) for _ in group]
+    for start_at, o in sorted(zip(starts, flat_owner)):
+        probes[o].depths.append(round(start_at / n_tokens, 3))
     for probe in probes:
         probe.depths.sort()
     return ctx, probes
@@ -268,17 +278,8 @@ def plant_at_depths(
     if len(bounds) == 0:
         raise ValueError("the filler text has no sentence boundary to plant at")
     spots = [int(bounds[np.argmin(np.abs(bounds - d * body_len))]) for _, d in sentences]
-    order = sorted(range(len(spots)), key=lambda i: (spots[i], i))
-    ctx: list[int] = []
-    depths = [0.0] * len(spots)
-    cursor = 0
-    for i in order:
-        ctx += body[cursor : spots[i]]
-        cursor = spots[i]
-        depths[i] = round(len(ctx) / n_tokens, 4)
-        ctx += fact_ids[i]
-    ctx += body[cursor:]
-    return ctx, depths
+    ctx, starts = _insert(body, spots, fact_ids)
+    return ctx, [round(at / n_tokens, 4) for at in starts]
 
 
 def plant_passkey(
@@ -291,19 +292,13 @@ def plant_passkey(
     key = str(rng.integers(10000, 99999))
     sentence = f"The pass key is {key}. Remember it. {key} is the pass key."
     fact = tokenizer(" " + sentence, add_special_tokens=False)["input_ids"]
-    body_len = n_tokens - len(fact)
-    if body_len < 4 * len(fact) or len(filler_ids) < body_len:
+    if n_tokens - len(fact) < 4 * len(fact) or len(filler_ids) < n_tokens - len(fact):
         raise ValueError(f"n_tokens={n_tokens} does not fit between {5 * len(fact)} and the filler's {len(filler_ids)}")
-    start = int(rng.integers(0, len(filler_ids) - body_len + 1))
-    body = filler_ids[start : start + body_len]
-    bounds = sentence_boundaries(tokenizer, body)
-    if len(bounds) == 0:
-        raise ValueError("the filler text has no sentence boundary to plant the pass key at")
-    at = int(bounds[np.argmin(np.abs(bounds - depth * body_len))])
+    ctx, (at_depth,) = plant_at_depths(tokenizer, filler_ids, n_tokens, [(sentence, depth)], rng)
     probe = Probe(
         "passkey",
         "What is the pass key mentioned in the text above? Answer with the number only.",
         key,
-        [round(at / n_tokens, 3)],
+        [round(at_depth, 3)],
     )
-    return body[:at] + fact + body[at:], probe
+    return ctx, probe
