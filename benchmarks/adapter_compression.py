@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,7 +63,7 @@ def main() -> None:
     print(json.dumps(row))
     RESULTS.mkdir(exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"adapter_compression{'_fast' if args.fast else ''}.json"
-    out_path.write_text(json.dumps({"row": row, "args": vars(args)}, indent=2))
+    write_json(out_path, {"row": row, "args": vars(args)})
 
 
 if __name__ == "__main__":

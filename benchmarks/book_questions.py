@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 QUESTIONS = ROOT / "benchmarks" / "data" / "oz_questions.json"
@@ -129,10 +131,7 @@ def write_results(out_path: Path, questions: str, *, run: dict | None = None, pl
         data["runs"][run["label"]] = run
     if plan is not None:
         data["plan"] = plan
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(data, indent=2))
-    os.replace(tmp_out, out_path)
+    write_json(out_path, data)
     print(f"wrote {out_path}")
 
 

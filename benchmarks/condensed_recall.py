@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json
 from quality import SINK, ChunkRetriever, greedy, prefill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,10 +186,7 @@ def main() -> None:
         "args": vars(args),
     }
     out = Path(args.out) if args.out else RESULTS / f"condensed_recall{'_fast' if args.fast else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _results import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -773,10 +775,7 @@ def write_results(out: Path, update: dict[str, Any], rows: list[dict[str, Any]])
     data.update(update)
     data["rows"] = merge_rows(data.get("rows", []), rows)
     data["ratios"] = compute_ratios(data["rows"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, data)
     return data
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,10 +97,7 @@ def main() -> None:
     }
     print(json.dumps(data, indent=2))
     out = Path(args.out) if args.out else RESULTS / f"decode_compile{'_fast' if args.fast else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out)
+    write_json(out, data)
 
 
 if __name__ == "__main__":

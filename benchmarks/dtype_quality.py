@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -105,9 +105,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "max_abs_ppl_rel_diff": max(abs(r["ppl_rel_diff"]) for r in rows),
     }
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out_path)
+    write_json(out_path, data)
     print(f"wrote {out_path}")
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -240,7 +242,7 @@ def main() -> None:
         summary[f"ratio_{r}"] = entry
     result = {"rows": rows, "summary": summary, "args": vars(args)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -88,9 +88,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"fit_equivalence{'_fast' if args.fast else ''}.json"
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_path)
+    write_json(out_path, result)
     if not result["all_equal"]:
         raise SystemExit("fit-N differs from the plain model on a read that fits")
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json
 from quality import greedy, prefill
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,7 +52,7 @@ def merge(paths: list[str], out: Path) -> None:
     merged = {**parts[0], "complete": all(p["complete"] for p in parts), "passkey_table": passkey_table(rows),
               "passkey_rows": rows, "perplexity_rows": ppl, "merged_from": [p["args"] for p in parts]}  # fmt: skip
     merged.pop("args", None)
-    out.write_text(json.dumps(merged, indent=2))
+    write_json(out, merged)
     for length, vals in merged["passkey_table"].items():
         print(f"{length:>10}" + "".join(f"{vals[m]:>18}" for m in METHODS))
     print(f"wrote {out}")
@@ -147,9 +147,7 @@ def main() -> None:
             "args": vars(args),
             "threads": torch.get_num_threads(),
         }
-        tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out_path)
+        write_json(out_path, result)
         if final:
             print(f"wrote {out_path}")
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 # released checkpoint -> (beacon config keys, base max_position_embeddings), from their config.json / recipes
@@ -100,9 +100,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"fit_vs_adapt_configs{'_fast' if args.fast else ''}.json"
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
-    os.replace(tmp, out_path)
+    write_json(out_path, {"rows": rows, "args": vars(args)})
     print(f"wrote {out_path}")
 
 

@@ -11,12 +11,12 @@ bundled *Wonderful Wizard of Oz* (~55K tokens).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -90,7 +90,7 @@ def main() -> None:
     print(f"follow-up first-token speed-up: {speedup:.0f}x")
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"followup_latency{'_fast' if args.fast else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -169,7 +170,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"gpu_7b{'_fast' if args.fast else ''}.json"
-    out_path.write_text(json.dumps(result, indent=2))
+    write_json(out_path, result)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), f"wrote {out_path}")
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -155,10 +155,7 @@ def main() -> None:
         "fit_overlap": default.config.fit_overlap,
     }
     out_path = Path(args.out) if args.out else RESULTS / f"perplexity{'_fast' if args.fast else ''}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"rows": rows, "meta": meta, "args": vars(args)}, indent=2))
-    os.replace(tmp, out_path)
+    write_json(out_path, {"rows": rows, "meta": meta, "args": vars(args)})
     print(f"wrote {out_path}")
 
 

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from _results import write_json
+
 
 def history(run: Path) -> list[dict]:
     if (run / "history.json").is_file():
@@ -61,7 +63,7 @@ def main() -> None:
         "last5": sum(loss[-5:]) / 5,
     }
     if args.out:
-        Path(args.out).write_text(json.dumps(summary))
+        write_json(args.out, summary, indent=None)
     print(json.dumps(summary), f"-> {png}")
 
 

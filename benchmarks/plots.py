@@ -11,6 +11,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from _results import write_json
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -112,7 +114,7 @@ def main() -> None:
             written.append(str(png))
             print(f"wrote {png}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"png": written}))
+        write_json(args.out, {"png": written}, indent=None)
 
 
 if __name__ == "__main__":

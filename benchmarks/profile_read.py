@@ -11,11 +11,11 @@ time. This is the profile behind the efficiency section of the README.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {
@@ -104,7 +104,7 @@ def main() -> None:
             print(f"  {group:40} {share:6.1%}")
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"profile_read{'_fast' if args.fast else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

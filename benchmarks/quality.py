@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 SINK = 4
@@ -240,7 +241,7 @@ def main() -> None:
         "runs": runs,
         "native_positions": native,
     }
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -12,13 +12,13 @@ Prints, per method and question: LLM calls, prompt tokens read by the model, sec
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 QUESTIONS = [
@@ -220,7 +220,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"rag_vs_beacon{'_fast' if args.fast else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"RAG index built in {index_seconds} s; wrote {out}")
 
 

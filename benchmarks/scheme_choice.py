@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 SCHEMES = {
@@ -82,7 +83,7 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     RESULTS.mkdir(exist_ok=True)
     out_path = Path(args.out) if args.out else RESULTS / f"scheme_choice{'_fast' if args.fast else ''}.json"
-    out_path.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    write_json(out_path, {"rows": rows, "args": vars(args)})
     print(f"wrote {out_path}")
 
 

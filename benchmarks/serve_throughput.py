@@ -24,7 +24,6 @@ beacons, read as ``beacon-llm serve`` reads it (``fit-1024``). ``--fast``: a tin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "bench"
@@ -322,7 +322,7 @@ def main() -> None:
         )
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"serve_throughput{'_fast' if args.fast else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out}")
 
 

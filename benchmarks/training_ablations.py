@@ -21,36 +21,49 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BOOKS = ROOT / "benchmarks" / "data" / "books"
 TRAIN_BOOKS = ("frankenstein", "adventures_of_sherlock_holmes", "pride_and_prejudice", "dracula",
                "tale_of_two_cities", "oliver_twist")  # fmt: skip
+# the adapters a recipe can start from ("init"), with the tokens they were trained on (the model card's sittings);
+# "fresh" starts from untrained beacons
+SHIPPED_TOKENS = 2_129_920
+FIRST_SITTING = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-interleave-368k"
+FIRST_SITTING_TOKENS = 368_640
+INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "fresh": 0}
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
-# fit_overlap in training and evaluation])
+# fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in])
 RECIPES: dict[str, dict] = {
-    "ce_r32": {"init": "shipped", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
-    "kl_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
-    "kl_ce_r32": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.5, "lr": 1e-4},
-    "kl_r32_lr3e-4": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
-    "kl_r32_lr1e-3": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-3},
-    "kl_mixed": {"init": "shipped", "ratios": (8, 16, 32), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
+    "ce_r32": {"init": "first_sitting", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
+    "kl_r32": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
+    "kl_ce_r32": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.5, "lr": 1e-4},
+    "kl_r32_lr3e-4": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
+    "kl_r32_lr1e-3": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-3},
+    "kl_mixed": {"init": "first_sitting", "ratios": (8, 16, 32), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
     "kl_r32_fresh": {"init": "fresh", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4},
     # the best short run, trained on: starts from the last checkpoint of kl_r32 (same precision), new lr schedule
-    "kl_r32_long": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32"},
-    "kl_r32_long2": {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32_long"},
+    "kl_r32_long": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "continues": "kl_r32"},
+    "kl_r32_long2": {
+        "init": "first_sitting",
+        "ratios": (32,),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 1e-4,
+        "continues": "kl_r32_long",
+    },
     # the plateaued kl_r32_long2, trained on with the KL weighted by the teacher's distance to the tail-only model
     "kl_r32_distant": {
-        "init": "shipped",
+        "init": "first_sitting",
         "ratios": (32,),
         "kl": 1.0,
         "ce": 0.0,
@@ -60,13 +73,24 @@ RECIPES: dict[str, dict] = {
     },
     # kl_r32_long2 trained on with the last 64 condensed tokens read again raw after the beacons (fit_overlap)
     "kl_r32_overlap64": {
-        "init": "shipped",
+        "init": "first_sitting",
         "ratios": (32,),
         "kl": 1.0,
         "ce": 0.0,
         "lr": 1e-4,
         "overlap": 64,
         "continues": "kl_r32_long2",
+    },
+    # the shipped adapter (kl_r32_overlap64) trained on in the shape of a long read: 8,192-token samples planned for
+    # 4,096 positions, so the tail after the beacons is thousands of tokens long, as after a book (protocol: the same)
+    "kl_r32_overlap64_8k": {
+        "init": "shipped",
+        "ratios": (32,),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 1e-4,
+        "overlap": 64,
+        "protocol": (8192, 4096),
     },
 }
 
@@ -173,7 +197,7 @@ def main() -> None:
     out_path = Path(args.out) if args.out else RESULTS / f"training_ablations{'_fast' if args.fast else ''}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() else {"protocol": {}, "rows": []}
     suffix = ("" if eval_ratio == 32 or args.fast else f" @r{eval_ratio}") + (f" +overlap{overlap}" if overlap else "")
-    if not suffix or args.fast:
+    if not suffix or args.fast or not data["protocol"]:  # the protocol of a new results file
         data["protocol"] = {"seq_len": args.seq_len, "positions": args.positions, "ratio": eval_ratio,
                             "held_out": "4 x Oz + 4 x KJV excerpt" if not args.fast else "tiny", "teacher_topk": 32,
                             "condensed_windows": plan_for(held[0]).condensed_windows,
@@ -186,7 +210,7 @@ def main() -> None:
         if out_path.is_file():  # re-read: another run may have added rows meanwhile
             data["rows"] = json.loads(out_path.read_text())["rows"]
         data["rows"] = [{**r, **scored.get(r["recipe"], {})} for r in data["rows"]]
-        _write(out_path, data)
+        write_json(out_path, data)
         print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
         return
     if args.recipe == "baselines":
@@ -199,7 +223,7 @@ def main() -> None:
             if bm is None:
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
             scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
-            tokens = 368_640 if name.startswith("shipped") and not args.fast else 0
+            tokens = SHIPPED_TOKENS if name.startswith("shipped") and not args.fast else 0
             rows.append({"recipe": name + suffix, "tokens_trained": tokens,
                          **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
         if overlap and not args.fast:  # the recipes' final adapters trained without an overlap, read with one
@@ -214,8 +238,11 @@ def main() -> None:
                              **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     else:
         spec = recipes[args.recipe]
-        if spec["init"] == "shipped":
+        if spec["init"] == "shipped" or (args.fast and spec["init"] == "first_sitting"):
             bm = shipped
+        elif spec["init"] == "first_sitting":
+            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(FIRST_SITTING),
+                                            beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
         elif args.fast:
             bm = fresh
         else:
@@ -224,6 +251,12 @@ def main() -> None:
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
         name = args.recipe + ("+bf16" if args.bf16 else "")
+        protocol = tuple(spec.get("protocol", (2048, 1024)))
+        if not args.fast and (args.seq_len, args.positions) != protocol:
+            raise SystemExit(
+                f"{args.recipe} trains on {protocol[0]}-token samples planned for {protocol[1]} positions: "
+                f"run it with --seq-len {protocol[0]} --positions {protocol[1]} (and its own --out)"
+            )
         if overlap != int(spec.get("overlap", 0)):
             raise SystemExit(f"--overlap {overlap}: {args.recipe} trains with overlap {spec.get('overlap', 0)}")
         run_dir = runs / "ablations" / name
@@ -251,7 +284,7 @@ def main() -> None:
         state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None, reference)
         own = [h for h in state.history if h["step"] > start_step]  # this recipe's steps (history is cumulative)
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
-        base_tokens = 368_640 if spec["init"] == "shipped" and not args.fast else 0
+        base_tokens = INIT_TOKENS[spec["init"]] if not args.fast else 0
         rows.append({
             "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]),
             "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"], "distant_weight": distant,
@@ -275,15 +308,8 @@ def main() -> None:
     if out_path.is_file():  # re-read: another run may have written rows meanwhile
         data["rows"] = json.loads(out_path.read_text())["rows"]
     data["rows"] = [r for r in data["rows"] if r["recipe"] not in {x["recipe"] for x in rows}] + rows
-    _write(out_path, data)
+    write_json(out_path, data)
     print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
-
-
-def _write(out_path: Path, data: dict) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out_path)
 
 
 BASELINES = ("full attention (teacher)", "truncation (same KV budget)", "StreamingLLM (4 sink + recent, same budget)",

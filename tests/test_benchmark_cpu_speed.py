@@ -14,6 +14,8 @@ SCRIPT = ROOT / "benchmarks" / "cpu_speed.py"
 
 
 def _module():
+    if str(SCRIPT.parent) not in sys.path:  # the script imports its folder's _results, as when it runs
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("cpu_speed", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))  # _*.py: helpers
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
@@ -25,13 +25,35 @@ def test_fast_mode(script, tmp_path):
     assert json.loads(out.read_text())
 
 
-def test_flop_model_of_the_beacon_overhead():
-    """The efficiency script's FLOP model: W/ratio extra rows bound the ratio; a larger memory lowers it."""
+def _benchmark_module(name, monkeypatch):
+    """Import ``benchmarks/<name>.py`` as the scripts run (their folder on the path, for ``_results``)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("efficiency", ROOT / "benchmarks" / "efficiency.py")
-    eff = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eff)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_file_written_atomically(tmp_path, monkeypatch):
+    """write_json creates folders, replaces an existing file whole and leaves no temporary file behind."""
+    results = _benchmark_module("_results", monkeypatch)
+    out = tmp_path / "a" / "b.json"
+    results.write_json(out, {"rows": [1, 2]})
+    results.write_json(out, {"rows": [3]})
+    assert json.loads(out.read_text()) == {"rows": [3]}
+    assert [p.name for p in out.parent.iterdir()] == ["b.json"]
+    with pytest.raises(TypeError):
+        results.write_json(out, {"bad": object()})
+    assert json.loads(out.read_text()) == {"rows": [3]}  # a failed write keeps the previous file
+    assert [p.name for p in out.parent.iterdir()] == ["b.json"]
+
+
+def test_flop_model_of_the_beacon_overhead(monkeypatch):
+    """The efficiency script's FLOP model: W/ratio extra rows bound the ratio; a larger memory lowers it."""
+
+    eff = _benchmark_module("efficiency", monkeypatch)
     dims = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16}
     no_memory = eff.flop_ratio(dims, 4096, 512, 8, 0)
     assert 0.8 < no_memory < 512 / 576

@@ -1,0 +1,26 @@
+"""Writing a benchmark's results file: the one way every script in this folder saves its JSON.
+
+The file is written under a unique temporary name next to it and renamed over it, so a reader (or a second run that
+merges rows into the same file) never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON to ``path`` (parent folders created), atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
