@@ -153,6 +153,15 @@ def main() -> None:
         "read again raw; rows get ' +overlapN' and the baselines' budget grows by N",
     )  # fmt: skip
     parser.add_argument(
+        "--shipped-only",
+        action="store_true",
+        help="baselines: score the plain baselines and the shipped adapter only (no fresh beacons, no runs' adapters)",
+    )
+    parser.add_argument(
+        "--adapter", nargs="+", default=[], metavar="DIR",
+        help="baselines: also score these adapter folders (e.g. a run's export), one row each named after the folder",
+    )  # fmt: skip
+    parser.add_argument(
         "--late", type=int, default=None, metavar="N",
         help="score every existing row again on the tail tokens from offset N on (what the memory adds once the tail "
         "gives the local context): adds kl_late / ppl_late to the rows (baselines and the runs' final adapters)",
@@ -219,14 +228,21 @@ def main() -> None:
             keep = baseline_keep(name, n_mem)
             rows.append({"recipe": name + suffix, "tokens_trained": 0,
                          **plain_tail_scores(base, held, plan_for, teacher, keep)})  # fmt: skip
-        for name, bm in (("shipped adapter (no further training)", shipped), ("fresh beacons (untrained)", fresh)):
-            if bm is None:
+        shipped_tokens = SHIPPED_TOKENS if not args.fast else 0
+        adapters = [("shipped adapter (no further training)", shipped, shipped_tokens),
+                    ("fresh beacons (untrained)", fresh, 0)][: 1 if args.shipped_only else 2]  # fmt: skip
+        adapters += [(f"adapter {d}", Path(d), None) for d in args.adapter]  # tokens: see its run
+        for name, bm, tokens in adapters:
+            if isinstance(bm, Path):
+                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(bm),
+                                                beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
+            elif bm is None:
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
             scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
-            tokens = SHIPPED_TOKENS if name.startswith("shipped") and not args.fast else 0
-            rows.append({"recipe": name + suffix, "tokens_trained": tokens,
+            where = {"adapter_dir": name.removeprefix("adapter ")} if tokens is None else {}
+            rows.append({"recipe": name + suffix, "tokens_trained": tokens, **where,
                          **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
-        if overlap and not args.fast:  # the recipes' final adapters trained without an overlap, read with one
+        if overlap and not args.fast and not args.shipped_only:  # the runs' adapters trained without it, read with it
             for run in sorted((runs / "ablations").glob("*/final/beacon_model.safetensors")):
                 name = run.parent.parent.name
                 if int(RECIPES.get(name.split("+")[0], {}).get("overlap", 0)):
@@ -354,6 +370,10 @@ def late_rows(args, data, shipped, fresh, base, held, teacher, runs) -> None:
             elif name.startswith("fresh"):
                 bm = fresh if fresh is not None else beacon_llm.from_pretrained(
                     beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)  # fmt: skip
+            elif row.get("adapter_dir"):
+                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=row["adapter_dir"],
+                                                beacon_ratio_mix="fit-0", beacon_fit_overlap=shipped.config.fit_overlap,
+                                                ) if not args.fast else shipped  # fmt: skip
             else:
                 final = runs / "ablations" / name / "final"
                 if not (final / "beacon_model.safetensors").is_file():
