@@ -240,7 +240,7 @@ def make_probe_context(
     flat_ids = [ids for group in fact_ids for ids in group]
     ctx, starts = _insert(body, spots, flat_ids)
     flat_owner = [owner[gi] for gi, group in enumerate(fact_ids) for _ in group]
-    for start_at, o in sorted(zip(starts, flat_owner)):
+    for start_at, o in zip(starts, flat_owner):
         probes[o].depths.append(round(start_at / n_tokens, 3))
     for probe in probes:
         probe.depths.sort()
@@ -291,9 +291,6 @@ def plant_passkey(
         raise ValueError(f"depth={depth} must be within [0, 1]")
     key = str(rng.integers(10000, 99999))
     sentence = f"The pass key is {key}. Remember it. {key} is the pass key."
-    fact = tokenizer(" " + sentence, add_special_tokens=False)["input_ids"]
-    if n_tokens - len(fact) < 4 * len(fact) or len(filler_ids) < n_tokens - len(fact):
-        raise ValueError(f"n_tokens={n_tokens} does not fit between {5 * len(fact)} and the filler's {len(filler_ids)}")
     ctx, (at_depth,) = plant_at_depths(tokenizer, filler_ids, n_tokens, [(sentence, depth)], rng)
     probe = Probe(
         "passkey",

@@ -233,13 +233,14 @@ def main() -> None:
                     ("fresh beacons (untrained)", fresh, 0)][: 1 if args.shipped_only else 2]  # fmt: skip
         adapters += [(f"adapter {d}", Path(d), None) for d in args.adapter]  # tokens: see its run
         for name, bm, tokens in adapters:
+            where = {}
             if isinstance(bm, Path):
+                where = {"adapter_dir": str(bm)}  # what a --late run loads again
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(bm),
                                                 beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
             elif bm is None:
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
             scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
-            where = {"adapter_dir": name.removeprefix("adapter ")} if tokens is None else {}
             rows.append({"recipe": name + suffix, "tokens_trained": tokens, **where,
                          **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
         if overlap and not args.fast and not args.shipped_only:  # the runs' adapters trained without it, read with it
@@ -370,12 +371,8 @@ def late_rows(args, data, shipped, fresh, base, held, teacher, runs) -> None:
             elif name.startswith("fresh"):
                 bm = fresh if fresh is not None else beacon_llm.from_pretrained(
                     beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)  # fmt: skip
-            elif row.get("adapter_dir"):
-                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=row["adapter_dir"],
-                                                beacon_ratio_mix="fit-0", beacon_fit_overlap=shipped.config.fit_overlap,
-                                                ) if not args.fast else shipped  # fmt: skip
-            else:
-                final = runs / "ablations" / name / "final"
+            else:  # an adapter folder scored by --adapter, or a run's final adapter
+                final = Path(row["adapter_dir"]) if row.get("adapter_dir") else runs / "ablations" / name / "final"
                 if not (final / "beacon_model.safetensors").is_file():
                     print(f"skipping {name}: no final adapter in {final}", flush=True)
                     continue
