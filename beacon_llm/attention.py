@@ -3,6 +3,8 @@
 The frozen modules of a stock Llama-shaped layer are called as they are (norms, projections, MLP); beacon rows
 use the ``beacon_*_proj`` copies. Keys of the open window are rotated at the positions of this step; memory keys
 were rotated when they entered the memory. The attention kernel is transformers' own (sdpa, eager, flash).
+With memory gates (``BeaconConfig.memory_gate``) each head's logit offset on the memory's beacons rides on one extra
+key/query dimension (:func:`with_gate_dimension`), so the kernels and masks stay those of the ungated model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import torch
 from torch import nn
 
 from ._compat import rotate_half
+from .layers import memory_gate
+
+# smallest gate whose logarithm is taken: g = 0 then adds about -69 to the logits, which no attention weight survives
+# in fp32 or bf16 (e^-69 ~ 1e-30), while the gradient with respect to g stays finite
+GATE_FLOOR = 1e-30
 
 
 @dataclass
@@ -28,6 +35,7 @@ class StepTensors:
     mask: torch.Tensor | None  # (B, 1, T, M + R + T) bool or additive float; None = everything visible
     attention: Callable[..., tuple[torch.Tensor, object]]
     is_causal: bool  # flash attention: bottom-right causal instead of a mask
+    gate_span: tuple[int, int] | None = None  # memory gates: the key columns of the memory's beacons
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -35,6 +43,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos = cos.unsqueeze(1)  # (B, 1, T, D)
     sin = sin.unsqueeze(1)
     return (x * cos) + (rotate_half(x) * sin)
+
+
+def with_gate_dimension(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate: torch.Tensor,
+    span: tuple[int, int],
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append one dimension to the query (B, H, T, D), key and value (B, KVH, K, D) so that attention over them adds
+    ``log g_h`` to the logits of query head h on the keys ``span = (start, end)`` (the memory's beacons): the query
+    gets ``log g_h / scaling``, those keys 1, every other key and every value 0. gate: (H,), below 0 reads as 0.
+    The output's last dimension is then 0 and is dropped by the caller."""
+    start, end = span
+    bsz, n_heads, t_len, _ = query.shape
+    n_keys = key.shape[2]
+    if not 0 <= start <= end <= n_keys:
+        raise ValueError(f"gate span {span} is not within the {n_keys} keys")
+    offset = torch.log(gate.float().clamp(min=0.0) + GATE_FLOOR) / scaling  # (H,)
+    q_extra = offset.to(query.dtype)[None, :, None, None].expand(bsz, n_heads, t_len, 1)  # (B, H, T, 1)
+    k_extra = key.new_zeros(bsz, key.shape[1], n_keys, 1)  # (B, KVH, K, 1)
+    k_extra[:, :, start:end] = 1
+    v_extra = value.new_zeros(bsz, value.shape[1], n_keys, 1)
+    return torch.cat([query, q_extra], -1), torch.cat([key, k_extra], -1), torch.cat([value, v_extra], -1)
 
 
 def project(base: nn.Linear, beacon: nn.Linear | None, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +124,9 @@ def layer_step(
     query = rope(q, step.cos_q, step.sin_q)  # (B, H, T, D)
 
     kwargs = {"is_causal": True} if step.is_causal else {}
+    gate = memory_gate(attn)
+    if gate is not None and step.gate_span is not None:  # (B, H, T, D + 1), (B, KVH, K, D + 1) twice
+        query, key_all, value_all = with_gate_dimension(query, key_all, value_all, gate, step.gate_span, attn.scaling)
     out, _ = step.attention(
         attn,
         query,
@@ -100,8 +136,8 @@ def layer_step(
         dropout=0.0,
         scaling=attn.scaling,
         **kwargs,
-    )  # (B, T, H, D)
-    out = out.reshape(bsz, t_len, -1)  # (B, T, H*D)
+    )  # (B, T, H, D), or D + 1 with a gate dimension
+    out = out[..., :head_dim].reshape(bsz, t_len, -1)  # (B, T, H*D)
     out = project(attn.o_proj, getattr(attn, "beacon_o_proj", None), out, rows)  # (B, T, Dm)
     hidden = residual + out
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -63,6 +63,11 @@ class BeaconConfig:
             are read once more, raw, right after the beacons, so the text after the condensed part keeps its local
             context (they take that many positions more). 0 (the default) reads the raw part straight after the
             beacons.
+        memory_gate: this project's option, off (``None``) by default: a learned gate ``g >= 0`` per layer and
+            query head on the attention the beacons of the memory draw (a logit offset ``log g``: 1 is the ungated
+            model, 0 hides the beacons, so the memory reads as its sink and raw entries alone). The number is the
+            gates' initial value. Needs the memory laid out as sink, beacons, raw entries: a ``fit-N`` mix, or
+            ratios without 0.
         era: ``"v2"`` or ``"v3"`` semantics (see module docstring).
     """
 
@@ -79,6 +84,7 @@ class BeaconConfig:
     sink_size: int = 0
     era: str = "v3"
     fit_overlap: int = 0
+    memory_gate: float | None = None
     adapt_extra: int = field(init=False, default=0)  # the N of adapt-N / fit-N
 
     def __post_init__(self) -> None:
@@ -135,6 +141,17 @@ class BeaconConfig:
                 f"beacon_fit_overlap={self.fit_overlap} only applies to a fit-N beacon_ratio_mix (got "
                 f"{self.ratio_mix!r}); set beacon_fit_overlap=0 or use a fit-N mix"
             )
+        if self.memory_gate is not None:
+            gate = self.memory_gate
+            if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0.0 <= gate < float("inf"):
+                _fail(f"beacon_memory_gate={gate!r} must be a finite number >= 0 (the gates' initial value) or None")
+            self.memory_gate = float(gate)
+            if not self.is_fit and 0 in self.ratios:
+                _fail(
+                    f"beacon_memory_gate needs the memory laid out as sink, beacons, raw entries, but ratio 0 in "
+                    f"beacon_ratio={list(self.ratios)} under beacon_ratio_mix={self.ratio_mix!r} mixes raw windows "
+                    "between beacons; drop ratio 0 or use a fit-N mix"
+                )
         if self.era == "v2":
             if self.attend_prev is not None:
                 _fail("beacon_attend_prev is an era-v3 key; era v2 uses beacon_attend_previous (attend to memory)")
@@ -213,6 +230,8 @@ class BeaconConfig:
             out["beacon_parallel_window"] = 1
         if self.fit_overlap:  # this project's key: written only when used, so official configs stay as they were
             out["beacon_fit_overlap"] = self.fit_overlap
+        if self.memory_gate is not None:  # this project's key, likewise
+            out["beacon_memory_gate"] = self.memory_gate
         return out
 
     @classmethod
@@ -250,6 +269,7 @@ class BeaconConfig:
             "beacon_parallel_window",
             "beacon_era",
             "beacon_fit_overlap",
+            "beacon_memory_gate",
         }
         unknown = sorted(k for k in d if k.startswith("beacon_") and k not in known)
         if unknown:
@@ -272,6 +292,7 @@ class BeaconConfig:
             ("beacon_sink_size", "sink_size"),
             ("beacon_pos", "pos"),
             ("beacon_fit_overlap", "fit_overlap"),
+            ("beacon_memory_gate", "memory_gate"),
         ):
             if d.get(src) is not None:
                 kwargs[dst] = d[src]

@@ -1,4 +1,5 @@
-"""The only new parameters: a beacon embedding and beacon copies of attention projections (paper v2 §2.2).
+"""The only new parameters: a beacon embedding and beacon copies of attention projections (paper v2 §2.2), and,
+with this project's opt-in ``memory_gate``, one gate per query head of each layer (``self_attn.beacon_gate``).
 
 They are registered on the base model under the official names (``model.beacon_embed_tokens``,
 ``model.layers.N.self_attn.beacon_{q,k,v,o}_proj``) so an official checkpoint's state dict maps onto them
@@ -66,6 +67,37 @@ def attach_beacon_modules(model: nn.Module, config: BeaconConfig) -> None:
             if base.bias is not None:
                 copy.bias.copy_(base.bias)
             setattr(attn, f"beacon_{p}_proj", copy)
+    if config.memory_gate is not None:
+        attach_memory_gates(model, config.memory_gate)
+
+
+GATE_NAME = "beacon_gate"
+
+
+@torch.no_grad()
+def attach_memory_gates(model: nn.Module, value: float) -> None:
+    """Add ``self_attn.beacon_gate`` (n_heads,) = ``value`` to every layer (see ``BeaconConfig.memory_gate``)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if hasattr(attn, GATE_NAME):
+            raise ValueError("this model already carries memory gates")
+        weight = attn.q_proj.weight  # (H * D, Dm)
+        n_heads = weight.shape[0] // attn.head_dim
+        setattr(attn, GATE_NAME, nn.Parameter(torch.full((n_heads,), float(value), device=weight.device)))
+
+
+def memory_gate(attn: nn.Module) -> torch.Tensor | None:
+    """The layer's gates (n_heads,), or None when the model has none."""
+    return getattr(attn, GATE_NAME, None)
+
+
+@torch.no_grad()
+def clamp_memory_gates_(model: nn.Module) -> None:
+    """Keep every gate >= 0 after an optimiser step (a projected gradient step: ``log g`` needs g >= 0)."""
+    for layer in model.model.layers:
+        gate = memory_gate(layer.self_attn)
+        if gate is not None:
+            gate.clamp_(min=0.0)
 
 
 def detach_beacon_modules(model: nn.Module) -> None:
@@ -73,9 +105,9 @@ def detach_beacon_modules(model: nn.Module) -> None:
     if hasattr(inner, "beacon_embed_tokens"):
         del inner.beacon_embed_tokens
     for layer in inner.layers:
-        for p in ("q", "k", "v", "o"):
-            if hasattr(layer.self_attn, f"beacon_{p}_proj"):
-                delattr(layer.self_attn, f"beacon_{p}_proj")
+        for name in (*(f"beacon_{p}_proj" for p in ("q", "k", "v", "o")), GATE_NAME):
+            if hasattr(layer.self_attn, name):
+                delattr(layer.self_attn, name)
 
 
 def beacon_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

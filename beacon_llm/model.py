@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
 from .decode import DecodeLinears, raw_token_step, should_pack
 from .generation import GenerateOutput, generate
-from .layers import attach_beacon_modules, detach_beacon_modules, mark_only_beacon_trainable
+from .layers import attach_beacon_modules, attach_memory_gates, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
 from .positions import window_positions
 from .schedule import (
@@ -141,6 +142,13 @@ class BeaconModel:
 
     def mark_only_beacon_trainable(self) -> int:
         return mark_only_beacon_trainable(self.model)
+
+    def add_memory_gates(self, value: float = 1.0) -> None:
+        """Give a model without memory gates one per layer and query head, all ``value`` (1: reads as before; see
+        ``BeaconConfig.memory_gate``), e.g. to train gates on top of an adapter that has none."""
+        config = dataclasses.replace(self.config, memory_gate=value)  # validated before anything changes
+        attach_memory_gates(self.model, value)
+        self.config = config
 
     @property
     def device(self) -> torch.device:
@@ -465,6 +473,8 @@ class BeaconModel:
     def _attention_setup(self, visible: torch.Tensor, like: torch.Tensor) -> tuple[object, torch.Tensor | None, bool]:
         impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         fn = _compat.attention_function(impl)
+        if impl.startswith("flash_attention") and self.config.memory_gate is not None:
+            raise ValueError(f"beacon_memory_gate adds one key dimension, which {impl} kernels cannot take; use 'sdpa'")
         if impl.startswith("flash_attention"):
             if not (self.config.era == "v3" and self.config.attn == "full-coverage"):
                 raise ValueError(
@@ -508,18 +518,15 @@ class BeaconModel:
             cos_w, sin_w = self._rotary(hidden, positions[:n_cached])
         fn, mask, is_causal = self._attention_setup(visible, hidden)
         step = StepTensors(beacon_rows, cos_q, sin_q, cos_w, sin_w, mask, fn, is_causal)
-
-        new_k: list[torch.Tensor] = []
-        new_v: list[torch.Tensor] = []
-        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i, layer in enumerate(inner.layers):
-            args = (layer, hidden, step, cache.mem_k[i], cache.mem_v[i], cache.win_k[i], cache.win_v[i])
-            if checkpoint:
-                hidden, k, v = torch.utils.checkpoint.checkpoint(layer_step, *args, use_reentrant=False)
-            else:
-                hidden, k, v = layer_step(*args)
-            new_k.append(k)
-            new_v.append(v)
+        if self.config.memory_gate is not None:
+            if cache.state.n_raw_memory:
+                raise ValueError(
+                    f"beacon_memory_gate: a window would be condensed after {cache.state.n_raw_memory} raw memory "
+                    "entries, but the gates need the memory as sink, beacons, raw entries; read this cache with a "
+                    "fit-N plan or without ratio-0 windows"
+                )
+            step.gate_span = (cache.state.n_sink, mem_len)
+        hidden, new_k, new_v = self._layers(cache, hidden, step, with_window=True)
         raw_hidden = inner.norm(hidden)[0].index_select(0, raw_rows)  # (n_raw, Dm)
 
         if cache.trace is not None:
@@ -535,6 +542,43 @@ class BeaconModel:
             )
         self._commit(cache, plan, window_flags, new_k, new_v, hidden)
         return raw_hidden
+
+    def _layers(
+        self, cache: BeaconCache, hidden: torch.Tensor, step: StepTensors, *, with_window: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Every decoder layer on ``hidden`` (1, T, Dm) after the memory (and the open window if ``with_window``);
+        returns the last hidden states and each layer's new keys (before RoPE) and values (1, KVH, T, D)."""
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.model.layers):
+            win_k, win_v = (cache.win_k[i], cache.win_v[i]) if with_window else (None, None)
+            args = (layer, hidden, step, cache.mem_k[i], cache.mem_v[i], win_k, win_v)
+            if checkpoint:
+                hidden, k, v = torch.utils.checkpoint.checkpoint(layer_step, *args, use_reentrant=False)
+            else:
+                hidden, k, v = layer_step(*args)
+            new_k.append(k)
+            new_v.append(v)
+        return hidden, new_k, new_v
+
+    def _run_raw_gated(
+        self, cache: BeaconCache, raw_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`_run_raw` for a model with memory gates: the same layers, positions and causal visibility as the
+        stock decoder continuing its KV cache, with each layer's gates on the memory's beacons. The new
+        entries' keys (rotated) and values are returned, (1, KVH, n, D) per layer, with the final-normed hidden states
+        (n, Dm)."""
+        inner, st = self.model.model, cache.state
+        mem_len, n = cache.memory_length, int(raw_ids.numel())
+        hidden = inner.embed_tokens(raw_ids[None])  # (1, n, Dm)
+        cos, sin = self._rotary(hidden, torch.arange(mem_len, mem_len + n, device=self.device))  # (1, n, D)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()  # (n, n)
+        visible = torch.cat([torch.ones(n, mem_len, dtype=torch.bool, device=self.device), causal], 1)  # (n, M + n)
+        fn, mask, is_causal = self._attention_setup(visible, hidden)
+        step = StepTensors(None, cos, sin, None, None, mask, fn, is_causal, (st.n_sink, mem_len - st.n_raw_memory))
+        hidden, keys, values = self._layers(cache, hidden, step, with_window=False)
+        return inner.norm(hidden)[0], [rope(k, cos, sin) for k in keys], values
 
     def _read_overlap(
         self, cache: BeaconCache, fit: FitPlan, step_ids: torch.Tensor, hidden: torch.Tensor
@@ -556,8 +600,10 @@ class BeaconModel:
         states (n_raw, Dm)."""
         mem_len = cache.memory_length
         n = int(raw_ids.numel())
-        decode = n == 1 and not torch.is_grad_enabled()
-        if decode:  # the decode step: written in place into the memory buffer
+        decode = n == 1 and not torch.is_grad_enabled() and self.config.memory_gate is None
+        if self.config.memory_gate is not None:
+            hidden, keys, values = self._run_raw_gated(cache, raw_ids)  # (n, Dm); keys (1, KVH, n, D) per layer
+        elif decode:  # the decode step: written in place into the memory buffer
             embed = self.model.model.embed_tokens.weight
             layer0 = self.model.model.layers[0].self_attn
             like = embed.new_empty(1, layer0.k_proj.out_features // layer0.head_dim, 1, layer0.head_dim)
@@ -581,9 +627,12 @@ class BeaconModel:
             )
         if decode:  # after the step: a failed step leaves the memory as it was
             cache.commit_memory(append, new_tokens=new_tokens)
-        else:
-            keys, values = [k[:, :, mem_len:] for k in keys], [v[:, :, mem_len:] for v in values]
+            return hidden[0]  # (1, Dm)
+        if self.config.memory_gate is not None:
             cache.append_raw_memory(keys, values, new_tokens=new_tokens)
+            return hidden  # (n_raw, Dm)
+        keys, values = [k[:, :, mem_len:] for k in keys], [v[:, :, mem_len:] for v in values]
+        cache.append_raw_memory(keys, values, new_tokens=new_tokens)
         return hidden[0]  # (n_raw, Dm)
 
     def _decode_linears(self) -> DecodeLinears:

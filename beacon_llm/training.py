@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layers import is_beacon_parameter
+from .layers import GATE_NAME, clamp_memory_gates_, is_beacon_parameter
 from .model import BeaconModel
 from .serialization import load_beacon_weights, save_adapter
 from .tasks import Sample, SampleStream
@@ -215,6 +215,7 @@ def train(
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                    clamp_memory_gates_(bm.model)
                 losses.append(float(loss.detach()))
                 n_tok += sum(len(d.input_ids) for d in drawn)
                 state.samples += world
@@ -264,6 +265,8 @@ class FitTrainConfig:
     the whole sample, :class:`beacon_llm.distill.TeacherStore`) + ``ce_weight`` x next-token cross-entropy.
     ``distant_weight`` (0..1) weights the KL of each tail token by (1 - d) + d * g / mean(g), g the teacher's KL to the
     plain model reading the tail alone (:func:`beacon_llm.distill.distance_weights`): 0 is the plain mean.
+    With memory gates (``BeaconConfig.memory_gate``): ``gate_lr`` is their learning rate (None: ``lr``) and
+    ``gates_only`` trains them alone, the rest of the adapter frozen.
     """
 
     output_dir: str
@@ -282,8 +285,12 @@ class FitTrainConfig:
     autocast_bf16: bool = False
     save_every: int = 10
     seed: int = 0
+    gate_lr: float | None = None
+    gates_only: bool = False
 
     def __post_init__(self) -> None:
+        if self.gate_lr is not None and not self.gate_lr > 0:
+            raise ValueError(f"gate_lr={self.gate_lr} must be > 0 (or None: the gates train at lr)")
         for name in ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -367,6 +374,11 @@ def train_fit(
         raise ValueError("kl_weight > 0 needs a teacher (beacon_llm.distill.TeacherStore)")
     if cfg.distant_weight > 0 and reference is None:
         raise ValueError("distant_weight > 0 needs a tail-only reference (beacon_llm.distill.TailReferenceStore)")
+    if (cfg.gates_only or cfg.gate_lr is not None) and bm.config.memory_gate is None:
+        raise ValueError(
+            "gates_only / gate_lr train memory gates, which this model has none of; set beacon_memory_gate or call "
+            "BeaconModel.add_memory_gates()"
+        )
     if stream.seq_len != cfg.seq_len or stream.task_rate:
         raise ValueError(
             f"train_fit reads text slices of seq_len={cfg.seq_len}: give a SampleStream with that seq_len and "
@@ -375,8 +387,18 @@ def train_fit(
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
-    params = [p for p in bm.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups: dict[bool, list[nn.Parameter]] = {False: [], True: []}  # is a gate -> parameters
+    for name, p in bm.model.named_parameters():
+        is_gate = name.endswith(GATE_NAME)
+        if p.requires_grad and cfg.gates_only and not is_gate:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            groups[is_gate].append(p)
+    base_lr = {False: cfg.lr, True: cfg.gate_lr or cfg.lr}
+    params = groups[False] + groups[True]
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[g], "base_lr": base_lr[g]} for g in (False, True) if groups[g]], lr=cfg.lr, weight_decay=0.0
+    )
     state = TrainState()
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
@@ -395,7 +417,7 @@ def train_fit(
             t0 = time.perf_counter()
             lr = cfg.lr * _lr_factor(state.step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["base_lr"] * _lr_factor(state.step, cfg)
             record: dict[str, float] = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
             n_tok = 0
             for _ in range(cfg.grad_accum):
@@ -424,6 +446,7 @@ def train_fit(
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
+            clamp_memory_gates_(bm.model)
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += n_tok
