@@ -11,8 +11,10 @@ reads the first N tokens and the next ``--target`` tokens are scored. Two readin
 
 Baselines with the same KV budget B (the entries the beacon cache holds when the target starts): truncation (the last
 B tokens), StreamingLLM (the first 4 tokens + the last B - 4) and full attention where context + target fit the
-positions. Gap closure = (truncation - beacons) / (truncation - full attention), from the perplexities, where full
-attention fits. Perplexities pool every scored token of a (book, setting, length).
+positions. ``raw_part_only``: the plain model reading only the raw tokens the beacon cache holds (B minus its
+beacons): what the beacons add is the distance from it. Gap closure = (truncation - beacons) / (truncation - full
+attention), from the perplexities, where full attention fits. Perplexities pool every scored token of a (book,
+setting, length).
 
     python benchmarks/perplexity.py                       # 16K and 32K (default), 7,680 (condensed r32)
     python benchmarks/perplexity.py --adapter DIR --out x.json
@@ -43,8 +45,9 @@ def _plain_nll(model, context: list[int], target: list[int]) -> float:
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum"))
 
 
-def _beacon_nll(bm, context: list[int], target: list[int], condense_ratio: int | None) -> tuple[float, int]:
-    """Summed NLL of ``target`` read after ``context`` in one beacon call, and the KV entries held when it starts.
+def _beacon_nll(bm, context: list[int], target: list[int], condense_ratio: int | None) -> tuple[float, int, int]:
+    """Summed NLL of ``target`` read after ``context`` in one beacon call, the KV entries held when it starts and how
+    many of them are raw tokens (the overlap and the raw part after the beacons).
     ``condense_ratio``: plan the read with every full window of the context condensed at that ratio."""
     from beacon_llm.schedule import FitPlan
 
@@ -57,7 +60,12 @@ def _beacon_nll(bm, context: list[int], target: list[int], condense_ratio: int |
     with torch.no_grad():
         out = bm.forward(context + target, cache)
     nll = -float(out.token_logprobs[-len(target) :].double().sum())
-    return nll, cache.state.fit_plan.entries(len(context))
+    plan = cache.state.fit_plan
+    entries = plan.entries(len(context))
+    condensed = 0
+    if plan.condensed_windows:  # the sink and the beacons
+        condensed = min(plan.sink_size, plan.window) + plan.condensed_windows * (plan.window // plan.ratio)
+    return nll, entries, entries - condensed
 
 
 def _spans(n_ids: int, length: int, samples: int) -> list[int]:
@@ -119,14 +127,15 @@ def main() -> None:
     for book, text in texts.items():
         ids = encode(text)
         for setting, condense_ratio, n in settings:
-            sums = {"beacons": 0.0, "truncation": 0.0, "streamingllm": 0.0, "full": 0.0}
+            sums = {"beacons": 0.0, "truncation": 0.0, "streamingllm": 0.0, "raw_part_only": 0.0, "full": 0.0}
             budgets, per_span, scored, t0 = [], [], 0, time.perf_counter()
             fits = n + target <= max_positions
             for start in _spans(len(ids), n + target, args.samples):
                 context, tgt = ids[start : start + n], ids[start + n : start + n + target]
-                nll, budget = _beacon_nll(default, context, tgt, condense_ratio)
+                nll, budget, n_raw = _beacon_nll(default, context, tgt, condense_ratio)
                 span = {"start": start, "beacons": nll, "truncation": _plain_nll(plain, context[-budget:], tgt),
-                        "streamingllm": _plain_nll(plain, context[:4] + context[-(budget - 4) :], tgt)}  # fmt: skip
+                        "streamingllm": _plain_nll(plain, context[:4] + context[-(budget - 4) :], tgt),
+                        "raw_part_only": _plain_nll(plain, context[-n_raw:], tgt)}  # fmt: skip
                 if fits:
                     span["full"] = _plain_nll(plain, context, tgt)
                 for m in sums:
