@@ -54,4 +54,3 @@ def window_visibility(
     mem_visible = True if v3 else bool(config.attend_previous)
     memory = (~q_beacon | mem_visible).expand(n_query, mem_len)  # (Q, M)
     return torch.cat([memory, window], dim=1)
-

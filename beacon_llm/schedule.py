@@ -73,13 +73,19 @@ class FitPlan:
     def raw_from(self) -> int:
         return self.condensed_windows * self.window
 
+    @property
+    def condensed_entries(self) -> int:
+        """KV entries the condensed windows leave: the sink and the beacons (0 when nothing is condensed)."""
+        if self.condensed_windows == 0:
+            return 0
+        return min(self.sink_size, self.window) + self.condensed_windows * (self.window // self.ratio)
+
     def entries(self, n_tokens: int) -> int:
         """KV entries (= positions) in use once ``n_tokens`` tokens are read, past the condensed windows."""
         if self.condensed_windows == 0:
             return n_tokens
-        sink = min(self.sink_size, self.window)
         overlap = self.overlap if n_tokens >= self.raw_from else 0  # read again once the condensed windows close
-        return sink + self.condensed_windows * (self.window // self.ratio) + overlap + max(n_tokens - self.raw_from, 0)
+        return self.condensed_entries + overlap + max(n_tokens - self.raw_from, 0)
 
     def to_dict(self) -> dict[str, int]:
         out = {

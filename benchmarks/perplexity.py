@@ -62,10 +62,7 @@ def _beacon_nll(bm, context: list[int], target: list[int], condense_ratio: int |
     nll = -float(out.token_logprobs[-len(target) :].double().sum())
     plan = cache.state.fit_plan
     entries = plan.entries(len(context))
-    condensed = 0
-    if plan.condensed_windows:  # the sink and the beacons
-        condensed = min(plan.sink_size, plan.window) + plan.condensed_windows * (plan.window // plan.ratio)
-    return nll, entries, entries - condensed
+    return nll, entries, entries - plan.condensed_entries
 
 
 def _spans(n_ids: int, length: int, samples: int) -> list[int]:

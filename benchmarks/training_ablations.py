@@ -44,6 +44,8 @@ INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS,
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
 # [, gates: memory gates added at "init" and trained at "lr", "only" = the rest of the adapter frozen])
+_LONG_READ = {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "overlap": 64,
+              "protocol": (8192, 4096)}  # fmt: skip
 RECIPES: dict[str, dict] = {
     "ce_r32": {"init": "first_sitting", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
     "kl_r32": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
@@ -84,39 +86,13 @@ RECIPES: dict[str, dict] = {
     },
     # the shipped adapter (kl_r32_overlap64) trained on in the shape of a long read: 8,192-token samples planned for
     # 4,096 positions, so the tail after the beacons is thousands of tokens long, as after a book (protocol: the same)
-    "kl_r32_overlap64_8k": {
-        "init": "shipped",
-        "ratios": (32,),
-        "kl": 1.0,
-        "ce": 0.0,
-        "lr": 1e-4,
-        "overlap": 64,
-        "protocol": (8192, 4096),
-    },
+    "kl_r32_overlap64_8k": _LONG_READ,
     # memory gates (one per layer and query head, starting at 1 = the shipped adapter as it reads) trained alone on
     # the shipped adapter, in the long-read shape: how much each head should trust the beacons
-    "gates_r32_overlap64_8k": {
-        "init": "shipped",
-        "ratios": (32,),
-        "kl": 1.0,
-        "ce": 0.0,
-        "lr": 1e-4,
-        "overlap": 64,
-        "protocol": (8192, 4096),
-        "gates": {"init": 1.0, "lr": 3e-2, "only": True},
-    },
+    "gates_r32_overlap64_8k": {**_LONG_READ, "gates": {"init": 1.0, "lr": 3e-2, "only": True}},
     # the same gates trained together with the adapter (lr 1e-4, as kl_r32_overlap64_8k): compare at equal tokens
     # with that recipe's checkpoint of the same step
-    "gates_kl_r32_overlap64_8k": {
-        "init": "shipped",
-        "ratios": (32,),
-        "kl": 1.0,
-        "ce": 0.0,
-        "lr": 1e-4,
-        "overlap": 64,
-        "protocol": (8192, 4096),
-        "gates": {"init": 1.0, "lr": 3e-2, "only": False},
-    },
+    "gates_kl_r32_overlap64_8k": {**_LONG_READ, "gates": {"init": 1.0, "lr": 3e-2, "only": False}},
 }
 
 
@@ -367,7 +343,9 @@ def main() -> None:
 
 def gate_summary(bm) -> dict:
     """The trained memory gates: mean, min, max and the share below 0.5 (of layers x heads)."""
-    g = torch.stack([layer.self_attn.beacon_gate.detach().float() for layer in bm.model.model.layers])  # (L, H)
+    from beacon_llm.layers import memory_gate
+
+    g = torch.stack([memory_gate(layer.self_attn).detach().float() for layer in bm.model.model.layers])  # (L, H)
     return {"mean": round(float(g.mean()), 4), "min": round(float(g.min()), 4), "max": round(float(g.max()), 4),
             "below_half": round(float((g < 0.5).float().mean()), 4)}  # fmt: skip
 

@@ -69,6 +69,7 @@ def test_fit_plan_counts_the_overlap(planned, overlap, expected_windows):
     plan = fit_plan(_config(overlap, ratios=(4,)), planned, POSITIONS)
     assert plan.condensed_windows == expected_windows
     assert plan.entries(planned) <= POSITIONS
+    assert plan.condensed_entries == plan.condensed_windows * 4  # the beacons (no sink here)
     if plan.condensed_windows:
         assert plan.overlap == overlap
         assert plan.entries(plan.raw_from) == plan.condensed_windows * 4 + overlap  # beacons + overlap
