@@ -14,11 +14,13 @@ B tokens), StreamingLLM (the first 4 tokens + the last B - 4) and full attention
 positions. ``raw_part_only``: the plain model reading only the raw tokens the beacon cache holds (B minus its
 beacons): what the beacons add is the distance from it. Gap closure = (truncation - beacons) / (truncation - full
 attention), from the perplexities, where full attention fits. Perplexities pool every scored token of a (book,
-setting, length).
+setting, length). ``paired``: beacons against each baseline span by span (mean NLL difference per token, its standard
+error over the spans, spans won), so a difference can be told from the spread between spans.
 
     python benchmarks/perplexity.py                       # 16K and 32K (default), 7,680 (condensed r32)
     python benchmarks/perplexity.py --adapter DIR --out x.json
     python benchmarks/perplexity.py --fast
+    python benchmarks/perplexity.py --paired benchmarks/results/perplexity.json  # add the paired comparison only
 """
 
 from __future__ import annotations
@@ -77,6 +79,28 @@ def _ppl(nll: float, n: int) -> float:
     return round(math.exp(nll / n), 3)
 
 
+def paired_difference(per_span: list[dict], baseline: str, tokens_per_span: int) -> dict[str, float | int] | None:
+    """Beacons against ``baseline`` span by span (the same tokens scored by both): the mean NLL difference in nats
+    per token (negative: beacons better), its standard error over the spans and how many spans the beacons win.
+    None when a span lacks the baseline (files written before it was measured)."""
+    if any(baseline not in span for span in per_span):
+        return None
+    diffs = [(span["beacons"] - span[baseline]) / tokens_per_span for span in per_span]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    return {"mean_nats_per_token": round(mean, 5), "standard_error": round(se, 5),
+            "spans_won": sum(d < 0 for d in diffs), "spans": n}  # fmt: skip
+
+
+def paired_rows(rows: list[dict]) -> None:
+    """Add ``paired`` (beacons against each baseline, span by span) to every row, in place."""
+    for row in rows:
+        found = {b: paired_difference(row["nll_sum_per_span"], b, row["target"])
+                 for b in ("truncation", "streamingllm", "raw_part_only")}  # fmt: skip
+        row["paired"] = {b: v for b, v in found.items() if v is not None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
@@ -92,7 +116,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--paired", nargs="+", default=None, metavar="FILE",
+        help="add the span-by-span comparison to these results files (from their per-span NLL; nothing is run)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.paired:
+        for name in args.paired:
+            data = json.loads(Path(name).read_text())
+            paired_rows(data["rows"])
+            write_json(name, data)
+            print(f"wrote {name}")
+        return
     torch.set_num_threads(args.threads)
 
     import beacon_llm
@@ -149,6 +184,7 @@ def main() -> None:
                 row["gap_closure"] = round((row["truncation"] - row["beacons"]) / (row["truncation"] - row["full"]), 3)
             row["beats_truncation"] = row["beacons"] < row["truncation"]
             row["beats_streamingllm"] = row["beacons"] < row["streamingllm"]
+            paired_rows([row])
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -87,6 +87,8 @@ RECIPES: dict[str, dict] = {
     # the shipped adapter (kl_r32_overlap64) trained on in the shape of a long read: 8,192-token samples planned for
     # 4,096 positions, so the tail after the beacons is thousands of tokens long, as after a book (protocol: the same)
     "kl_r32_overlap64_8k": _LONG_READ,
+    # kl_r32_overlap64_8k trained on (its last checkpoint, a new linear decay over the added steps)
+    "kl_r32_overlap64_8k_long": {**_LONG_READ, "continues": "kl_r32_overlap64_8k"},
     # memory gates (one per layer and query head, starting at 1 = the shipped adapter as it reads) trained alone on
     # the shipped adapter, in the long-read shape: how much each head should trust the beacons
     "gates_r32_overlap64_8k": {**_LONG_READ, "gates": {"init": 1.0, "lr": 3e-2, "only": True}},
