@@ -39,7 +39,12 @@ TRAIN_BOOKS = ("frankenstein", "adventures_of_sherlock_holmes", "pride_and_preju
 SHIPPED_TOKENS = 2_129_920
 FIRST_SITTING = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-interleave-368k"
 FIRST_SITTING_TOKENS = 368_640
-INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "fresh": 0}
+# the shipped adapter + 1,351,680 tokens in the long-read shape (kl_r32_overlap64_8k, then its _long), exported
+LONG_READ = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-long-read-3.5m"
+LONG_READ_TOKENS = 3_481_600
+INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ}
+INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "long_read": LONG_READ_TOKENS,
+               "fresh": 0}  # fmt: skip
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
@@ -89,6 +94,8 @@ RECIPES: dict[str, dict] = {
     "kl_r32_overlap64_8k": _LONG_READ,
     # kl_r32_overlap64_8k trained on (its last checkpoint, a new linear decay over the added steps)
     "kl_r32_overlap64_8k_long": {**_LONG_READ, "continues": "kl_r32_overlap64_8k"},
+    # the next sitting from a clone: the same recipe from the committed export of kl_r32_overlap64_8k_long
+    "kl_r32_overlap64_8k_from_long_read": {**_LONG_READ, "init": "long_read"},
     # memory gates (one per layer and query head, starting at 1 = the shipped adapter as it reads) trained alone on
     # the shipped adapter, in the long-read shape: how much each head should trust the beacons
     "gates_r32_overlap64_8k": {**_LONG_READ, "gates": {"init": 1.0, "lr": 3e-2, "only": True}},
@@ -258,10 +265,11 @@ def main() -> None:
                              **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     else:
         spec = recipes[args.recipe]
-        if spec["init"] == "shipped" or (args.fast and spec["init"] == "first_sitting"):
+        if spec["init"] == "shipped" or (args.fast and spec["init"] in INIT_ADAPTERS):
             bm = shipped
-        elif spec["init"] == "first_sitting":
-            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(FIRST_SITTING),
+        elif spec["init"] in INIT_ADAPTERS:
+            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None),
+                                            adapter=str(INIT_ADAPTERS[spec["init"]]),
                                             beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
         elif args.fast:
             bm = fresh
