@@ -59,3 +59,22 @@ def test_flop_model_of_the_beacon_overhead(monkeypatch):
     assert 0.8 < no_memory < 512 / 576
     assert eff.flop_ratio(dims, 4096, 512, 8, 512) < no_memory
     assert eff.flop_ratio(dims, 4096, 512, 32, 0) > no_memory
+
+
+@pytest.mark.parametrize(
+    ("spans", "expected"),
+    [
+        # beacons 1 nat/token better on one span, 1 worse on the other: mean 0, standard error 1, one span won
+        ([{"beacons": 100.0, "truncation": 110.0}, {"beacons": 120.0, "truncation": 110.0}],
+         {"mean_nats_per_token": 0.0, "standard_error": 1.0, "spans_won": 1, "spans": 2}),
+        # the same 0.5 nats/token better on three spans: no spread
+        ([{"beacons": 5.0, "truncation": 10.0}] * 3,
+         {"mean_nats_per_token": -0.5, "standard_error": 0.0, "spans_won": 3, "spans": 3}),
+        # a span without the baseline (a file written before it was measured): no comparison
+        ([{"beacons": 5.0, "truncation": 10.0}, {"beacons": 5.0}], None),
+    ],
+)  # fmt: skip
+def test_paired_difference(spans, expected, monkeypatch):
+    """perplexity.py compares beacons with a baseline span by span, per scored token (10 tokens per span here)."""
+    perplexity = _benchmark_module("perplexity", monkeypatch)
+    assert perplexity.paired_difference(spans, "truncation", 10) == expected
