@@ -21,6 +21,7 @@ error over the spans, spans won), so a difference can be told from the spread be
     python benchmarks/perplexity.py --adapter DIR --out x.json
     python benchmarks/perplexity.py --fast
     python benchmarks/perplexity.py --paired benchmarks/results/perplexity.json  # add the paired comparison only
+    python benchmarks/perplexity.py --paired x.json --against benchmarks/results/perplexity.json  # adapter vs adapter
 """
 
 from __future__ import annotations
@@ -98,7 +99,22 @@ def paired_rows(rows: list[dict]) -> None:
     for row in rows:
         found = {b: paired_difference(row["nll_sum_per_span"], b, row["target"])
                  for b in ("truncation", "streamingllm", "raw_part_only")}  # fmt: skip
-        row["paired"] = {b: v for b, v in found.items() if v is not None}
+        row["paired"] = {**row.get("paired", {}), **{b: v for b, v in found.items() if v is not None}}
+
+
+def paired_against(rows: list[dict], other_rows: list[dict], name: str) -> None:
+    """Add ``paired[name]``: these beacons against the beacons of another results file (another adapter) on the same
+    spans, in place. Raises ``ValueError`` when a cell or its spans differ between the files."""
+    other = {(r["book"], r["setting"], r["context"], r["target"]): r for r in other_rows}
+    for row in rows:
+        match = other.get((row["book"], row["setting"], row["context"], row["target"]))
+        starts = [span["start"] for span in row["nll_sum_per_span"]]
+        if match is None or [span["start"] for span in match["nll_sum_per_span"]] != starts:
+            cell = f"{row['book']} / {row['setting']} / {row['context']}"
+            raise ValueError(f"{name} has no cell {cell} on the spans {starts}")
+        spans = [{"beacons": a["beacons"], name: b["beacons"]}
+                 for a, b in zip(row["nll_sum_per_span"], match["nll_sum_per_span"])]  # fmt: skip
+        row.setdefault("paired", {})[name] = paired_difference(spans, name, row["target"])
 
 
 def main() -> None:
@@ -120,11 +136,20 @@ def main() -> None:
         "--paired", nargs="+", default=None, metavar="FILE",
         help="add the span-by-span comparison to these results files (from their per-span NLL; nothing is run)",
     )  # fmt: skip
+    parser.add_argument(
+        "--against", default=None, metavar="FILE",
+        help="with --paired: also compare the beacons with those of this results file (another adapter, same spans)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.against and not args.paired:
+        parser.error("--against compares results files: give them with --paired FILE...")
     if args.paired:
+        other = json.loads(Path(args.against).read_text())["rows"] if args.against else None
         for name in args.paired:
             data = json.loads(Path(name).read_text())
             paired_rows(data["rows"])
+            if other is not None:
+                paired_against(data["rows"], other, f"beacons of {Path(args.against).name}")
             write_json(name, data)
             print(f"wrote {name}")
         return

@@ -78,3 +78,19 @@ def test_paired_difference(spans, expected, monkeypatch):
     """perplexity.py compares beacons with a baseline span by span, per scored token (10 tokens per span here)."""
     perplexity = _benchmark_module("perplexity", monkeypatch)
     assert perplexity.paired_difference(spans, "truncation", 10) == expected
+
+
+def test_paired_against_another_results_file(monkeypatch):
+    """Two adapters' files compare cell by cell on the same spans; a cell on other spans is refused, not paired."""
+    perplexity = _benchmark_module("perplexity", monkeypatch)
+
+    def row(nlls, starts=(0, 50)):
+        spans = [{"start": s, "beacons": v} for s, v in zip(starts, nlls)]
+        return {"book": "b", "setting": "default", "context": 100, "target": 10, "nll_sum_per_span": spans}
+
+    mine = [row([5.0, 25.0])]
+    perplexity.paired_against(mine, [row([10.0, 20.0])], "other")
+    assert mine[0]["paired"]["other"] == {"mean_nats_per_token": 0.0, "standard_error": 0.5, "spans_won": 1,
+                                          "spans": 2}  # fmt: skip
+    with pytest.raises(ValueError, match="no cell b / default / 100 on the spans"):
+        perplexity.paired_against([row([5.0, 25.0])], [row([10.0, 20.0], starts=(0, 60))], "other")
