@@ -80,7 +80,7 @@ def _ppl(nll: float, n: int) -> float:
     return round(math.exp(nll / n), 3)
 
 
-def paired_difference(per_span: list[dict], baseline: str, tokens_per_span: int) -> dict[str, float | int] | None:
+def paired_difference(per_span: list[dict], baseline: str, tokens_per_span: int) -> dict[str, float | None] | None:
     """Beacons against ``baseline`` span by span (the same tokens scored by both): the mean NLL difference in nats
     per token (negative: beacons better), its standard error over the spans and how many spans the beacons win.
     None when a span lacks the baseline (files written before it was measured)."""
@@ -89,8 +89,8 @@ def paired_difference(per_span: list[dict], baseline: str, tokens_per_span: int)
     diffs = [(span["beacons"] - span[baseline]) / tokens_per_span for span in per_span]
     n = len(diffs)
     mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-    return {"mean_nats_per_token": round(mean, 5), "standard_error": round(se, 5),
+    se = round(math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n), 5) if n > 1 else None  # one span: none
+    return {"mean_nats_per_token": round(mean, 5), "standard_error": se,
             "spans_won": sum(d < 0 for d in diffs), "spans": n}  # fmt: skip
 
 
