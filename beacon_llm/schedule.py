@@ -122,6 +122,17 @@ def fit_plan(config: BeaconConfig, planned_length: int, max_positions: int, rati
     return FitPlan(planned_length, ratio, windows, window, sink, overlap)
 
 
+def condensing_plan(config: BeaconConfig, length: int, windows: int, ratio: int) -> FitPlan:
+    """A ``fit-N`` plan for ``length`` tokens with exactly its first ``windows`` windows condensed at ``ratio``
+    (training and evaluating the memory at a chosen depth, whatever positions that leaves)."""
+    if windows < 1 or ratio < 1 or windows * config.window >= length:
+        raise ValueError(
+            f"windows={windows} at ratio={ratio} must condense at least one window and leave raw tokens of the "
+            f"{length}-token sample (window {config.window})"
+        )
+    return FitPlan(length, ratio, windows, config.window, config.sink_size, config.fit_overlap)
+
+
 def planned_read_length(
     config: BeaconConfig, max_positions: int, prompt_tokens: int, answer_reserve: int, document_end: int | None
 ) -> int:

@@ -101,6 +101,53 @@ def make_task(kind: str, filler: str, tokenizer, n_tokens: int, rng: np.random.G
     return Sample(ctx + tail_ids, [IGNORE] * len(ctx) + tail_labels, kind)
 
 
+RECALL_TASKS = ("passkey", "needle")
+
+
+def make_condensed_recall(
+    kind: str, filler_ids: Sequence[int], tokenizer, *, window: int, windows: int, tail: int, keep_raw: int,
+    rng: np.random.Generator, raw_head: int = 0,
+) -> tuple[Sample, int]:  # fmt: skip
+    """A fact planted in the first ``windows`` windows of a slice of ``filler_ids`` (more when the fact needs them;
+    the count is returned with the sample) (never in their first
+    ``raw_head``, the sink, nor in their last ``keep_raw``, the overlap read again raw), ``tail`` raw filler tokens
+    after them, then the question and the answer in the words the model itself starts with ("The pass key is
+    70370."). Only the asked value is labelled: what training the beacons to carry a fact asks of them (paper v2
+    §3.1 mixes such synthetic tasks into fine-tuning)."""
+    if kind == "passkey":
+        key = str(rng.integers(10000, 99999))
+        fact = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        question = "What is the pass key mentioned in the text above? Answer with the number only."
+        lead, value = "The pass key is", key
+    elif kind == "needle":
+        city = "".join(rng.choice(list(string.ascii_uppercase), 1)) + "".join(rng.choice(list("aeioulnrst"), 6))
+        value = str(rng.integers(1000, 9999))
+        fact = f" The special magic number of {city} is {value}. "
+        question = (
+            f"What is the special magic number of {city} mentioned in the text above? Answer with the number only."
+        )
+        lead = f"The special magic number of {city} is"
+    else:
+        raise ValueError(f"unknown recall task {kind!r}; choose from {RECALL_TASKS}")
+    fact_ids = tokenizer(fact, add_special_tokens=False)["input_ids"]
+    windows = max(windows, -(-(raw_head + len(fact_ids) + keep_raw) // window))  # the fewest that hold the fact
+    condensed = windows * window
+    room = condensed - keep_raw - len(fact_ids)
+    body_len = condensed + tail - len(fact_ids)
+    if len(filler_ids) < body_len:
+        raise ValueError(f"filler text has {len(filler_ids)} tokens, {body_len} are needed")
+    start = int(rng.integers(0, len(filler_ids) - body_len + 1))
+    body = list(filler_ids[start : start + body_len])
+    depth = int(rng.integers(raw_head, room + 1))
+    prompt = chat_prompt_ids(tokenizer, question)
+    lead_ids = tokenizer(lead, add_special_tokens=False)["input_ids"]
+    value_ids = tokenizer(" " + value, add_special_tokens=False)["input_ids"]
+    end_ids = tokenizer(".", add_special_tokens=False)["input_ids"]
+    ids = body[:depth] + fact_ids + body[depth:] + prompt + lead_ids + value_ids + end_ids
+    labels = [IGNORE] * (len(ids) - len(value_ids) - len(end_ids)) + value_ids + [IGNORE] * len(end_ids)
+    return Sample(ids, labels, kind), windows
+
+
 class SampleStream:
     """Endless, seeded samples: text slices of ``seq_len`` tokens (LM loss on every token) mixed with generated
     tasks at ``task_rate``. Its whole state is the numpy generator, so training resumes exactly."""

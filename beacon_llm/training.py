@@ -29,7 +29,7 @@ from torch import nn
 from .layers import GATE_NAME, clamp_memory_gates_, is_beacon_parameter
 from .model import BeaconModel
 from .serialization import load_beacon_weights, save_adapter
-from .tasks import Sample, SampleStream
+from .tasks import IGNORE, RECALL_TASKS, Sample, SampleStream, make_condensed_recall
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -267,6 +267,9 @@ class FitTrainConfig:
     plain model reading the tail alone (:func:`beacon_llm.distill.distance_weights`): 0 is the plain mean.
     With memory gates (``BeaconConfig.memory_gate``): ``gate_lr`` is their learning rate (None: ``lr``) and
     ``gates_only`` trains them alone, the rest of the adapter frozen.
+    ``recall_rate`` (0..1) of the samples are facts to carry instead (:func:`beacon_llm.tasks.make_condensed_recall`):
+    a pass key or needle planted in 1..``recall_windows`` condensed windows of training text, up to ``recall_tail``
+    raw tokens after them, then the question; the loss is ``recall_weight`` x cross-entropy of the asked value.
     """
 
     output_dir: str
@@ -287,8 +290,24 @@ class FitTrainConfig:
     seed: int = 0
     gate_lr: float | None = None
     gates_only: bool = False
+    recall_rate: float = 0.0
+    recall_windows: int = 4
+    recall_tail: int = 1024
+    recall_weight: float = 1.0
+    recall_tasks: tuple[str, ...] = RECALL_TASKS
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.recall_rate <= 1.0:  # also rejects NaN
+            raise ValueError(f"recall_rate={self.recall_rate} must be within [0, 1]")
+        if self.recall_rate > 0:
+            if self.recall_windows < 1 or self.recall_tail < 0 or not self.recall_weight > 0:
+                raise ValueError(
+                    f"recall_windows={self.recall_windows} must be >= 1, recall_tail={self.recall_tail} >= 0 and "
+                    f"recall_weight={self.recall_weight} > 0"
+                )
+            unknown = set(self.recall_tasks) - set(RECALL_TASKS)
+            if not self.recall_tasks or unknown:
+                raise ValueError(f"recall_tasks={self.recall_tasks} must be a non-empty subset of {RECALL_TASKS}")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise ValueError(f"gate_lr={self.gate_lr} must be > 0 (or None: the gates train at lr)")
         for name in ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk"):
@@ -296,8 +315,10 @@ class FitTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.positions >= self.seq_len:
             raise ValueError(f"positions={self.positions} must be below seq_len={self.seq_len}: nothing to condense")
-        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
-            raise ValueError("kl_weight and ce_weight must be >= 0, and not both 0")
+        if self.kl_weight < 0 or self.ce_weight < 0 or (self.kl_weight + self.ce_weight == 0 and self.recall_rate < 1):
+            raise ValueError(
+                "kl_weight and ce_weight must be >= 0, and not both 0 (unless every sample is a recall task)"
+            )
         if not self.ratios or any(r <= 0 for r in self.ratios):
             raise ValueError(f"ratios={self.ratios} must be positive")
         if not 0.0 <= self.distant_weight <= 1.0:  # also rejects NaN
@@ -354,6 +375,49 @@ def tail_loss(
     return loss, parts
 
 
+def recall_loss(bm: BeaconModel, sample: Sample, plan: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """Read a recall ``sample`` under ``plan`` (its fact inside the condensed windows) and score its labelled
+    tokens, the asked value: returns the mean cross-entropy (with graph when training) and its parts (``nll``,
+    ``exact``: 1.0 when every labelled token is the argmax: greedy decoding after the same prefix writes the
+    value)."""
+    ids, labels = sample.input_ids, sample.labels
+    at = [i for i, label in enumerate(labels) if label != IGNORE]
+    if not at or at[0] < plan.raw_from:
+        raise ValueError(
+            f"a recall sample needs labelled tokens after its condensed windows (raw_from {plan.raw_from})"
+        )
+    cache = bm.new_cache()
+    cache.set_fit_plan(plan)
+    out = bm.forward(ids, cache, return_token_logprobs=False, return_hidden=True)
+    logits = bm.model.lm_head(out.hidden[[i - 1 for i in at]]).float()  # (A, V): the states that predict the value
+    target = torch.tensor([labels[i] for i in at], device=logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, target)
+    exact = float(bool((logits.detach().argmax(-1) == target).all()))
+    return nll, {"nll": float(nll.detach()), "exact": exact, "tokens": float(len(at))}
+
+
+def draw_recall_sample(
+    cfg: FitTrainConfig, bm: BeaconModel, stream: SampleStream, index: int
+) -> tuple[Sample | None, Any]:
+    """The recall sample number ``index`` of a run, or None when that sample is text (seeded by the index alone,
+    so a resumed run draws the same ones), with its plan."""
+    from .schedule import condensing_plan
+
+    rng = np.random.default_rng([cfg.seed, 13, index])
+    if not cfg.recall_rate or rng.random() >= cfg.recall_rate:
+        return None, None
+    config = bm.config
+    windows = int(rng.integers(1, cfg.recall_windows + 1))
+    tail = int(rng.integers(0, cfg.recall_tail + 1))
+    kind = cfg.recall_tasks[int(rng.integers(len(cfg.recall_tasks)))]
+    filler = stream.token_texts[int(rng.integers(len(stream.token_texts)))]
+    sample, windows = make_condensed_recall(kind, filler, stream.tokenizer, window=config.window, windows=windows,
+                                            tail=tail, keep_raw=config.fit_overlap, raw_head=config.sink_size,
+                                            rng=rng)  # fmt: skip
+    ratio = cfg.ratios[int(rng.integers(len(cfg.ratios)))]
+    return sample, condensing_plan(config, len(sample.input_ids), windows, ratio)
+
+
 def train_fit(
     bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teacher: Any | None, reference: Any | None = None
 ) -> TrainState:
@@ -370,7 +434,7 @@ def train_fit(
 
     if not bm.config.is_fit:
         raise ValueError(f"train_fit needs a fit-N beacon config, got ratio_mix={bm.config.ratio_mix!r}")
-    if cfg.kl_weight > 0 and teacher is None:
+    if cfg.kl_weight > 0 and cfg.recall_rate < 1 and teacher is None:
         raise ValueError("kl_weight > 0 needs a teacher (beacon_llm.distill.TeacherStore)")
     if cfg.distant_weight > 0 and reference is None:
         raise ValueError("distant_weight > 0 needs a tail-only reference (beacon_llm.distill.TailReferenceStore)")
@@ -419,8 +483,20 @@ def train_fit(
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(state.step, cfg)
             record: dict[str, float] = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
-            n_tok = 0
+            n_tok = n_text = 0
             for _ in range(cfg.grad_accum):
+                recall, recall_plan = draw_recall_sample(cfg, bm, stream, state.samples)
+                if recall is not None:
+                    with torch.autocast(bm.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+                        loss, parts = recall_loss(bm, recall, recall_plan)
+                    (cfg.recall_weight * loss / cfg.grad_accum).backward()
+                    record["loss"] += cfg.recall_weight * float(loss.detach()) / cfg.grad_accum
+                    record["recall_nll"] = record.get("recall_nll", 0.0) + parts["nll"]
+                    record["recall_exact"] = record.get("recall_exact", 0.0) + parts["exact"]
+                    record["recall_samples"] = record.get("recall_samples", 0.0) + 1
+                    n_tok += len(recall.input_ids)
+                    state.samples += 1
+                    continue
                 sample: Sample = next(stream)
                 while len(sample.input_ids) <= cfg.positions:  # a short text: nothing would be condensed
                     sample = next(stream)
@@ -438,10 +514,16 @@ def train_fit(
                                             kl_token_weights=weights)  # fmt: skip
                 (loss / cfg.grad_accum).backward()
                 record["loss"] += float(loss.detach()) / cfg.grad_accum
-                record["nll"] += parts["nll"] / cfg.grad_accum
-                record["kl"] += parts.get("kl", 0.0) / cfg.grad_accum
+                record["nll"] += parts["nll"]
+                record["kl"] += parts.get("kl", 0.0)
+                n_text += 1
                 n_tok += len(sample.input_ids)
                 state.samples += 1
+            for key in ("nll", "kl"):  # means over the step's text samples
+                record[key] /= max(n_text, 1)
+            if "recall_samples" in record:  # means over its recall samples
+                for key in ("recall_nll", "recall_exact"):
+                    record[key] /= record["recall_samples"]
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

@@ -48,7 +48,9 @@ INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS,
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
-# [, gates: memory gates added at "init" and trained at "lr", "only" = the rest of the adapter frozen])
+# [, gates: memory gates added at "init" and trained at "lr", "only" = the rest of the adapter frozen]
+# [, recall: the share of samples that are facts planted in the condensed windows ("rate"), up to "windows" condensed
+# windows and "tail" raw tokens before the question: FitTrainConfig's recall_*])
 _LONG_READ = {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "overlap": 64,
               "protocol": (8192, 4096)}  # fmt: skip
 RECIPES: dict[str, dict] = {
@@ -102,6 +104,17 @@ RECIPES: dict[str, dict] = {
     # the same gates trained together with the adapter (lr 1e-4, as kl_r32_overlap64_8k): compare at equal tokens
     # with that recipe's checkpoint of the same step
     "gates_kl_r32_overlap64_8k": {**_LONG_READ, "gates": {"init": 1.0, "lr": 3e-2, "only": False}},
+    # the shipped adapter taught to carry facts: half the samples a pass key or needle planted in 1-4 condensed windows
+    # and asked for after up to 1,024 raw tokens (cross-entropy of the value), half KL on text as kl_r32_overlap64
+    "recall_kl_r32_overlap64": {
+        "init": "shipped",
+        "ratios": (32,),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 1e-4,
+        "overlap": 64,
+        "recall": {"rate": 0.5, "windows": 4, "tail": 1024},
+    },
 }
 
 
@@ -308,7 +321,10 @@ def main() -> None:
             from beacon_llm.distill import TailReferenceStore
 
             reference = TailReferenceStore(base, runs / "teacher_tail_only", context=1)  # = "tail only (no memory)"
-        cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps,
+        recall = spec.get("recall", {})
+        recall_cfg = {"recall_rate": recall["rate"], "recall_windows": recall["windows"],
+                      "recall_tail": min(recall["tail"], 32 if args.fast else 1 << 30)} if recall else {}  # fmt: skip
+        cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps, **recall_cfg,
                              seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
                              grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
                              distant_weight=distant, autocast_bf16=args.bf16, save_every=5,
@@ -331,6 +347,8 @@ def main() -> None:
                 "first_loss_this_recipe": own[0]["loss"], "first_kl_this_recipe": own[0]["kl"],
                 "last_kl": own[-1]["kl"]} if own else {}),
             **({"gates": {**gates, **gate_summary(bm)}} if gates else {}),
+            **({"recall": recall, "recall_nll_first": _recall_mean(own[:10], "recall_nll"),
+                "recall_nll_last": _recall_mean(own[-10:], "recall_nll")} if recall and own else {}),
             **{k: round(v, 4) for k, v in scores.items()},
         })  # fmt: skip
     for row in rows:
@@ -349,6 +367,12 @@ def main() -> None:
     data["rows"] = [r for r in data["rows"] if r["recipe"] not in {x["recipe"] for x in rows}] + rows
     write_json(out_path, data)
     print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+def _recall_mean(history: list[dict], key: str) -> float | None:
+    """The mean of a recall figure over the steps of ``history`` that drew recall samples (None: none did)."""
+    values = [h[key] for h in history if key in h]
+    return round(float(np.mean(values)), 4) if values else None
 
 
 def gate_summary(bm) -> dict:

@@ -1,16 +1,18 @@
 """Training in the fit regime (condensed oldest windows, raw tail) with distillation from the plain model."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from beacon_llm import BeaconConfig
 from beacon_llm.distill import TailReferenceStore, TeacherStore, distance_gain, distance_weights, topk_kl
-from beacon_llm.schedule import fit_plan
-from beacon_llm.tasks import SampleStream
+from beacon_llm.schedule import condensing_plan, fit_plan
+from beacon_llm.tasks import IGNORE, SampleStream, make_condensed_recall
 from beacon_llm.testing import tiny_beacon_model, tiny_tokenizer
-from beacon_llm.training import FitTrainConfig, evaluate_fit, tail_loss, train_fit
+from beacon_llm.training import FitTrainConfig, draw_recall_sample, evaluate_fit, recall_loss, tail_loss, train_fit
 
 TEXT = "the keeper of the lighthouse wrote every ship in a red book and slept at dawn. " * 40
 CFG = BeaconConfig(window=16, ratios=(4, 8), ratio_mix="fit-0")
@@ -178,3 +180,93 @@ def test_distant_weight_0_trains_exactly_as_before_and_above_0_needs_a_reference
     state = train_fit(bm, SampleStream([TEXT], tok, 128, seed=1), cfg, store, ref)
     assert state.step == 2 and state.history[0]["loss"] != state.history[0]["kl"]  # weighted, kl stays the mean
     assert len(list((tmp_path / "ref").glob("*.safetensors"))) == 4  # one per sample
+
+
+# ---------------------------------------------------------------- facts carried by the condensed windows (recall_*)
+@pytest.mark.parametrize(
+    "kind, windows, keep_raw, raw_head",
+    [("passkey", 4, 0, 0), ("needle", 4, 8, 0), ("passkey", 1, 8, 4), ("needle", 6, 16, 16)],
+)
+def test_condensed_recall_plants_the_fact_inside_the_condensed_part_and_labels_only_the_value(
+    kind, windows, keep_raw, raw_head
+):
+    tok = tiny_tokenizer()
+    filler = tok(TEXT)["input_ids"]
+    sample, used = make_condensed_recall(kind, filler, tok, window=32, windows=windows, tail=20, keep_raw=keep_raw,
+                                         raw_head=raw_head, rng=np.random.default_rng(3))  # fmt: skip
+    text = tok.decode(sample.input_ids)
+    value = tok.decode([t for t in sample.labels if t != IGNORE])
+    fact = " The pass key is" if kind == "passkey" else " The special magic number of"
+    at = len(tok(text[: text.index(fact)])["input_ids"])  # the tiny tokenizer is one token per character
+    fact_len = text.index(".", text.index(fact)) + 1 - text.index(fact)
+    assert used >= windows and used * 32 >= raw_head + fact_len + keep_raw  # more windows only when the fact needs them
+    assert raw_head <= at and at + fact_len <= used * 32 - keep_raw  # inside the condensed part, outside the overlap
+    assert value.strip().isdigit() and text.endswith(value + ".") and value.strip() in text[: used * 32]
+    assert sample.labels.count(IGNORE) == len(sample.labels) - len(value)
+
+
+@pytest.mark.parametrize(
+    "length, windows, ratio",
+    [(32, 2, 4), (100, 0, 4), (100, 1, 0)],  # nothing raw left / no window / no ratio
+)
+def test_condensing_plan_rejects_plans_without_condensed_or_raw_tokens(length, windows, ratio):
+    with pytest.raises(ValueError, match=f"windows={windows}"):
+        condensing_plan(CFG, length, windows, ratio)
+
+
+def test_condensing_plan_condenses_exactly_the_windows_asked_for():
+    plan = condensing_plan(CFG, 150, 3, 4)
+    assert (plan.condensed_windows, plan.raw_from, plan.ratio, plan.overlap) == (3, 3 * CFG.window, 4, CFG.fit_overlap)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"recall_rate": 1.5}, "recall_rate=1.5"), ({"recall_rate": float("nan")}, "recall_rate=nan"),
+     ({"recall_rate": 0.5, "recall_windows": 0}, "recall_windows=0"),
+     ({"recall_rate": 0.5, "recall_tail": -1}, "recall_tail=-1"),
+     ({"recall_rate": 0.5, "recall_weight": 0.0}, "recall_weight=0.0"),
+     ({"recall_rate": 0.5, "recall_tasks": ("kv",)}, "recall_tasks="),
+     ({"recall_rate": 0.5, "kl_weight": 0.0}, "not both 0")],
+)  # fmt: skip
+def test_fit_config_validates_recall(fields, message):
+    with pytest.raises(ValueError, match=message):
+        FitTrainConfig(output_dir="x", seq_len=128, positions=64, **fields)
+
+
+def test_recall_training_draws_by_sample_index_lowers_the_value_loss_and_needs_no_teacher(tmp_path):
+    bm = tiny_beacon_model(CFG, max_position_embeddings=512)
+    tok = tiny_tokenizer()
+    stream = SampleStream([TEXT], tok, 128, seed=1)
+    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=8, seq_len=128, positions=64, ratios=(4,),
+                         grad_accum=2, lr=3e-3, warmup_steps=0, save_every=4, kl_weight=0.0, recall_rate=1.0,
+                         recall_windows=3, recall_tail=16)  # fmt: skip
+    first = [draw_recall_sample(cfg, bm, stream, i) for i in range(4)]
+    again = [draw_recall_sample(cfg, bm, stream, i) for i in range(4)]
+    assert [s.input_ids for s, _ in first] == [s.input_ids for s, _ in again]  # a resumed run draws the same
+    assert draw_recall_sample(replace(cfg, recall_rate=0.0, kl_weight=1.0), bm, stream, 0) == (None, None)
+    held = [draw_recall_sample(replace(cfg, seed=99), bm, stream, i) for i in range(4)]
+
+    def value_nll() -> float:
+        with torch.no_grad():
+            return sum(recall_loss(bm, s, p)[1]["nll"] for s, p in held) / len(held)
+
+    before = value_nll()
+    state = train_fit(bm, stream, cfg, teacher=None)
+    assert state.step == 8 and all("recall_nll" in h and h["recall_samples"] == 2 for h in state.history)
+    assert value_nll() < before
+
+
+def test_recall_loss_needs_the_value_after_the_condensed_windows():
+    bm = tiny_beacon_model(CFG, max_position_embeddings=512)
+    tok = tiny_tokenizer()
+    sample, used = make_condensed_recall("passkey", tok(TEXT)["input_ids"], tok, window=CFG.window, windows=3, tail=8,
+                                         keep_raw=CFG.fit_overlap, rng=np.random.default_rng(0))  # fmt: skip
+    _, parts = recall_loss(bm, sample, condensing_plan(CFG, len(sample.input_ids), used, 4))
+    assert parts["tokens"] == 6 and parts["exact"] in (0.0, 1.0) and parts["nll"] > 0  # " " + five digits
+    plan = condensing_plan(CFG, len(sample.input_ids), used, 4)
+    n = len(sample.input_ids)
+    early = [IGNORE] * n
+    early[10] = sample.input_ids[10]  # a labelled token inside the condensed windows
+    for labels in (early, [IGNORE] * n):
+        with pytest.raises(ValueError, match="after its condensed windows"):
+            recall_loss(bm, replace(sample, labels=labels), plan)

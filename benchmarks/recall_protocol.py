@@ -1,0 +1,144 @@
+"""Does the condensed memory carry a fact? A short held-out protocol for training recipes.
+
+Each sample is a slice of held-out book text (the bundled Oz or the King James Bible excerpt; no recipe trains on
+either) with a pass key or a needle planted in its first ``W`` windows, which are condensed (ratio 32, the ratio the
+default settings condense at), ``--tail`` raw tokens after them, then the chat-formatted question and the answer in
+the words the model itself starts with ("The pass key is 70370."; :func:`beacon_llm.tasks.make_condensed_recall`).
+Scored on the asked value, teacher-forced: its mean NLL per token and ``exact``, every value token the argmax (what
+greedy decoding after the same prefix writes). Methods at the same KV budget as the beacons (their entries + the
+overlap read again raw): ``truncation`` (the raw tokens just before the tail instead), ``tail only`` (nothing before
+the overlap), and ``full attention`` (the plain model over the whole sample: what the base model itself can do).
+
+    python benchmarks/recall_protocol.py                                  # shipped adapter, 1 and 8 windows
+    python benchmarks/recall_protocol.py --adapter runs/ablations/X/final --label X --methods beacons
+    python benchmarks/recall_protocol.py --fast                           # tiny model (CI smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _results import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BOOKS = ROOT / "benchmarks" / "data" / "books"
+METHODS = ("beacons", "truncation", "tail only", "full attention")
+
+
+def recall_samples(tok, config, texts: list[str], n_per_book: int, windows: int, tail: int, ratio: int, seed: int):
+    """Held-out (sample, plan) pairs: pass keys and needles alternating, ``n_per_book`` per text."""
+    from beacon_llm.schedule import condensing_plan
+    from beacon_llm.tasks import RECALL_TASKS, make_condensed_recall
+
+    rng = np.random.default_rng([seed, windows, tail])
+    out = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for i in range(n_per_book):
+            sample, used = make_condensed_recall(RECALL_TASKS[i % len(RECALL_TASKS)], ids, tok, window=config.window,
+                                                 windows=windows, tail=tail, keep_raw=config.fit_overlap,
+                                                 raw_head=config.sink_size, rng=rng)  # fmt: skip
+            out.append((sample, condensing_plan(config, len(sample.input_ids), used, ratio)))
+    return out
+
+
+@torch.no_grad()
+def plain_value_scores(model, sample, cut: int) -> dict[str, float]:
+    """The plain model over ``sample`` from token ``cut`` on: NLL per value token and exact (all argmax)."""
+    at = [i for i, label in enumerate(sample.labels) if label >= 0]
+    logits = model(input_ids=torch.tensor([sample.input_ids[cut:]])).logits[0].float()  # (T, V)
+    picked = logits[[i - 1 - cut for i in at]]  # (A, V)
+    target = torch.tensor([sample.labels[i] for i in at])
+    nll = float(torch.nn.functional.cross_entropy(picked, target))
+    return {"nll": nll, "exact": float(bool((picked.argmax(-1) == target).all()))}
+
+
+def score(method: str, bm, samples) -> dict:
+    """Mean value NLL, exact count and the KV entries before the tail, over ``samples``, for one method."""
+    from beacon_llm.training import recall_loss
+
+    nll, exact, entries = [], 0, []
+    used = float(np.mean([plan.condensed_windows for _, plan in samples]))
+    for sample, plan in samples:
+        budget = plan.entries(plan.raw_from)  # the beacon cache's entries once the condensed windows close
+        if method == "beacons":
+            with torch.no_grad():
+                _, parts = recall_loss(bm, sample, plan)
+        else:
+            cut = {"truncation": plan.raw_from - budget, "tail only": plan.raw_from - plan.overlap,
+                   "full attention": 0}[method]  # fmt: skip
+            parts = plain_value_scores(bm.model, sample, cut)
+            budget = plan.raw_from - cut
+        nll.append(parts["nll"])
+        exact += int(parts["exact"])
+        entries.append(budget)
+    return {"value_nll": round(float(np.mean(nll)), 4), "exact": exact, "samples": len(samples),
+            "exact_share": round(exact / len(samples), 4), "kv_entries_before_tail": int(np.mean(entries)),
+            "condensed_windows": used}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 8], help="condensed windows before the tail")
+    parser.add_argument("--tail", type=int, default=512, help="raw tokens between the condensed part and the question")
+    parser.add_argument("--n", type=int, default=10, help="samples per book and window count")
+    parser.add_argument("--ratio", type=int, default=32)
+    parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
+    parser.add_argument("--label", default=None, help="row name of the beacons (default: the adapter folder)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import beacon_llm
+
+    if args.fast:
+        from beacon_llm.testing import tiny_beacon_model, tiny_tokenizer
+
+        cfg = beacon_llm.BeaconConfig(window=32, ratios=(4,), ratio_mix="fit-0", fit_overlap=8)
+        bm = tiny_beacon_model(cfg, max_position_embeddings=1024)
+        tok = tiny_tokenizer()
+        texts = [beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)[:20000]]
+        args.windows, args.tail, args.n, args.ratio = [2], 16, 2, 4
+        label = "tiny"
+    else:
+        bm = beacon_llm.load(adapter=args.adapter, dtype="float32", shared=False, beacon_ratio_mix="fit-0")
+        tok = bm.tokenizer
+        texts = [beacon_llm.read_document(beacon_llm.BUNDLED_BOOK), (BOOKS / "kjv_bible_excerpt.txt").read_text()]
+        label = args.label or (Path(args.adapter).name if args.adapter else "shipped adapter")
+    out_path = Path(args.out) if args.out else RESULTS / f"recall_protocol{'_fast' if args.fast else ''}.json"
+    data = json.loads(out_path.read_text()) if out_path.is_file() and not args.fast else {"rows": []}
+    data["protocol"] = {"tail": args.tail, "ratio": args.ratio, "samples_per_book": args.n,
+                        "books": "Oz (bundled) + KJV excerpt" if not args.fast else "tiny",
+                        "fit_overlap": bm.config.fit_overlap, "tasks": "pass key / needle alternating"}  # fmt: skip
+    rows = []
+    t0 = time.perf_counter()
+    for windows in args.windows:
+        samples = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed)
+        for method in args.methods:
+            name = f"beacons ({label})" if method == "beacons" else method
+            row = {"method": name, "windows": windows, **score(method, bm, samples)}
+            row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    keys = {(r["method"], r["windows"]) for r in rows}
+    if out_path.is_file() and not args.fast:  # re-read: another run may have added rows meanwhile
+        data["rows"] = json.loads(out_path.read_text())["rows"]
+    data["rows"] = [r for r in data["rows"] if (r["method"], r["windows"]) not in keys] + rows
+    data["rows"].sort(key=lambda r: (r["windows"], r["method"]))
+    write_json(out_path, data)
+    print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
