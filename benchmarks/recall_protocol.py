@@ -8,6 +8,11 @@ Scored on the asked value, teacher-forced: its mean NLL per token and ``exact``,
 greedy decoding after the same prefix writes). Methods at the same KV budget as the beacons (their entries + the
 overlap read again raw): ``truncation`` (the raw tokens just before the tail instead), ``tail only`` (nothing before
 the overlap), and ``full attention`` (the plain model over the whole sample: what the base model itself can do).
+The control ``beacons, value swapped`` reads the same text with every digit of the planted value changed (d -> d + 5
+mod 10) and is scored on the original value: beacons that carry the fact score worse there than with no memory,
+beacons that only learned what answers look like score the same as with the fact. ``--positive-control`` adds both
+with the fact in the overlap (the last condensed tokens, read again raw): what the scores look like when the cache
+does hold the fact.
 
     python benchmarks/recall_protocol.py                                  # shipped adapter, 1 and 8 windows
     python benchmarks/recall_protocol.py --adapter runs/ablations/X/final --label X --methods beacons
@@ -20,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,24 +35,50 @@ from _results import write_json
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BOOKS = ROOT / "benchmarks" / "data" / "books"
-METHODS = ("beacons", "truncation", "tail only", "full attention")
+METHODS = ("beacons", "beacons, value swapped", "truncation", "tail only", "full attention")
 
 
-def recall_samples(tok, config, texts: list[str], n_per_book: int, windows: int, tail: int, ratio: int, seed: int):
-    """Held-out (sample, plan) pairs: pass keys and needles alternating, ``n_per_book`` per text."""
+def recall_samples(
+    tok, config, texts: list[str], n_per_book: int, windows: int, tail: int, ratio: int, seed: int,
+    in_overlap: bool = False,
+):  # fmt: skip
+    """Held-out (sample, plan) pairs: pass keys and needles alternating, ``n_per_book`` per text. ``in_overlap``: the
+    fact in the last ``fit_overlap`` condensed tokens instead, which are read again raw after the beacons."""
     from beacon_llm.schedule import condensing_plan
     from beacon_llm.tasks import RECALL_TASKS, make_condensed_recall
 
     rng = np.random.default_rng([seed, windows, tail])
+    head = windows * config.window - config.fit_overlap if in_overlap else config.sink_size
     out = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for i in range(n_per_book):
             sample, used = make_condensed_recall(RECALL_TASKS[i % len(RECALL_TASKS)], ids, tok, window=config.window,
-                                                 windows=windows, tail=tail, keep_raw=config.fit_overlap,
-                                                 raw_head=config.sink_size, rng=rng)  # fmt: skip
+                                                 windows=windows, tail=tail,
+                                                 keep_raw=0 if in_overlap else config.fit_overlap, raw_head=head,
+                                                 rng=rng)  # fmt: skip
+            if in_overlap and used != windows:
+                raise ValueError(f"the fact is longer than the overlap ({config.fit_overlap} tokens)")
             out.append((sample, condensing_plan(config, len(sample.input_ids), used, ratio)))
     return out
+
+
+def swap_value(sample, tok, upto: int):
+    """``sample`` with the digits of its labelled value changed (d -> d + 5 mod 10) wherever the value's digit tokens
+    occur before token ``upto`` (the planted fact); the labels keep the original value."""
+    from beacon_llm.tasks import IGNORE
+
+    value = [t for t in sample.labels if t != IGNORE]
+    digits = [t for t in value if tok.decode([t]).strip().isdigit()]
+    swapped = [tok.convert_tokens_to_ids(str((int(tok.decode([t]).strip()) + 5) % 10)) for t in digits]
+    ids, n, found = list(sample.input_ids), len(digits), 0
+    for i in range(upto - n + 1):
+        if ids[i : i + n] == digits:
+            ids[i : i + n] = swapped
+            found += 1
+    if not digits or not found:
+        raise ValueError(f"the value {tok.decode(value)!r} is not in the first {upto} tokens as single-digit tokens")
+    return replace(sample, input_ids=ids)
 
 
 @torch.no_grad()
@@ -60,7 +92,7 @@ def plain_value_scores(model, sample, cut: int) -> dict[str, float]:
     return {"nll": nll, "exact": float(bool((picked.argmax(-1) == target).all()))}
 
 
-def score(method: str, bm, samples) -> dict:
+def score(method: str, bm, samples, tok) -> dict:
     """Mean value NLL, exact count and the KV entries before the tail, over ``samples``, for one method."""
     from beacon_llm.training import recall_loss
 
@@ -68,9 +100,10 @@ def score(method: str, bm, samples) -> dict:
     used = float(np.mean([plan.condensed_windows for _, plan in samples]))
     for sample, plan in samples:
         budget = plan.entries(plan.raw_from)  # the beacon cache's entries once the condensed windows close
-        if method == "beacons":
+        if method.startswith("beacons"):
+            read = swap_value(sample, tok, plan.raw_from) if method == "beacons, value swapped" else sample
             with torch.no_grad():
-                _, parts = recall_loss(bm, sample, plan)
+                _, parts = recall_loss(bm, read, plan)
         else:
             cut = {"truncation": plan.raw_from - budget, "tail only": plan.raw_from - plan.overlap,
                    "full attention": 0}[method]  # fmt: skip
@@ -94,6 +127,11 @@ def main() -> None:
     parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
     parser.add_argument("--label", default=None, help="row name of the beacons (default: the adapter folder)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--positive-control",
+        action="store_true",
+        help="also the beacons with the fact in the overlap read again raw (and its swapped value)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", default=None)
@@ -105,11 +143,11 @@ def main() -> None:
     if args.fast:
         from beacon_llm.testing import tiny_beacon_model, tiny_tokenizer
 
-        cfg = beacon_llm.BeaconConfig(window=32, ratios=(4,), ratio_mix="fit-0", fit_overlap=8)
+        cfg = beacon_llm.BeaconConfig(window=64, ratios=(4,), ratio_mix="fit-0", fit_overlap=64)
         bm = tiny_beacon_model(cfg, max_position_embeddings=1024)
         tok = tiny_tokenizer()
         texts = [beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)[:20000]]
-        args.windows, args.tail, args.n, args.ratio = [2], 16, 2, 4
+        args.windows, args.tail, args.n, args.ratio, args.positive_control = [2], 16, 2, 4, True
         label = "tiny"
     else:
         bm = beacon_llm.load(adapter=args.adapter, dtype="float32", shared=False, beacon_ratio_mix="fit-0")
@@ -118,7 +156,7 @@ def main() -> None:
         label = args.label or (Path(args.adapter).name if args.adapter else "shipped adapter")
     out_path = Path(args.out) if args.out else RESULTS / f"recall_protocol{'_fast' if args.fast else ''}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() and not args.fast else {"rows": []}
-    data["protocol"] = {"tail": args.tail, "ratio": args.ratio, "samples_per_book": args.n,
+    data["protocol"] = {"tail": args.tail, "samples_per_book": args.n,
                         "books": "Oz (bundled) + KJV excerpt" if not args.fast else "tiny",
                         "fit_overlap": bm.config.fit_overlap, "tasks": "pass key / needle alternating"}  # fmt: skip
     rows = []
@@ -126,16 +164,26 @@ def main() -> None:
     for windows in args.windows:
         samples = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed)
         for method in args.methods:
-            name = f"beacons ({label})" if method == "beacons" else method
-            row = {"method": name, "windows": windows, **score(method, bm, samples)}
+            name = method.replace("beacons", f"beacons ({label})") if method.startswith("beacons") else method
+            row = {"method": name, "windows": windows, **score(method, bm, samples, tok)}
             row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    keys = {(r["method"], r["windows"]) for r in rows}
+        if args.positive_control:
+            control = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed, True)
+            for method in ("beacons", "beacons, value swapped"):
+                name = f"beacons ({label}), fact in the overlap" + method[len("beacons") :]
+                row = {"method": name, "windows": windows, **score(method, bm, control, tok)}
+                row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for row in rows:
+        row["ratio"] = args.ratio
+    keys = {(r["method"], r["windows"], r["ratio"]) for r in rows}
     if out_path.is_file() and not args.fast:  # re-read: another run may have added rows meanwhile
         data["rows"] = json.loads(out_path.read_text())["rows"]
-    data["rows"] = [r for r in data["rows"] if (r["method"], r["windows"]) not in keys] + rows
-    data["rows"].sort(key=lambda r: (r["windows"], r["method"]))
+    data["rows"] = [r for r in data["rows"] if (r["method"], r["windows"], r["ratio"]) not in keys] + rows
+    data["rows"].sort(key=lambda r: (r["ratio"], r["windows"], r["method"]))
     write_json(out_path, data)
     print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
 

@@ -115,6 +115,16 @@ RECIPES: dict[str, dict] = {
         "overlap": 64,
         "recall": {"rate": 0.5, "windows": 4, "tail": 1024},
     },
+    # can beacons carry a fact at all when they condense little? Recall samples only, ratio 4, lr 3e-4
+    "recall_only_r4_overlap64": {
+        "init": "shipped",
+        "ratios": (4,),
+        "kl": 0.0,
+        "ce": 0.0,
+        "lr": 3e-4,
+        "overlap": 64,
+        "recall": {"rate": 1.0, "windows": 2, "tail": 512},
+    },
 }
 
 

@@ -94,3 +94,27 @@ def test_paired_against_another_results_file(monkeypatch):
                                           "spans": 2}  # fmt: skip
     with pytest.raises(ValueError, match="no cell b / default / 100 on the spans"):
         perplexity.paired_against([row([5.0, 25.0])], [row([10.0, 20.0], starts=(0, 60))], "other")
+
+
+@pytest.mark.parametrize("kind", ["passkey", "needle"])
+def test_swap_value_changes_every_digit_of_the_planted_fact_and_keeps_the_labels(kind, monkeypatch):
+    """recall_protocol.py's control: the fact's digits d -> d + 5 mod 10 before ``upto``, the asked value unchanged."""
+    import numpy as np
+
+    from beacon_llm.tasks import IGNORE, make_condensed_recall
+    from beacon_llm.testing import tiny_tokenizer
+
+    protocol = _benchmark_module("recall_protocol", monkeypatch)
+    tok = tiny_tokenizer()
+    filler = tok("the lamp was lit at dusk and put out at dawn. " * 40)["input_ids"]
+    sample, windows = make_condensed_recall(kind, filler, tok, window=64, windows=2, tail=10, keep_raw=0,
+                                            rng=np.random.default_rng(4))  # fmt: skip
+    value = tok.decode([t for t in sample.labels if t != IGNORE]).strip()
+    upto = windows * 64
+    swapped = protocol.swap_value(sample, tok, upto)
+    shifted = "".join(str((int(c) + 5) % 10) for c in value)
+    before, after = tok.decode(sample.input_ids[:upto]), tok.decode(swapped.input_ids[:upto])
+    assert value in before and value not in after and after.count(shifted) == before.count(value) >= 1
+    assert swapped.input_ids[upto:] == sample.input_ids[upto:] and swapped.labels == sample.labels
+    with pytest.raises(ValueError, match="is not in the first 5 tokens"):
+        protocol.swap_value(sample, tok, 5)
