@@ -67,17 +67,23 @@ def _chat(tokenizer, user: str, answer: str) -> tuple[list[int], list[int]]:
     return p_ids + a_ids, [IGNORE] * len(p_ids) + a_ids
 
 
-def make_task(kind: str, filler: str, tokenizer, n_tokens: int, rng: np.random.Generator) -> Sample:
-    """A generated retrieval sample of about ``n_tokens`` tokens with the fact at a random depth."""
+def _number_fact(kind: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """A pass key or needle to plant: (the fact's sentences, the value, what the value is of: "the pass key" /
+    "the special magic number of <city>")."""
     if kind == "passkey":
         key = str(rng.integers(10000, 99999))
-        fact = f" The pass key is {key}. Remember it. {key} is the pass key. "
-        question, answer = "What is the pass key mentioned in the text above? Answer with the number only.", key
-    elif kind == "needle":
-        city = "".join(rng.choice(list(string.ascii_uppercase), 1)) + "".join(rng.choice(list("aeioulnrst"), 6))
-        num = str(rng.integers(1000, 9999))
-        fact = f" The special magic number of {city} is {num}. "
-        question, answer = f"What is the special magic number of {city}? Answer with the number only.", num
+        return f" The pass key is {key}. Remember it. {key} is the pass key. ", key, "the pass key"
+    city = "".join(rng.choice(list(string.ascii_uppercase), 1)) + "".join(rng.choice(list("aeioulnrst"), 6))
+    num = str(rng.integers(1000, 9999))
+    return f" The special magic number of {city} is {num}. ", num, f"the special magic number of {city}"
+
+
+def make_task(kind: str, filler: str, tokenizer, n_tokens: int, rng: np.random.Generator) -> Sample:
+    """A generated retrieval sample of about ``n_tokens`` tokens with the fact at a random depth."""
+    if kind in ("passkey", "needle"):
+        fact, answer, subject = _number_fact(kind, rng)
+        where = " mentioned in the text above" if kind == "passkey" else ""
+        question = f"What is {subject}{where}? Answer with the number only."
     elif kind == "kv":
         pairs = {f"{rng.integers(16**6):06x}": f"{rng.integers(16**6):06x}" for _ in range(8)}
         key = list(pairs)[int(rng.integers(len(pairs)))]
@@ -114,21 +120,11 @@ def make_condensed_recall(
     after them, then the question and the answer in the words the model itself starts with ("The pass key is
     70370."). Only the asked value is labelled: what training the beacons to carry a fact asks of them (paper v2
     §3.1 mixes such synthetic tasks into fine-tuning)."""
-    if kind == "passkey":
-        key = str(rng.integers(10000, 99999))
-        fact = f" The pass key is {key}. Remember it. {key} is the pass key. "
-        question = "What is the pass key mentioned in the text above? Answer with the number only."
-        lead, value = "The pass key is", key
-    elif kind == "needle":
-        city = "".join(rng.choice(list(string.ascii_uppercase), 1)) + "".join(rng.choice(list("aeioulnrst"), 6))
-        value = str(rng.integers(1000, 9999))
-        fact = f" The special magic number of {city} is {value}. "
-        question = (
-            f"What is the special magic number of {city} mentioned in the text above? Answer with the number only."
-        )
-        lead = f"The special magic number of {city} is"
-    else:
+    if kind not in RECALL_TASKS:
         raise ValueError(f"unknown recall task {kind!r}; choose from {RECALL_TASKS}")
+    fact, value, subject = _number_fact(kind, rng)
+    question = f"What is {subject} mentioned in the text above? Answer with the number only."
+    lead = f"{subject[0].upper()}{subject[1:]} is"
     fact_ids = tokenizer(fact, add_special_tokens=False)["input_ids"]
     windows = max(windows, -(-(raw_head + len(fact_ids) + keep_raw) // window))  # the fewest that hold the fact
     condensed = windows * window

@@ -84,7 +84,9 @@ def swap_value(sample, tok, upto: int):
 @torch.no_grad()
 def plain_value_scores(model, sample, cut: int) -> dict[str, float]:
     """The plain model over ``sample`` from token ``cut`` on: NLL per value token and exact (all argmax)."""
-    at = [i for i, label in enumerate(sample.labels) if label >= 0]
+    from beacon_llm.tasks import IGNORE
+
+    at = [i for i, label in enumerate(sample.labels) if label != IGNORE]
     logits = model(input_ids=torch.tensor([sample.input_ids[cut:]])).logits[0].float()  # (T, V)
     picked = logits[[i - 1 - cut for i in at]]  # (A, V)
     target = torch.tensor([sample.labels[i] for i in at])
