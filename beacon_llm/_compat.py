@@ -27,6 +27,7 @@ __all__ = [
     "rotate_half",
     "decoder_after_kv",
     "native_bf16_cpu",
+    "amx_cpu",
     "mlp_parts",
     "pack_linear_weight",
     "packed_linear",
@@ -216,18 +217,31 @@ def mlp_parts(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, Callable
     return mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 matmuls are then 2-3x faster than fp32;
     without it (AVX2 only) they are emulated and several times slower."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(p is not None for p in probes):
         return any(bool(p()) for p in probes)
-    try:  # older torch: read the flags Linux reports
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})  # older torch: the flags Linux reports
+
+
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later): torch's CPU attention kernel then runs its
+    small bf16 matrix products on them; with AVX512-BF16 alone (e.g. AMD Zen 4) each such product is far slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return "amx_tile" in _cpu_flags()
 
 
 def packed_linear_available() -> bool:

