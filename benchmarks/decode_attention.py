@@ -16,6 +16,7 @@ difference from ``sdpa_gqa``'s output.
 
     python benchmarks/decode_attention.py                  # bf16 where native, 2 threads, 512 and 7,040 entries
     python benchmarks/decode_attention.py --fast           # small shapes (CI smoke run)
+    python benchmarks/decode_attention.py --out benchmarks/results/decode_attention_amd_epyc.json  # another CPU
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import machine_info
 from _results import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,8 +129,8 @@ def main() -> None:
                       f"  max |diff| {float(diff):.2e}")  # fmt: skip
     shapes = {"layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
     out = Path(args.out) if args.out else RESULTS / f"decode_attention{'_fast' if args.fast else ''}.json"
-    write_json(out, {"dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "torch": torch.__version__,
-                     "shapes": shapes, "reps": args.reps, "rows": rows})  # fmt: skip
+    meta = {"dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "torch": torch.__version__}
+    write_json(out, {**meta, "machine": machine_info(args.threads), "shapes": shapes, "reps": args.reps, "rows": rows})
     print(f"wrote {out}")
 
 
