@@ -254,6 +254,36 @@ def test_training_gradients_reach_beacons_through_every_window():
     bm.model.eval()
 
 
+def test_a_loss_on_the_last_window_reaches_the_first_windows_tokens_through_the_memory():
+    """Nothing on the way is detached: the first window's raw tokens reach a loss on the fourth window only through
+    the beacons that condensed them (paper v2 §2.2: the memory is trained end to end)."""
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(4,)))
+    bm.mark_only_beacon_trainable()
+    bm.model.train()
+    inputs = []
+
+    def leaf(module, args, output):  # each step's input embeddings as a leaf with a gradient
+        output = output.detach().requires_grad_()
+        inputs.append(output)
+        return output
+
+    hook = bm.model.get_input_embeddings().register_forward_hook(leaf)
+    try:
+        ids = _ids(64)
+        labels = torch.full_like(ids, -100)
+        labels[56:] = ids[56:]  # scored: the last 8 tokens only
+        bm.forward(ids, labels=labels).loss.backward()
+    finally:
+        hook.remove()
+        bm.model.eval()
+    first = inputs[0]  # (1, 16 raw + 4 beacons, Dm)
+    assert first.shape[1] == 20
+    per_row = first.grad.abs().sum(-1)[0]  # (20,)
+    beacon_rows = [4, 9, 14, 19]  # interleaved: a beacon after every 4 raw tokens
+    raw_rows = [i for i in range(20) if i not in beacon_rows]
+    assert (per_row[raw_rows] > 0).all()
+
+
 def test_attach_refuses_non_llama_models_and_double_attach():
     from transformers import GPT2Config, GPT2LMHeadModel
 
