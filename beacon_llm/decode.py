@@ -158,7 +158,7 @@ def should_fold_queries() -> bool:
     """Whether the packed bf16 step's attention folds the G query heads of each key/value head into G query rows
     of one head: on a CPU without AMX tiles, torch's CPU attention kernel spends most of its time in one small bf16
     matrix product per query head and key block, and folding makes one per key/value head (after 32K tokens of
-    the bundled book, 7,040 entries: 32 instead of 174 ms per token on an AMD EPYC with AVX512-BF16). With AMX the
+    the bundled book, 7,040 entries: 28 instead of 128 ms per token on an AMD EPYC with AVX512-BF16). With AMX the
     unfolded call is the faster one (19 against 24 ms); ``benchmarks/decode_attention.py`` measures both. The
     outputs are the same (the same rows of the same products)."""
     return not _compat.amx_cpu()
