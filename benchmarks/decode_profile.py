@@ -29,7 +29,6 @@ from _machine import machine_info
 from _results import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BOOK = Path(__file__).resolve().parents[1] / "beacon_llm" / "books" / "wonderful_wizard_of_oz.txt"
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm", "aten::matmul")
 ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention")
 
@@ -51,8 +50,6 @@ def profile_parts(step, tokens: int) -> dict[str, dict[str, float]]:
             step(i)
     parts: dict[str, dict[str, float]] = {}
     for event in prof.key_averages():
-        if event.key.startswith(("<built-in", "ProfilerStep")) or "/" in event.key:  # Python frames, not operators
-            continue
         part = parts.setdefault(part_of(event.key), {"ms_per_token": 0.0, "calls_per_token": 0.0})
         part["ms_per_token"] += event.self_cpu_time_total / 1000 / tokens
         part["calls_per_token"] += event.count / tokens
@@ -81,7 +78,8 @@ def main() -> None:
         args.tokens, args.context = 4, 48
     else:
         bm = beacon_llm.load(dtype=args.dtype, shared=False)
-        ids = torch.tensor(bm.tokenizer(BOOK.read_text(encoding="utf-8"))["input_ids"][: args.context])
+        book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
+        ids = torch.tensor(bm.tokenizer(book, add_special_tokens=False)["input_ids"][: args.context])
         if len(ids) < args.context:
             raise SystemExit(f"--context {args.context} is longer than the bundled book ({len(ids)} tokens)")
     cache = bm.new_cache()
