@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward, rotate_half
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 # model families whose decoder layer is: x + attn(norm(x)); x + mlp(norm(x)), with q/k/v/o projections + RoPE
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -29,6 +31,7 @@ __all__ = [
     "native_bf16_cpu",
     "amx_cpu",
     "mlp_parts",
+    "rms_norm_kernel",
     "pack_linear_weight",
     "packed_linear",
 ]
@@ -215,6 +218,25 @@ def mlp_parts(mlp: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, Callable
     """(gate, up, down, activation) of a Llama / Mistral / Qwen2 MLP, whose forward is
     ``down(act(gate(x)) * up(x))`` (the decode step computes exactly that with its own linear kernels)."""
     return mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+
+# the stock RMSNorm forwards: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype), x32 = x in float32
+_STOCK_RMS_NORM_FORWARDS = (LlamaRMSNorm.forward, MistralRMSNorm.forward, Qwen2RMSNorm.forward)
+
+
+def rms_norm_kernel(norm: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``norm`` as one call for the decode step: on the CPU a stock RMSNorm runs as ``F.rms_norm`` on float32, whose
+    CPU kernel makes the same operations (pow, mean, add, rsqrt, mul) without the Python between them (the same bits;
+    tested against the modules); any other norm, device or a hooked module runs as itself."""
+    stock = type(norm).forward in _STOCK_RMS_NORM_FORWARDS and not (norm._forward_hooks or norm._forward_pre_hooks)
+    if not stock or device.type != "cpu":
+        return norm
+    weight, eps = norm.weight, float(norm.variance_epsilon)
+
+    def rms_norm(x: torch.Tensor) -> torch.Tensor:
+        return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    return rms_norm
 
 
 def _cpu_flags() -> set[str]:

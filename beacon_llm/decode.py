@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from . import _compat
-from .attention import rope
 from .cache import MemoryAppend
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -34,15 +33,15 @@ _PACK_MEMORY_SHARE = 4  # pack only when the packed copy takes at most 1/4 of th
 
 @dataclass(frozen=True)
 class _FusedLayer:
-    """One layer of the packed step: fused projections and the norms' weights."""
+    """One layer of the packed step: fused projections and the norms."""
 
     qkv: Linear  # x -> [q | k | v]
     o: Linear
     gate_up: Linear  # x -> [gate | up]
     down: Linear
     act: Linear
-    norm1: nn.Module  # the input RMSNorm
-    norm2: nn.Module  # the post-attention RMSNorm
+    norm1: Linear  # the input RMSNorm
+    norm2: Linear  # the post-attention RMSNorm
     n_q: int  # query features (heads x head_dim)
     n_k: int  # key features (kv heads x head_dim)
     n_inter: int  # MLP intermediate features
@@ -58,6 +57,8 @@ class _LayerLinears:
     up: Linear
     down: Linear
     act: Linear
+    norm1: Linear
+    norm2: Linear
 
 
 class DecodeLinears:
@@ -80,7 +81,10 @@ class DecodeLinears:
             attn = layer.self_attn
             gate, up, down, act = _compat.mlp_parts(layer.mlp)
             q, k, v, o = (self._kernel(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-            self.layers.append(_LayerLinears(q, k, v, o, self._kernel(gate), self._kernel(up), self._kernel(down), act))
+            norm1, norm2 = _norms(layer)
+            self.layers.append(
+                _LayerLinears(q, k, v, o, self._kernel(gate), self._kernel(up), self._kernel(down), act, norm1, norm2)
+            )
         self.lm_head = self._kernel(model.lm_head)
 
     @staticmethod
@@ -108,18 +112,25 @@ def _cat_bias(*mods: nn.Linear) -> torch.Tensor | None:
     return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods]).detach()
 
 
+def _norms(layer: nn.Module) -> tuple[Linear, Linear]:
+    """The layer's input and post-attention norms as the step calls them (one fused call where stock)."""
+    device = layer.input_layernorm.weight.device
+    return tuple(_compat.rms_norm_kernel(n, device) for n in (layer.input_layernorm, layer.post_attention_layernorm))
+
+
 def _fused_layer(layer: nn.Module) -> _FusedLayer:
     attn = layer.self_attn
     gate, up, down, act = _compat.mlp_parts(layer.mlp)
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    norm1, norm2 = _norms(layer)
     return _FusedLayer(
         qkv=_packed(torch.cat([q.weight, k.weight, v.weight]), _cat_bias(q, k, v)),
         o=_packed(attn.o_proj.weight, attn.o_proj.bias),
         gate_up=_packed(torch.cat([gate.weight, up.weight]), _cat_bias(gate, up)),
         down=_packed(down.weight, down.bias),
         act=act,
-        norm1=layer.input_layernorm,
-        norm2=layer.post_attention_layernorm,
+        norm1=norm1,
+        norm2=norm2,
         n_q=q.out_features,
         n_k=k.out_features,
         n_inter=gate.out_features,
@@ -127,11 +138,13 @@ def _fused_layer(layer: nn.Module) -> _FusedLayer:
 
 
 def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, torch.Tensor, int]]]:
-    """The linear weights the decode step uses: (their modules' parameter dict, name, tensor, in-place version)."""
+    """The weights the decode step's kernels hold (linear and norm weights): (their modules' parameter dict, name,
+    tensor, in-place version)."""
     mods: list[nn.Module] = [model.lm_head]
     for layer in model.model.layers:
         attn = layer.self_attn
         mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
+        mods += [layer.input_layernorm, layer.post_attention_layernorm]
     watched = [
         (m._parameters, name, m._parameters[name], m._parameters[name]._version)
         for m in mods
@@ -181,6 +194,20 @@ def _available_memory() -> int | None:
     return None
 
 
+def _rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin (1, 1, D) of the token as (1, 1, 1, D) factors of :func:`_rotate`: ``rotate_half(x) * sin`` equals
+    ``roll(x, D/2) * sin'`` with the first half of ``sin'`` negated (one exact sign flip moved from x to sin)."""
+    half = cos.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], -1)  # (1, 1, D)
+    return cos[:, None], signed[:, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotate-half RoPE of x (1, H, 1, D) with the factors of :func:`_rotation`: the same products and sum,
+    rounded as the stock ``x * cos + rotate_half(x) * sin``, in four operations instead of seven."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
 def raw_token_step(
     model: nn.Module, linears: DecodeLinears, token: torch.Tensor, append: MemoryAppend, attention: Callable
 ) -> torch.Tensor:
@@ -193,20 +220,20 @@ def raw_token_step(
     position = append.start
     hidden = inner.embed_tokens(token[None])  # (1, 1, Dm)
     cos, sin = inner.rotary_emb(hidden, torch.tensor([[position]], device=hidden.device))  # (1, 1, D) each
+    cos, sin = _rotation(cos, sin)  # (1, 1, 1, D) each
     if linears.packed:
         return _fused_token_step(model, linears, hidden, cos, sin, append)
     for i, (layer, lin) in enumerate(zip(inner.layers, linears.layers)):
         attn = layer.self_attn
         head_dim = attn.head_dim
-        residual = hidden
-        x = layer.input_layernorm(hidden)  # (1, 1, Dm)
-        q = lin.q(x).view(1, 1, -1, head_dim).transpose(1, 2)  # (1, H, 1, D)
-        k = lin.k(x).view(1, 1, -1, head_dim).transpose(1, 2)  # (1, KVH, 1, D)
-        v = lin.v(x).view(1, 1, -1, head_dim).transpose(1, 2)  # (1, KVH, 1, D)
-        keys, values = append.write(i, rope(k, cos, sin), v)  # (1, KVH, M + 1, D) each
-        out, _ = attention(attn, rope(q, cos, sin), keys, values, None, dropout=0.0, scaling=attn.scaling)
-        hidden = residual + lin.o(out.reshape(1, 1, -1).contiguous())  # (1, 1, Dm)
-        x = layer.post_attention_layernorm(hidden)
+        x = lin.norm1(hidden)  # (1, 1, Dm)
+        q = lin.q(x).view(1, -1, 1, head_dim)  # (1, H, 1, D): one token, so the head axis needs no transpose
+        k = lin.k(x).view(1, -1, 1, head_dim)  # (1, KVH, 1, D)
+        v = lin.v(x).view(1, -1, 1, head_dim)  # (1, KVH, 1, D)
+        keys, values = append.write(i, _rotate(k, cos, sin), v)  # (1, KVH, M + 1, D) each
+        out, _ = attention(attn, _rotate(q, cos, sin), keys, values, None, dropout=0.0, scaling=attn.scaling)
+        hidden = hidden + lin.o(out.reshape(1, 1, -1))  # (1, 1, Dm)
+        x = lin.norm2(hidden)
         hidden = hidden + lin.down(lin.act(lin.gate(x)) * lin.up(x))
     return inner.norm(hidden)  # (1, 1, Dm)
 
@@ -219,25 +246,24 @@ def _fused_token_step(
     sin: torch.Tensor,
     append: MemoryAppend,
 ) -> torch.Tensor:
-    """:func:`raw_token_step` with fused projections (bf16 on the CPU). hidden: (1, 1, Dm). Each fused product equals
-    the separate ones bit for bit (every output is the same dot product), RoPE is elementwise, and the norms,
-    attention call and MLP formula are the stock layer's: the logits equal the stock bf16 layers' (tested)."""
+    """:func:`raw_token_step` with fused projections (bf16 on the CPU). hidden: (1, 1, Dm); cos / sin from
+    :func:`_rotation`. Each fused product equals the separate ones bit for bit (every output is the same dot product),
+    RoPE is elementwise, and the norms, attention call and MLP formula are the stock layer's: the logits equal the
+    stock bf16 layers' (tested). Every view is taken so that no step copies more than the layer's own outputs."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for i, (layer, f) in enumerate(zip(model.model.layers, linears.fused)):
         attn = layer.self_attn
         head_dim = attn.head_dim
         n_heads, n_kv = f.n_q // head_dim, f.n_k // head_dim
-        qkv = f.qkv(f.norm1(hidden))  # (1, 1, n_q + 2 n_k)
-        qk = rope(qkv[..., : f.n_q + f.n_k].view(1, 1, n_heads + n_kv, head_dim).transpose(1, 2), cos, sin)
-        v = qkv[..., f.n_q + f.n_k :].view(1, 1, n_kv, head_dim).transpose(1, 2)  # (1, KVH, 1, D)
-        keys, values = append.write(i, qk[:, n_heads:], v)  # (1, KVH, M + 1, D) each
+        qkv = f.qkv(f.norm1(hidden)).view(1, n_heads + 2 * n_kv, 1, head_dim)  # (1, H + 2 KVH, 1, D)
+        qk, v = qkv.split([n_heads + n_kv, n_kv], 1)
+        q, k = _rotate(qk, cos, sin).split([n_heads, n_kv], 1)  # (1, H, 1, D), (1, KVH, 1, D)
+        keys, values = append.write(i, k, v)  # (1, KVH, M + 1, D) each
         if linears.fold_queries and n_heads != n_kv:  # query head h reads key/value head h // G, as enable_gqa
-            q = qk[:, :n_heads].reshape(1, n_kv, n_heads // n_kv, head_dim)  # (1, KVH, G, D)
-            out = sdpa(q, keys, values, scale=attn.scaling)  # (1, KVH, G, D): heads in order
+            out = sdpa(q.view(1, n_kv, n_heads // n_kv, head_dim), keys, values, scale=attn.scaling)  # (1, KVH, G, D)
         else:
-            out = sdpa(qk[:, :n_heads], keys, values, scale=attn.scaling, enable_gqa=n_heads != n_kv)  # (1, H, 1, D)
-            out = out.transpose(1, 2)  # (1, 1, H, D)
-        hidden = hidden + f.o(out.reshape(1, 1, f.n_q))
-        gate_up = f.gate_up(f.norm2(hidden))  # (1, 1, 2 I)
-        hidden = hidden + f.down(f.act(gate_up[..., : f.n_inter]) * gate_up[..., f.n_inter :])
+            out = sdpa(q, keys, values, scale=attn.scaling, enable_gqa=n_heads != n_kv)  # (1, H, 1, D)
+        hidden = hidden + f.o(out.reshape(1, 1, f.n_q))  # heads in order either way
+        gate, up = f.gate_up(f.norm2(hidden)).split([f.n_inter, f.n_inter], -1)  # (1, 1, I) each
+        hidden = hidden + f.down(f.act(gate) * up)
     return model.model.norm(hidden)  # (1, 1, Dm)

@@ -194,6 +194,45 @@ def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, amx, monkeyp
     assert torch.equal(packed, plain)  # fused packed products equal the separate ones, bit for bit
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_the_steps_norm_kernel_equals_the_stock_norm_bit_for_bit(model_type, dtype):
+    norm = tiny_beacon_model(model_type=model_type).model.model.layers[0].input_layernorm.to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)) * 0.3 + 1)
+    kernel = _compat.rms_norm_kernel(norm, torch.device("cpu"))
+    assert kernel is not norm  # the fused call
+    g = torch.Generator().manual_seed(2)
+    for scale in (1e-3, 1.0, 40.0):
+        x = (torch.randn(64, 1, norm.weight.numel(), generator=g) * scale).to(dtype)
+        with torch.no_grad():
+            assert all(torch.equal(kernel(row), norm(row)) for row in x)  # (1, Dm) rows, as the step calls it
+
+
+def test_a_hooked_or_gpu_norm_runs_as_itself():
+    norm = tiny_beacon_model().model.model.layers[0].input_layernorm
+    assert _compat.rms_norm_kernel(norm, torch.device("cuda")) is norm
+    norm.register_forward_hook(lambda mod, args, out: out * 2)
+    assert _compat.rms_norm_kernel(norm, torch.device("cpu")) is norm
+
+
+@pytest.mark.parametrize(
+    "head_dim,position",
+    [(8, 0), (16, 5), (64, 70), (64, 30000)],
+)
+def test_the_steps_rope_equals_the_stock_rotate_half_bit_for_bit(head_dim, position):
+    from beacon_llm.attention import rope
+    from beacon_llm.decode import _rotate, _rotation
+
+    g = torch.Generator().manual_seed(head_dim + position)
+    freqs = position / (10000.0 ** (torch.arange(0, head_dim, 2) / head_dim))
+    emb = torch.cat([freqs, freqs])[None, None]  # (1, 1, D): Llama's cos/sin layout
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        x = torch.randn(1, 12, 1, head_dim, generator=g).to(dtype)
+        assert torch.equal(_rotate(x, *_rotation(cos, sin)), rope(x, cos, sin))
+
+
 @pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_bf16)])
 def test_kernels_follow_weights_changed_after_they_were_made(packed):
     bm = _model()

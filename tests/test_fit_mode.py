@@ -101,8 +101,9 @@ def _hf_greedy(model, ids, max_new):
     return out.sequences[0, len(ids) :].tolist(), [x[0].float() for x in out.logits]
 
 
-def test_generate_that_fits_equals_transformers_generate_bit_for_bit():
-    bm = _fit_model()
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_generate_that_fits_equals_transformers_generate_bit_for_bit(model_type):
+    bm = _fit_model(model_type)
     ids = _ids(90, seed=1)
     tokens, logits = _hf_greedy(bm.model, ids, 24)
     cache = bm.new_cache()
