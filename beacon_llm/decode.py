@@ -256,14 +256,14 @@ def _fused_token_step(
         head_dim = attn.head_dim
         n_heads, n_kv = f.n_q // head_dim, f.n_k // head_dim
         qkv = f.qkv(f.norm1(hidden)).view(1, n_heads + 2 * n_kv, 1, head_dim)  # (1, H + 2 KVH, 1, D)
-        qk, v = qkv.split([n_heads + n_kv, n_kv], 1)
-        q, k = _rotate(qk, cos, sin).split([n_heads, n_kv], 1)  # (1, H, 1, D), (1, KVH, 1, D)
+        qk = _rotate(qkv.narrow(1, 0, n_heads + n_kv), cos, sin)  # (1, H + KVH, 1, D)
+        q, k, v = qk.narrow(1, 0, n_heads), qk.narrow(1, n_heads, n_kv), qkv.narrow(1, n_heads + n_kv, n_kv)
         keys, values = append.write(i, k, v)  # (1, KVH, M + 1, D) each
         if linears.fold_queries and n_heads != n_kv:  # query head h reads key/value head h // G, as enable_gqa
             out = sdpa(q.view(1, n_kv, n_heads // n_kv, head_dim), keys, values, scale=attn.scaling)  # (1, KVH, G, D)
         else:
             out = sdpa(q, keys, values, scale=attn.scaling, enable_gqa=n_heads != n_kv)  # (1, H, 1, D)
         hidden = hidden + f.o(out.reshape(1, 1, f.n_q))  # heads in order either way
-        gate, up = f.gate_up(f.norm2(hidden)).split([f.n_inter, f.n_inter], -1)  # (1, 1, I) each
-        hidden = hidden + f.down(f.act(gate) * up)
+        gate_up = f.gate_up(f.norm2(hidden))  # (1, 1, 2 I)
+        hidden = hidden + f.down(f.act(gate_up.narrow(-1, 0, f.n_inter)) * gate_up.narrow(-1, f.n_inter, f.n_inter))
     return model.model.norm(hidden)  # (1, 1, Dm)
