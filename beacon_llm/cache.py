@@ -87,19 +87,18 @@ class MemoryAppend:
 
     def __init__(self, arena: KVArena, start: int, end: int) -> None:
         self.arena, self.start, self.end = arena, start, end
-        self._views: tuple[tuple[torch.Tensor, ...], ...] | None = None
+        self._views: tuple[torch.Tensor, ...] | None = None
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``keys`` (rotated) / ``values`` (B, KVH, end - start, D) of ``layer``; returns that layer's memory
         with them, (B, KVH, end, D) each (views: nothing is copied)."""
-        if self._views is None:  # every layer's views at once: four calls per read instead of four per layer
+        if self._views is None:  # the slices of all layers, made once per read: (L, B, KVH, n, D) views
             a, s, e = self.arena, self.start, self.end
-            parts = (a.keys[..., s:e, :], a.values[..., s:e, :], a.keys[..., :e, :], a.values[..., :e, :])
-            self._views = tuple(t.unbind(0) for t in parts)  # per layer: (B, KVH, n, D) views
+            self._views = (a.keys[..., s:e, :], a.values[..., s:e, :], a.keys[..., :e, :], a.values[..., :e, :])
         new_keys, new_values, all_keys, all_values = self._views
-        new_keys[layer].copy_(keys)
-        new_values[layer].copy_(values)
-        return all_keys[layer], all_values[layer]
+        new_keys.select(0, layer).copy_(keys)  # select, not unbind: its view may be written with grad enabled
+        new_values.select(0, layer).copy_(values)
+        return all_keys.select(0, layer), all_values.select(0, layer)
 
 
 class BeaconCache:

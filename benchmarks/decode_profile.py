@@ -8,6 +8,10 @@ under ``torch.profiler``, whose per-operator self time is grouped into the step'
 * ``small ops``: every other operator (norms, RoPE, residual adds, copies into the cache, views), with their count per
   token: on a CPU where each small operator costs tens of microseconds, their number sets the floor.
 
+Then one norm call as the step makes it, timed alone (as a micro-benchmark times it), right after a product whose
+weights are in cache, and right after another layer's product (weights just streamed from memory, as in the step):
+in the step every small operator follows a product or another operator, not itself, and costs what the last two say.
+
 The profiler adds its own cost per operator, so the parts are shares of the profiled time; the plain ms per token is
 the number to compare with ``cpu_speed``. Results: ``benchmarks/results/decode_profile.json`` (or ``--out``).
 
@@ -56,6 +60,28 @@ def profile_parts(step, tokens: int) -> dict[str, dict[str, float]]:
     return {k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in sorted(parts.items())}
 
 
+def norm_after_cold_weights(linears, hidden: torch.Tensor, calls: int = 300) -> dict[str, float]:
+    """Median microseconds of one decode-step norm call (layer 0's input norm, as the step calls it) run alone, right
+    after the same layer's MLP product each time (weights in cache), and right after another layer's MLP product
+    each time (its weights just streamed from memory, as in the step). hidden: (1, 1, Dm) in the model's dtype."""
+    if linears.packed:
+        norm, products = linears.fused[0].norm1, [f.gate_up for f in linears.fused]
+    else:
+        norm, products = linears.layers[0].norm1, [lin.gate for lin in linears.layers]
+    out = {}
+    for name, before in (("alone", None), ("after_a_cached_product", lambda i: products[0]),
+                         ("after_a_cold_product", lambda i: products[i % len(products)])):  # fmt: skip
+        times = []
+        for i in range(calls):
+            if before is not None:
+                before(i)(hidden)
+            start = time.perf_counter()
+            norm(hidden)
+            times.append(time.perf_counter() - start)
+        out[name] = round(sorted(times)[calls // 2] * 1e6, 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="auto")
@@ -96,6 +122,7 @@ def main() -> None:
             step(i)
         ms = (time.perf_counter() - start) / args.tokens * 1000
         parts = profile_parts(step, args.tokens)
+        norm_us = norm_after_cold_weights(bm._decode_linears(), bm.model.model.embed_tokens(ids[:1][None]))
     weight_bytes = sum(  # the projections a raw token reads (the beacon copies are not read by the decode step)
         m.weight.numel() * m.weight.element_size()
         for name, m in bm.model.named_modules()
@@ -111,10 +138,12 @@ def main() -> None:
         "profiled": parts,
         "linear_weight_bytes": weight_bytes,
         "linear_gb_per_s_profiled": round(weight_bytes / linear_ms / 1e6, 2) if linear_ms else None,
+        "norm_call_us": norm_us,
     }
     print(f"{row['dtype']} after {args.context} tokens ({row['kv_entries']} entries): {ms:.2f} ms/token")
     for name, p in parts.items():
         print(f"  {name:<10} {p['ms_per_token']:7.2f} ms/token (profiled)  {p['calls_per_token']:7.1f} calls/token")
+    print("  one norm call (median us): " + ", ".join(f"{k} {v}" for k, v in norm_us.items()))
     out = Path(args.out) if args.out else RESULTS / f"decode_profile{'_fast' if args.fast else ''}.json"
     data = {"threads": args.threads, "machine": machine_info(args.threads), "rows": []}
     if out.is_file():  # rows of other (dtype, context) kept
