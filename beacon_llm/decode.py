@@ -3,9 +3,8 @@
 Past ``fit-N``'s condensed windows every token is kept raw, so each generated token of the default schedule is this
 step. It runs the stock decoder layer's arithmetic on the token, as transformers does for one token after its KV
 cache, some of it in fewer calls (the norm, RoPE: the same roundings; its logits equal the plain model's bit for
-bit), and writes the token's keys and values straight
-into the cache's memory buffer (``kv_arena``): nothing is concatenated or rebuilt per token, and the Python work per
-token does not grow with the memory.
+bit), and writes the token's keys and values straight into the cache's memory buffer (``kv_arena``): nothing is
+concatenated or rebuilt per token, and the Python work per token does not grow with the memory.
 
 With bf16 weights on the CPU (:func:`should_pack`), the step runs fused instead: the q/k/v and gate/up projections
 as one matrix-vector product each, with weights packed once for oneDNN (:class:`DecodeLinears`, ``packed=True``: at
