@@ -227,16 +227,23 @@ _STOCK_RMS_NORM_FORWARDS = (LlamaRMSNorm.forward, MistralRMSNorm.forward, Qwen2R
 def rms_norm_kernel(norm: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """``norm`` as one call for the decode step: on the CPU a stock RMSNorm runs as ``F.rms_norm`` on float32, whose
     CPU kernel makes the same operations (pow, mean, add, rsqrt, mul) without the Python between them (the same bits;
-    tested against the modules); any other norm, device or a hooked module runs as itself."""
-    stock = type(norm).forward in _STOCK_RMS_NORM_FORWARDS and not (norm._forward_hooks or norm._forward_pre_hooks)
-    if not stock or device.type != "cpu":
+    tested against the modules); any other norm or device, a hooked module or one whose forward was replaced on the
+    instance runs as itself (hooks and the device are checked again at each call)."""
+    stock = type(norm).forward in _STOCK_RMS_NORM_FORWARDS and "forward" not in vars(norm)
+    if not stock or device.type != "cpu" or _hooked(norm):
         return norm
     weight, eps = norm.weight, float(norm.variance_epsilon)
 
     def rms_norm(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or _hooked(norm):  # moved or hooked since: the module itself
+            return norm(x)
         return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
     return rms_norm
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _cpu_flags() -> set[str]:

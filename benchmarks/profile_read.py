@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import machine_info
 from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,6 +95,8 @@ def main() -> None:
         "ratio": args.ratio,
         "window": window,
         "threads": args.threads,
+        "dtype": str(bm.dtype).removeprefix("torch."),
+        "machine": machine_info(args.threads),
         "beacon": profile(beacon_read),
         "plain_same_windows": profile(plain_windows),
     }

@@ -209,11 +209,20 @@ def test_the_steps_norm_kernel_equals_the_stock_norm_bit_for_bit(model_type, dty
             assert all(torch.equal(kernel(row), norm(row)) for row in x)  # (1, Dm) rows, as the step calls it
 
 
-def test_a_hooked_or_gpu_norm_runs_as_itself():
+def test_a_hooked_replaced_or_gpu_norm_runs_as_itself():
     norm = tiny_beacon_model().model.model.layers[0].input_layernorm
     assert _compat.rms_norm_kernel(norm, torch.device("cuda")) is norm
-    norm.register_forward_hook(lambda mod, args, out: out * 2)
+    kernel = _compat.rms_norm_kernel(norm, torch.device("cpu"))
+    x = torch.randn(1, 1, norm.weight.numel())
+    with torch.no_grad():
+        before = kernel(x)
+        assert torch.equal(before, norm(x))
+        norm.register_forward_hook(lambda mod, args, out: out * 2)  # after the kernel was made: seen at the next call
+        assert torch.equal(kernel(x), 2 * before)
     assert _compat.rms_norm_kernel(norm, torch.device("cpu")) is norm
+    other = tiny_beacon_model().model.model.layers[0].input_layernorm
+    other.forward = lambda x: x  # replaced on the instance
+    assert _compat.rms_norm_kernel(other, torch.device("cpu")) is other
 
 
 @pytest.mark.parametrize(
@@ -262,7 +271,13 @@ def test_kernels_follow_weights_changed_after_they_were_made(packed):
         layer = bm.model.model.layers[1].self_attn
         layer.q_proj.weight = torch.nn.Parameter(layer.q_proj.weight.detach() * 0.5)
     assert not bm.__dict__["_decode_inference"].matches(bm.model)
-    assert not torch.equal(step(), changed)
+    replaced = step()
+    assert not torch.equal(replaced, changed)
+    with torch.no_grad():  # and a replaced norm weight (the step's norm kernels hold their weight)
+        norm = bm.model.model.layers[0].post_attention_layernorm
+        norm.weight = torch.nn.Parameter(norm.weight.detach() * 1.5)
+    assert not bm.__dict__["_decode_inference"].matches(bm.model)
+    assert not torch.equal(step(), replaced)
 
 
 def _step_of(bm, ctx):
