@@ -30,6 +30,7 @@ __all__ = [
     "decoder_after_kv",
     "native_bf16_cpu",
     "amx_cpu",
+    "avx512_bf16_cpu",
     "mlp_parts",
     "rms_norm_kernel",
     "pack_linear_weight",
@@ -262,6 +263,14 @@ def native_bf16_cpu() -> bool:
     if all(p is not None for p in probes):
         return any(bool(p()) for p in probes)
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})  # older torch: the flags Linux reports
+
+
+def avx512_bf16_cpu() -> bool:
+    """Whether this CPU has the AVX512-BF16 instructions (vdpbf16ps) that :mod:`beacon_llm.native_matvec` uses."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return "avx512_bf16" in _cpu_flags()
 
 
 def amx_cpu() -> bool:

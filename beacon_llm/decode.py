@@ -6,10 +6,12 @@ cache, some of it in fewer calls (the norm, RoPE: the same roundings; its logits
 bit), and writes the token's keys and values straight into the cache's memory buffer (``kv_arena``): nothing is
 concatenated or rebuilt per token, and the Python work per token does not grow with the memory.
 
-With bf16 weights on the CPU (:func:`should_pack`), the step runs fused instead: the q/k/v and gate/up projections
-as one matrix-vector product each, with weights packed once for oneDNN (:class:`DecodeLinears`, ``packed=True``: at
-the memory-bandwidth limit, where ``F.linear`` on bf16 vectors is slower than fp32) and RoPE on queries and keys
-together: bit for bit the stock bf16 layers still. The packed copy costs as much memory as the linear weights.
+With bf16 weights on a CPU with native bf16 (:func:`decode_products`), the step runs fused instead: the q/k/v and
+gate/up projections as one matrix-vector product each, and RoPE on queries and keys together. The products are
+oneDNN's with weights packed once (``"onednn"``: bit for bit the stock bf16 layers still; the packed copy costs as much
+memory as the linear weights), or, on a CPU with AVX512-BF16 and no AMX, the native kernel of
+:mod:`beacon_llm.native_matvec` (``"native"``: reads the weights in place, about 1.5x oneDNN's bandwidth there; every
+output within one bf16 rounding of the exact product, as oneDNN's, but not always the same rounding).
 Where the CPU has no AMX tiles, the step's attention folds the query heads that share a key/value head into query
 rows of that head (:func:`should_fold_queries`): the same output, each key read once instead of once per query head.
 """
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _compat
+from . import _compat, native_matvec
 from .cache import MemoryAppend
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+PRODUCTS = ("linear", "onednn", "native")  # F.linear on each weight; fused, packed for oneDNN; fused, native kernel
 _PACK_MEMORY_SHARE = 4  # pack only when the packed copy takes at most 1/4 of the memory still available
 
 
@@ -62,20 +65,25 @@ class _LayerLinears:
 
 
 class DecodeLinears:
-    """The decode step's linear kernels for one model's current weights: ``F.linear`` on the weights themselves, or
-    oneDNN with weights packed once (``packed=True``). ``matches(model)`` tells whether they still describe the
-    model's weights (a weight replaced or changed in place makes them stale)."""
+    """The decode step's linear kernels for one model's current weights: ``F.linear`` on each weight
+    (``products="linear"``), or the fused step's products (``"onednn"``: weights packed once; ``"native"``: the native
+    kernel reading them in place). ``matches(model)`` tells whether they still describe the model's weights (a weight
+    replaced or changed in place makes them stale)."""
 
-    def __init__(self, model: nn.Module, *, packed: bool) -> None:
-        self.packed = packed
-        self.fold_queries = packed and should_fold_queries()
+    def __init__(self, model: nn.Module, *, products: str = "linear") -> None:
+        if products not in PRODUCTS:
+            raise ValueError(f"products={products!r}: expected one of {PRODUCTS}")
+        self.products = products
+        self.packed = products != "linear"  # the fused step
+        self.fold_queries = self.packed and should_fold_queries()
         self.layers: list[_LayerLinears] = []
         self.fused: list[_FusedLayer] = []
         self._watched = _watched_weights(model)
-        if packed:
+        if self.packed:
+            product = _native_product if products == "native" else _packed_product
             for layer in model.model.layers:
-                self.fused.append(_fused_layer(layer))
-            self.lm_head = _packed(model.lm_head.weight, model.lm_head.bias)
+                self.fused.append(_fused_layer(layer, product))
+            self.lm_head = product(model.lm_head)
             return
         for layer in model.model.layers:
             attn = layer.self_attn
@@ -101,9 +109,19 @@ class DecodeLinears:
         return all(params.get(name) is p and p._version == version for params, name, p, version in self._watched[1])
 
 
-def _packed(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-    b = None if bias is None else bias.detach()
-    return functools.partial(_compat.packed_linear, weight=_compat.pack_linear_weight(weight.detach()), bias=b)
+def _packed_product(*mods: nn.Linear) -> Linear:
+    """One oneDNN product of the modules' stacked weights (a packed copy)."""
+    weight = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
+    bias = _cat_bias(*mods)
+    return functools.partial(_compat.packed_linear, weight=_compat.pack_linear_weight(weight.detach()), bias=bias)
+
+
+def _native_product(*mods: nn.Linear) -> Linear:
+    """One native-kernel product of the modules' weights, read in place as consecutive row blocks."""
+    kernel = native_matvec.matvec()
+    if kernel is None:
+        raise RuntimeError(f"the native bf16 kernel is not available: {native_matvec.unavailable()}")
+    return kernel.linear([(m.weight, m.bias) for m in mods])
 
 
 def _cat_bias(*mods: nn.Linear) -> torch.Tensor | None:
@@ -118,16 +136,16 @@ def _norms(layer: nn.Module) -> tuple[Linear, Linear]:
     return tuple(_compat.rms_norm_kernel(n, device) for n in (layer.input_layernorm, layer.post_attention_layernorm))
 
 
-def _fused_layer(layer: nn.Module) -> _FusedLayer:
+def _fused_layer(layer: nn.Module, product: Callable[..., Linear]) -> _FusedLayer:
     attn = layer.self_attn
     gate, up, down, act = _compat.mlp_parts(layer.mlp)
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     norm1, norm2 = _norms(layer)
     return _FusedLayer(
-        qkv=_packed(torch.cat([q.weight, k.weight, v.weight]), _cat_bias(q, k, v)),
-        o=_packed(attn.o_proj.weight, attn.o_proj.bias),
-        gate_up=_packed(torch.cat([gate.weight, up.weight]), _cat_bias(gate, up)),
-        down=_packed(down.weight, down.bias),
+        qkv=product(q, k, v),
+        o=product(attn.o_proj),
+        gate_up=product(gate, up),
+        down=product(down),
         act=act,
         norm1=norm1,
         norm2=norm2,
@@ -154,17 +172,34 @@ def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str,
     return (model.lm_head, watched)
 
 
-def should_pack(model: nn.Module) -> bool:
-    """Pack the decode weights for oneDNN: bf16 weights on a CPU with native bf16, the packed kernels present, and
-    the packed copy (as large as the linear weights) within a quarter of the memory still available."""
+def decode_products(model: nn.Module) -> str:
+    """The products of the inference decode step (:data:`PRODUCTS`), decided when its kernels are made: ``"linear"``
+    unless the model has bf16 weights on a CPU with native bf16 and plain (unwrapped, unhooked) projections; then
+    ``"native"`` on a CPU with AVX512-BF16 and no AMX tiles where the kernel builds (measured there:
+    ``benchmarks/decode_matvec.py``; with AMX, oneDNN's packed product is the one measured fast), else ``"onednn"``
+    where its packed kernels exist and the packed copy (as large as the linear weights) takes at most a quarter of
+    the memory still available."""
     weight = model.lm_head.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-        return False
-    if not (_compat.native_bf16_cpu() and _compat.packed_linear_available()):
-        return False
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _compat.native_bf16_cpu():
+        return "linear"
+    if not _plain_projections(model):
+        return "linear"  # a wrapped or hooked projection runs as itself
+    if _compat.avx512_bf16_cpu() and not _compat.amx_cpu() and native_matvec.matvec() is not None:
+        return "native"
+    if not _compat.packed_linear_available():
+        return "linear"
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
     available = _available_memory()
-    return available is None or nbytes * _PACK_MEMORY_SHARE <= available
+    return "onednn" if available is None or nbytes * _PACK_MEMORY_SHARE <= available else "linear"
+
+
+def _plain_projections(model: nn.Module) -> bool:
+    """Whether every projection the fused step reads is a plain ``nn.Linear`` without hooks."""
+    mods = [model.lm_head]
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
 
 
 def should_fold_queries() -> bool:

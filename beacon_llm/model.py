@@ -25,7 +25,7 @@ from . import _compat
 from .attention import StepTensors, layer_step, rope
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
-from .decode import DecodeLinears, raw_token_step, should_pack
+from .decode import DecodeLinears, decode_products, raw_token_step
 from .generation import GenerateOutput, generate
 from .layers import attach_beacon_modules, attach_memory_gates, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
@@ -637,13 +637,14 @@ class BeaconModel:
 
     def _decode_linears(self) -> DecodeLinears:
         """The decode step's linear kernels for the current weights, made once and made again after a weight
-        changes: packed for oneDNN when :func:`beacon_llm.decode.should_pack` says so (decided when they are made)
-        and no gradient is needed, else ``F.linear`` on the weights themselves."""
+        changes: the fused products :func:`beacon_llm.decode.decode_products` chooses (decided when they are made)
+        when no gradient is needed, else ``F.linear`` on the weights themselves."""
         key = "_decode" if torch.is_grad_enabled() else "_decode_inference"
         with self._decode_lock:
             found = self.__dict__.get(key)
             if found is None or not found.matches(self.model):
-                found = DecodeLinears(self.model, packed=key == "_decode_inference" and should_pack(self.model))
+                products = decode_products(self.model) if key == "_decode_inference" else "linear"
+                found = DecodeLinears(self.model, products=products)
                 self.__dict__[key] = found
             return found
 

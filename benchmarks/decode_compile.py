@@ -1,7 +1,7 @@
 """Does ``torch.compile`` pay for the decode step? The embedded model after 512 tokens of the bundled book, one process:
-the decode step as shipped (eager; fused packed oneDNN kernels when the weights are bf16 on a CPU with native bf16),
-the same step with ``F.linear`` kernels, and that step compiled by inductor (``dynamic=True``, ``freezing`` so that
-inductor packs the weights itself; inductor cannot take the already-packed weights). Reported: milliseconds per
+the decode step as shipped (eager; fused products, oneDNN packed or native, for bf16 weights on a CPU with native
+bf16), the same step with ``F.linear`` kernels, and that step compiled by inductor (``dynamic=True``, ``freezing``
+so that inductor packs the weights itself; inductor cannot take the already-packed weights). Reported: milliseconds per
 token and the compile time (paid at the first generated token of every process).
 
     python benchmarks/decode_compile.py                 # bf16 where native, 2 threads
@@ -60,15 +60,15 @@ def main() -> None:
         return round((time.perf_counter() - t) / n * 1000, 2)
 
     shipped = decode.raw_token_step
-    plain = decode.DecodeLinears(bm.model, packed=False)
+    plain = decode.DecodeLinears(bm.model)
     with torch.no_grad():
-        packed = bm._decode_linears().packed
-    rows = {"shipped": {"packed_kernels": packed, "ms_per_token": ms_per_token(args.tokens)}}
+        products = bm._decode_linears().products
+    rows = {"shipped": {"products": products, "ms_per_token": ms_per_token(args.tokens)}}
     try:
         model_module.raw_token_step = lambda m, linears, tok, append, attention: shipped(
             m, plain, tok, append, attention
         )
-        rows["f_linear"] = {"packed_kernels": False, "ms_per_token": ms_per_token(args.tokens)}
+        rows["f_linear"] = {"products": "linear", "ms_per_token": ms_per_token(args.tokens)}
         compiled = torch.compile(shipped, dynamic=True, options={"freezing": True})
         model_module.raw_token_step = lambda m, linears, tok, append, attention: compiled(
             m, plain, tok, append, attention
@@ -78,7 +78,7 @@ def main() -> None:
             ms_per_token(1)
             compile_s = round(time.perf_counter() - t0, 1)
             rows["compiled"] = {
-                "packed_kernels": False,
+                "products": "linear",
                 "compile_s": compile_s,
                 "ms_per_token": ms_per_token(args.tokens),
             }

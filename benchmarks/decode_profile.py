@@ -3,7 +3,8 @@ at a time through ``bm.forward([token], cache)`` (the decode step that ``generat
 under ``torch.profiler``, whose per-operator self time is grouped into the step's parts:
 
 * ``linear`` (the packed oneDNN products, or ``aten::linear`` / ``addmm`` / ``mm`` in fp32), with the bytes of weights
-  read per token and the bytes per second they reach;
+  read per token and the bytes per second they reach; the native kernel's products (``products: native``) are not
+  torch operators, so the profiler does not see them (``benchmarks/decode_matvec.py`` times them);
 * ``attention`` (the SDPA kernel);
 * ``small ops``: every other operator (norms, RoPE, residual adds, copies into the cache, views), with their count per
   token: on a CPU where each small operator costs tens of microseconds, their number sets the floor.
@@ -123,6 +124,7 @@ def main() -> None:
         ms = (time.perf_counter() - start) / args.tokens * 1000
         parts = profile_parts(step, args.tokens)
         norm_us = norm_after_cold_weights(bm._decode_linears(), bm.model.model.embed_tokens(ids[:1][None]))
+        products = bm._decode_linears().products
     weight_bytes = sum(  # the projections a raw token reads (the beacon copies are not read by the decode step)
         m.weight.numel() * m.weight.element_size()
         for name, m in bm.model.named_modules()
@@ -131,6 +133,7 @@ def main() -> None:
     linear_ms = parts.get("linear", {}).get("ms_per_token", 0.0)
     row = {
         "dtype": str(bm.dtype).removeprefix("torch."),
+        "products": products,
         "context_tokens": args.context,
         "kv_entries": cache.memory_length,
         "ms_per_token": round(ms, 2),

@@ -1,6 +1,7 @@
 """The decode step (``beacon_llm.decode``) and the memory buffer it writes into (``beacon_llm.kv_arena``): appends in
-place, forks that never see each other's tokens, a failed step that leaves the cache as it was, the packed bf16
-kernels against the plain ones, weights changed after the kernels were made, and ``dtype="auto"``."""
+place, forks that never see each other's tokens, a failed step that leaves the cache as it was, the fused bf16
+kernels (oneDNN packed, native) against the plain ones, weights changed after the kernels were made, and
+``dtype="auto"``."""
 
 import copy
 import pickle
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import beacon_llm
-from beacon_llm import BeaconConfig, _compat
-from beacon_llm.decode import DecodeLinears, should_pack
+from beacon_llm import BeaconConfig, _compat, native_matvec
+from beacon_llm.decode import DecodeLinears, decode_products
 from beacon_llm.kv_arena import KVArena, grown_capacity
 from beacon_llm.serialization import resolve_dtype
 from beacon_llm.testing import tiny_beacon_model
@@ -164,6 +165,26 @@ needs_bf16 = pytest.mark.skipif(
     not (_compat.native_bf16_cpu() and _compat.packed_linear_available()),
     reason="packed bf16 kernels need a CPU with native bf16 (AVX512-BF16 / AMX) and oneDNN",
 )
+needs_native = pytest.mark.skipif(
+    native_matvec.unavailable() is not None, reason=f"native bf16 kernel: {native_matvec.unavailable()}"
+)
+
+
+def _force_products(monkeypatch, bm, products):
+    """Make the inference step's kernels again with ``products`` (the choice :func:`decode_products` would make)."""
+    monkeypatch.setattr(beacon_llm.model, "decode_products", lambda model: products)
+    bm.__dict__.pop("_decode_inference", None)
+
+
+def _logits_of_a_decode(bm, n_context=40, n_tokens=12):
+    cache = bm.new_cache()
+    with torch.no_grad():
+        logits = [
+            bm.forward(_ids(n_context, seed=6), cache, planned_length=80, return_token_logprobs=False).last_logits
+        ]
+        for t in _ids(n_tokens, seed=7).tolist():
+            logits.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
+    return torch.stack(logits)  # (1 + n_tokens, V)
 
 
 @needs_bf16
@@ -173,25 +194,32 @@ def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, amx, monkeyp
     monkeypatch.setattr(_compat, "amx_cpu", lambda: amx)  # without AMX the step's attention folds the query heads
     bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128)
     bm.model.to(torch.bfloat16)
-    assert should_pack(bm.model)
-    ctx = _ids(40, seed=6)
-
-    def run():
-        cache = bm.new_cache()
-        with torch.no_grad():
-            logits = [bm.forward(ctx, cache, planned_length=80, return_token_logprobs=False).last_logits]
-            for t in _ids(12, seed=7).tolist():
-                logits.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
-        return torch.stack(logits)
-
-    packed = run()
-    assert bm.__dict__["_decode_inference"].packed
+    assert decode_products(bm.model) in ("onednn", "native")
+    _force_products(monkeypatch, bm, "onednn")
+    packed = _logits_of_a_decode(bm)
+    assert bm.__dict__["_decode_inference"].products == "onednn"
     assert bm.__dict__["_decode_inference"].fold_queries == (not amx)
-    monkeypatch.setattr(beacon_llm.model, "should_pack", lambda model: False)
-    bm.__dict__.pop("_decode_inference")
-    plain = run()
+    _force_products(monkeypatch, bm, "linear")
+    plain = _logits_of_a_decode(bm)
     assert not bm.__dict__["_decode_inference"].packed
     assert torch.equal(packed, plain)  # fused packed products equal the separate ones, bit for bit
+
+
+@needs_native
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_native_bf16_step_stays_within_bf16_rounding_of_the_stock_layers(model_type, monkeypatch):
+    bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128)
+    bm.model.to(torch.bfloat16)
+    _force_products(monkeypatch, bm, "native")
+    native = _logits_of_a_decode(bm)
+    assert bm.__dict__["_decode_inference"].products == "native"
+    _force_products(monkeypatch, bm, "linear")
+    plain = _logits_of_a_decode(bm)
+    # the products differ from oneDNN's in some last bf16 bits, which the layers carry on: the logits stay within a
+    # few bf16 steps of the stock ones (a wrong product, bias or row block would move them by far more)
+    scale = plain.abs().amax(-1, keepdim=True)  # (T, 1)
+    assert ((native - plain).abs() <= 4 * 2.0**-7 * scale).all()
+    assert (native.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -242,11 +270,14 @@ def test_the_steps_rope_equals_the_stock_rotate_half_bit_for_bit(head_dim, posit
         assert torch.equal(_rotate(x, *_rotation(cos, sin)), rope(x, cos, sin))
 
 
-@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_bf16)])
-def test_kernels_follow_weights_changed_after_they_were_made(packed):
+@pytest.mark.parametrize(
+    "products", ["linear", pytest.param("onednn", marks=needs_bf16), pytest.param("native", marks=needs_native)]
+)
+def test_kernels_follow_weights_changed_after_they_were_made(products, monkeypatch):
     bm = _model()
-    if packed:
+    if products != "linear":
         bm.model.to(torch.bfloat16)
+        _force_products(monkeypatch, bm, products)
     ctx = _ids(30, seed=8)
 
     def step():
@@ -258,7 +289,7 @@ def test_kernels_follow_weights_changed_after_they_were_made(packed):
     before = step()
     with torch.no_grad():
         made = bm._decode_linears()
-    assert made.packed == packed
+    assert made.products == products
     with torch.no_grad():
         bm.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # in place
     assert not made.matches(bm.model)
@@ -287,19 +318,51 @@ def _step_of(bm, ctx):
         return bm.forward([11], cache, return_token_logprobs=False).last_logits
 
 
-def test_only_bf16_cpu_models_are_packed(monkeypatch):
+def test_only_bf16_cpu_models_with_plain_projections_get_fused_products(monkeypatch):
     bm = _model()
-    assert not should_pack(bm.model)  # fp32
-    assert not DecodeLinears(bm.model, packed=False).packed
+    assert decode_products(bm.model) == "linear"  # fp32
+    assert not DecodeLinears(bm.model).packed
     bm.model.to(torch.bfloat16)
     monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: False)
-    assert not should_pack(bm.model)  # emulated bf16: no packing
+    assert decode_products(bm.model) == "linear"  # emulated bf16: no fused products
+    monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(native_matvec, "matvec", lambda: None)  # no native kernel here: oneDNN where it fits
     if _compat.packed_linear_available():
-        monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: True)
         monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 10 * 2**30)
-        assert should_pack(bm.model)
+        assert decode_products(bm.model) == "onednn"
         monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 1000)  # the copy would not fit
-        assert not should_pack(bm.model)
+        assert decode_products(bm.model) == "linear"
+        monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 10 * 2**30)
+    handle = bm.model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
+    assert decode_products(bm.model) == "linear"  # a hooked projection runs as itself
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16,amx,built,expected",
+    [
+        (True, False, True, "native"),  # AVX512-BF16 without AMX (AMD Zen 4): the native kernel
+        (True, True, True, "onednn"),  # AMX: oneDNN's packed product
+        (True, False, False, "onednn"),  # the kernel did not build: oneDNN
+        (False, True, True, "onednn"),  # AMX alone
+    ],
+)
+def test_the_native_kernel_is_chosen_on_avx512_bf16_without_amx(avx512_bf16, amx, built, expected, monkeypatch):
+    if not _compat.packed_linear_available():
+        pytest.skip("oneDNN's packed kernels are not in this torch")
+    bm = _model()
+    bm.model.to(torch.bfloat16)
+    monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(_compat, "avx512_bf16_cpu", lambda: avx512_bf16)
+    monkeypatch.setattr(_compat, "amx_cpu", lambda: amx)
+    monkeypatch.setattr(native_matvec, "matvec", lambda: object() if built else None)
+    monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 10 * 2**30)
+    assert decode_products(bm.model) == expected
+
+
+def test_decode_linears_refuses_unknown_products():
+    with pytest.raises(ValueError, match="products='fast'"):
+        DecodeLinears(_model().model, products="fast")
 
 
 # ---------------------------------------------------------------------- dtype="auto"
@@ -342,9 +405,10 @@ def test_load_defaults_to_auto(native, expected, monkeypatch, tmp_path):
 
 
 @needs_bf16
-def test_packed_bf16_decoding_equals_transformers_bf16_generate_bit_for_bit():
+def test_packed_bf16_decoding_equals_transformers_bf16_generate_bit_for_bit(monkeypatch):
     bm = tiny_beacon_model(FIT, max_position_embeddings=128)
     bm.model.to(torch.bfloat16)
+    _force_products(monkeypatch, bm, "onednn")
     ids = _ids(90, seed=9)
     hf = bm.model.generate(ids[None], max_new_tokens=16, do_sample=False, eos_token_id=127, output_logits=True,
                            return_dict_in_generate=True)  # fmt: skip
@@ -354,5 +418,5 @@ def test_packed_bf16_decoding_equals_transformers_bf16_generate_bit_for_bit():
         ours = [bm.forward(ids, cache, planned_length=106, return_token_logprobs=False).last_logits]
         for t in tokens[:-1]:
             ours.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
-    assert bm.__dict__["_decode_inference"].packed
+    assert bm.__dict__["_decode_inference"].products == "onednn"
     assert all(torch.equal(a, b[0].float()) for a, b in zip(ours, hf.logits))

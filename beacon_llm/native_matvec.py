@@ -1,0 +1,241 @@
+"""The decode step's native bf16 matrix-vector product (docs/design.md §8, "The native product").
+
+A generated token reads every linear weight once, so its products run at the speed the weights stream from memory.
+On CPUs with AVX512-BF16 but no AMX (AMD Zen 4) oneDNN's packed bf16 product streams them at 15-19 GB/s on 2 cores,
+where the memory gives 30+. ``kernels/matvec_bf16.c`` keeps the stream full (float32 accumulation, one bf16 rounding
+per output, software prefetch; ``benchmarks/decode_matvec.py`` measures both). It is compiled once per machine with
+the C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and linked against
+the OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing (no compiler,
+another CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the step keeps oneDNN; :func:`unavailable`
+says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import _compat
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "matvec_bf16.c"
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-fPIC")
+DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
+_BUILD_TIMEOUT_S = 300
+_load_lock = threading.Lock()
+
+
+class NativeLinear:
+    """``F.linear(x, cat(weights), cat(biases))`` for bf16 vectors on the CPU through the native kernel, reading the
+    row blocks in place (q, k, v as one product without a concatenated copy). Holds its own references to the
+    weights, so the pointers stay valid while it lives."""
+
+    __slots__ = ("_function", "_keep", "_blocks", "_biases", "_rows", "_n_blocks", "in_features", "out_features")
+
+    def __init__(self, function, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        weights = [w.detach().contiguous() for w, _ in blocks]  # (rows_i, K) each
+        in_features = weights[0].shape[-1]
+        for w in weights:
+            if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != in_features:
+                raise ValueError(
+                    f"the native kernel multiplies 2-D bf16 CPU weights with {in_features} columns, got "
+                    f"{tuple(w.shape)} {w.dtype} on {w.device}; use F.linear for this weight"
+                )
+        biases = [None if b is None else b.detach().to(torch.bfloat16).contiguous() for _, b in blocks]
+        self._function = function
+        self._keep = (weights, biases)
+        self._n_blocks = len(weights)
+        self._blocks = (ctypes.c_void_p * self._n_blocks)(*(w.data_ptr() for w in weights))
+        self._biases = (ctypes.c_void_p * self._n_blocks)(*(None if b is None else b.data_ptr() for b in biases))
+        self._rows = (ctypes.c_long * self._n_blocks)(*(w.shape[0] for w in weights))
+        self.in_features = in_features
+        self.out_features = sum(w.shape[0] for w in weights)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) bf16 -> (..., N) bf16, one kernel call per row of x."""
+        if x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features or x.device.type != "cpu":
+            raise ValueError(
+                f"expected a bf16 CPU input with {self.in_features} features, got {tuple(x.shape)} {x.dtype} on "
+                f"{x.device}"
+            )
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)  # (..., N)
+        threads = torch.get_num_threads()
+        x_ptr, y_ptr = x.data_ptr(), y.data_ptr()
+        for row in range(x.numel() // self.in_features):
+            self._function(
+                self._blocks,
+                self._biases,
+                self._rows,
+                self._n_blocks,
+                x_ptr + 2 * row * self.in_features,
+                y_ptr + 2 * row * self.out_features,
+                self.in_features,
+                threads,
+            )
+        return y
+
+
+class NativeMatvec:
+    """The loaded kernel library (``path``); :meth:`linear` makes a product from weight row blocks."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        function = ctypes.CDLL(str(path)).beacon_matvec_bf16  # CDLL calls release the GIL
+        function.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_int,
+        ]
+        function.restype = None
+        self._function = function
+
+    def linear(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> NativeLinear:
+        """The product ``x -> x @ cat(W_i).T + cat(b_i)`` of the (weight, bias or None) row blocks."""
+        return NativeLinear(self._function, blocks)
+
+
+def unavailable() -> str | None:
+    """Why the native kernel cannot be used here (None when it can). Builds it on first call (once per machine)."""
+    return _platform_reason() or _load_or_reason(str(_kernel_dir()))[1]
+
+
+def matvec() -> NativeMatvec | None:
+    """The native kernel, built and loaded on first use; None where :func:`unavailable` gives a reason."""
+    return None if _platform_reason() else _load_or_reason(str(_kernel_dir()))[0]
+
+
+def _kernel_dir() -> Path:
+    from .embedded import home
+
+    return home() / "kernels"
+
+
+@functools.cache
+def _load_or_reason(kernel_dir: str) -> tuple[NativeMatvec | None, str | None]:
+    with _load_lock:
+        runtime = _openmp_runtime()
+        if runtime is None:
+            reason = "torch's OpenMP runtime (libgomp) is not loaded in this process"
+            logger.info("native bf16 kernel not used: %s", reason)
+            return None, reason
+        try:
+            path = _build(Path(kernel_dir), runtime)
+            kernel = NativeMatvec(path)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            reason = f"building or loading {SOURCE.name} failed: {exc}"
+            logger.info("native bf16 kernel not used: %s", reason)
+            return None, reason
+        runtimes = _openmp_runtimes_loaded()
+        if len(runtimes) != 1:
+            reason = f"more than one OpenMP runtime is loaded ({sorted(runtimes)})"
+            logger.warning("native bf16 kernel not used: %s", reason)
+            return None, reason
+        reason = _self_check(kernel)
+        if reason is not None:
+            logger.warning("native bf16 kernel not used: %s", reason)
+            return None, reason
+        return kernel, None
+
+
+def _platform_reason() -> str | None:
+    if os.environ.get(DISABLE_ENV, "").strip() in ("0", "false", "no", "off"):
+        return f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is built for Linux on x86-64, this is {sys.platform} on {platform.machine()}"
+    if not _compat.avx512_bf16_cpu():
+        return "this CPU has no AVX512-BF16"
+    return None
+
+
+def _openmp_runtimes_loaded() -> set[str]:
+    """The distinct libgomp files mapped into this process (Linux ``/proc/self/maps``)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        return set()
+    return {os.path.realpath(p) for p in paths if p.startswith("/")}
+
+
+def _openmp_runtime() -> Path | None:
+    """The libgomp torch loaded (the kernel links against this very file, so the loader reuses it)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    runtimes = _openmp_runtimes_loaded()
+    return Path(next(iter(runtimes))) if len(runtimes) == 1 else None
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC"), "cc", "gcc"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    raise RuntimeError("no C compiler found ($CC, cc or gcc); install one (e.g. apt install gcc) to build it")
+
+
+def _build(kernel_dir: Path, runtime: Path) -> Path:
+    """Compile the kernel into ``kernel_dir/<digest>/`` unless already there (written under a unique temporary name
+    and renamed, so concurrent builds never load a partial file). The digest covers the source, the flags, the
+    compiler and the OpenMP runtime linked."""
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(
+        b"\0".join([source, " ".join(COMPILE_FLAGS).encode(), version.encode(), str(runtime).encode()])
+    ).hexdigest()[:16]
+    target = kernel_dir / digest / "libbeacon_matvec_bf16.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building the native bf16 matrix-vector kernel with %s (once per machine)", compiler)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        obj, lib = Path(work) / "matvec.o", Path(work) / target.name
+        _run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+        # link the runtime torch loaded by its path (not -lgomp): the loader then reuses it by its soname
+        _run([compiler, "-shared", "-fPIC", str(obj), str(runtime), "-o", str(lib)])
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lib-", suffix=".so")
+        os.close(fd)
+        shutil.copyfile(lib, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise RuntimeError(f"{' '.join(command[:1])} exited with {done.returncode}: {lines[-1] if lines else ''}")
+
+
+def _self_check(kernel: NativeMatvec) -> str | None:
+    """Multiply a small random matrix (rows and columns not multiples of the kernel's blocks, two row blocks, a
+    bias) and compare with float64: every output within one bf16 rounding step of the exact value."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(13, 75, generator=g).bfloat16(), torch.randn(6, 75, generator=g).bfloat16()
+    b2 = torch.randn(6, generator=g).bfloat16()
+    x = torch.randn(1, 75, generator=g).bfloat16()
+    got = kernel.linear([(w1, None), (w2, b2)])(x).double()  # (1, 19)
+    exact = x.double() @ torch.cat([w1, w2]).double().T + torch.cat([torch.zeros(13), b2.float()]).double()
+    ulp = exact.abs().clamp_min(1e-30) * 2.0**-7  # one bf16 step at the exact value's magnitude
+    if not bool(((got - exact).abs() <= ulp).all()):
+        return "its self-check against float64 failed"
+    return None
