@@ -266,7 +266,7 @@ def native_bf16_cpu() -> bool:
 
 
 def avx512_bf16_cpu() -> bool:
-    """Whether this CPU has the AVX512-BF16 instructions (vdpbf16ps) that :mod:`beacon_llm.native_matvec` uses."""
+    """Whether this CPU has the AVX512-BF16 instructions (vdpbf16ps) that :mod:`beacon_llm.native_kernels` uses."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     if probe is not None:
         return bool(probe())

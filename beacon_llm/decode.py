@@ -9,9 +9,10 @@ concatenated or rebuilt per token, and the Python work per token does not grow w
 With bf16 weights on a CPU with native bf16 (:func:`decode_products`), the step runs fused instead: the q/k/v and
 gate/up projections as one matrix-vector product each, and RoPE on queries and keys together. The products are
 oneDNN's with weights packed once (``"onednn"``: bit for bit the stock bf16 layers still; the packed copy costs as much
-memory as the linear weights), or, on a CPU with AVX512-BF16 and no AMX, the native kernel of
-:mod:`beacon_llm.native_matvec` (``"native"``: reads the weights in place, about 1.5x oneDNN's bandwidth there; every
-output within one bf16 rounding of the exact product, as oneDNN's, but not always the same rounding).
+memory as the linear weights), or, on a CPU with AVX512-BF16 and no AMX, the native kernels of
+:mod:`beacon_llm.native_kernels` (``"native"``: products that read the weights in place and one token's attention,
+each near the memory's speed there; every output within one bf16 rounding of the exact value, as the stock kernels',
+but not always the same rounding).
 Where the CPU has no AMX tiles, the step's attention folds the query heads that share a key/value head into query
 rows of that head (:func:`should_fold_queries`): the same output, each key read once instead of once per query head.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _compat, native_matvec
+from . import _compat, native_kernels
 from .cache import MemoryAppend
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -76,6 +77,8 @@ class DecodeLinears:
         self.products = products
         self.packed = products != "linear"  # the fused step
         self.fold_queries = self.packed and should_fold_queries()
+        # one token's attention over the memory: the native kernel with the native products, else torch's SDPA
+        self.native_attention = native_kernels.kernels() if products == "native" else None
         self.layers: list[_LayerLinears] = []
         self.fused: list[_FusedLayer] = []
         self._watched = _watched_weights(model)
@@ -118,9 +121,9 @@ def _packed_product(*mods: nn.Linear) -> Linear:
 
 def _native_product(*mods: nn.Linear) -> Linear:
     """One native-kernel product of the modules' weights, read in place as consecutive row blocks."""
-    kernel = native_matvec.matvec()
+    kernel = native_kernels.kernels()
     if kernel is None:
-        raise RuntimeError(f"the native bf16 kernel is not available: {native_matvec.unavailable()}")
+        raise RuntimeError(f"the native bf16 kernels are not available: {native_kernels.unavailable()}")
     return kernel.linear([(m.weight, m.bias) for m in mods])
 
 
@@ -184,7 +187,7 @@ def decode_products(model: nn.Module) -> str:
         return "linear"
     if not _plain_projections(model):
         return "linear"  # a wrapped or hooked projection runs as itself
-    if _compat.avx512_bf16_cpu() and not _compat.amx_cpu() and native_matvec.matvec() is not None:
+    if _compat.avx512_bf16_cpu() and not _compat.amx_cpu() and native_kernels.kernels() is not None:
         return "native"
     if not _compat.packed_linear_available():
         return "linear"
@@ -294,8 +297,12 @@ def _fused_token_step(
         qk = _rotate(qkv.narrow(1, 0, n_heads + n_kv), cos, sin)  # (1, H + KVH, 1, D)
         q, k, v = qk.narrow(1, 0, n_heads), qk.narrow(1, n_heads, n_kv), qkv.narrow(1, n_heads + n_kv, n_kv)
         keys, values = append.write(i, k, v)  # (1, KVH, M + 1, D) each
-        if linears.fold_queries and n_heads != n_kv:  # query head h reads key/value head h // G, as enable_gqa
-            out = sdpa(q.view(1, n_kv, n_heads // n_kv, head_dim), keys, values, scale=attn.scaling)  # (1, KVH, G, D)
+        folded = q.view(1, n_kv, n_heads // n_kv, head_dim)  # query head h reads key/value head h // G (enable_gqa)
+        native = linears.native_attention
+        if native is not None and native.attention_fits(folded, keys, values):
+            out = native.attention(folded, keys, values, attn.scaling)  # (1, KVH, G, D)
+        elif linears.fold_queries and n_heads != n_kv:
+            out = sdpa(folded, keys, values, scale=attn.scaling)  # (1, KVH, G, D)
         else:
             out = sdpa(q, keys, values, scale=attn.scaling, enable_gqa=n_heads != n_kv)  # (1, H, 1, D)
         hidden = hidden + f.o(out.reshape(1, 1, f.n_q))  # heads in order either way

@@ -1,11 +1,16 @@
-"""The decode step's bf16 products: oneDNN's packed kernel against the native kernel (``beacon_llm.native_matvec``),
+"""The decode step's bf16 products: oneDNN's packed kernel against the native kernel (``beacon_llm.native_kernels``),
 on the embedded model's own weights, in one process, alternating so that both see the same machine state.
 
 1. ``products``: one pass over every product a generated token makes (30 layers x q/k/v, o, gate/up, down, and the
    output head), each kernel in turn, ``--rounds`` times: milliseconds per pass and GB/s of weights read.
-2. ``decode``: tokens per second of the decode step after ``--contexts`` tokens of the bundled book, with each
-   kind of product, alternating ``--rounds`` times.
-3. ``agreement``: after 4,096 tokens of two books no training saw (the bundled Wizard of Oz, the KJV excerpt),
+2. ``attention``: one pass over every layer's attention of one token to ``--entries`` memory entries (random keys
+   and values, one buffer per layer, in the embedded model's shape: 3 key/value heads of 64 with 3 query rows each),
+   torch's SDPA on the folded queries (the stock step's call) against the native kernel: milliseconds per pass and
+   GB/s of keys and values read.
+3. ``decode``: tokens per second of the decode step after ``--contexts`` tokens of the bundled book, alternating
+   ``--rounds`` times: oneDNN's products with torch's attention (``onednn``), the native products with torch's
+   attention (``native_products``), and both native kernels (``native``, what the step runs here).
+4. ``agreement``: after 4,096 tokens of two books no training saw (the bundled Wizard of Oz, the KJV excerpt),
    ``--decode`` greedy tokens of the float32 model as the reference, and for each bf16 kind of product: how many of
    its own greedy tokens agree with the reference and where the first difference is, and, teacher-forced on the
    reference's tokens, the mean and largest difference of the chosen token's log-probability from float32's. Both
@@ -13,7 +18,7 @@ on the embedded model's own weights, in one process, alternating so that both se
    Native against oneDNN directly, too.
 
     python benchmarks/decode_matvec.py --out benchmarks/results/decode_matvec_amd_epyc.json   # about 10 minutes
-    python benchmarks/decode_matvec.py --only-agreement --out ...     # part 3 alone, parts 1-2 kept from the file
+    python benchmarks/decode_matvec.py --only-agreement --out ...     # part 4 alone, parts 1-3 kept from the file
     python benchmarks/decode_matvec.py --fast          # tiny model (CI smoke run; the kernel where it builds)
 """
 
@@ -100,9 +105,43 @@ def tiny_fp32(bm):
     return ref
 
 
+def time_attention(entries: list[int], rounds: int, layers: int) -> list[dict]:
+    """Per memory length: milliseconds per pass over ``layers`` attention calls, SDPA (folded) and native."""
+    from beacon_llm import native_kernels
+
+    kernel = native_kernels.kernels()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    for m in entries:
+        g = torch.Generator().manual_seed(m)
+        q = torch.randn(1, 3, 3, 64, generator=g).bfloat16()
+        memory = [torch.randn(2, 1, 3, m, 64, generator=g).bfloat16() for _ in range(layers)]  # keys, values
+        calls = {
+            "sdpa": lambda kv: sdpa(q, kv[0], kv[1], scale=0.125),
+            "native": lambda kv: kernel.attention(q, kv[0], kv[1], 0.125),
+        }
+        times = {k: [] for k in calls}
+        for _ in range(rounds + 1):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                for kv in memory:
+                    call(kv)
+                times[name].append((time.perf_counter() - start) * 1000)
+        nbytes = sum(kv.numel() * kv.element_size() for kv in memory)
+        row = {"entries": m, "kv_bytes": nbytes}
+        for name, ts in times.items():
+            ms = statistics.median(ts[1:])  # the first pass warms up
+            row[name] = {"median_ms": round(ms, 2), "gb_per_s": round(nbytes / ms / 1e6, 1)}
+        rows.append(row)
+        print(f"attention over {m} entries x {layers} layers: " +
+              ", ".join(f"{k} {row[k]['median_ms']} ms ({row[k]['gb_per_s']} GB/s)" for k in calls))  # fmt: skip
+    return rows
+
+
 def speed_parts(bm, books, kinds, linears, args, result) -> None:
-    """Parts 1 and 2: the products alone, then the decode step, each kind in turn."""
+    """Parts 1 to 3: the products alone, the attention alone, then the decode step, each kind in turn."""
     import beacon_llm
+    from beacon_llm.decode import DecodeLinears
 
     # 1. the products alone
     weight_bytes = sum(
@@ -124,15 +163,24 @@ def speed_parts(bm, books, kinds, linears, args, result) -> None:
     for k, r in rows.items():
         print(f"products {k:<7} {r['median_ms']:7.2f} ms per token's products  {r['gb_per_s']:5.1f} GB/s")
 
-    # 2. decode speed, alternating
+    # 2. the attention alone
+    if "native" in kinds:
+        result["attention"] = time_attention(args.entries, args.rounds, len(bm.model.model.layers))
+
+    # 3. decode speed, alternating
+    variants = dict(linears)
+    if "native" in kinds:
+        with torch.no_grad():
+            variants["native_products"] = DecodeLinears(bm.model, products="native")
+        variants["native_products"].native_attention = None  # torch's attention with the native products
     text = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     book = books["synthetic"] if args.fast else bm.tokenizer(text, add_special_tokens=False)["input_ids"]
     decode_rows = []
     for n in args.contexts:
-        speeds = {k: [] for k in kinds}
+        speeds = {k: [] for k in variants}
         for _ in range(args.rounds):
-            for k in kinds:
-                speeds[k].append(round(decode_tok_s(bm, book[:n], linears[k], args.tokens), 2))
+            for k, variant in variants.items():
+                speeds[k].append(round(decode_tok_s(bm, book[:n], variant, args.tokens), 2))
         row = {"context_tokens": n, "tok_s": speeds, "mean_tok_s": {k: round(statistics.mean(v), 2)
                                                                      for k, v in speeds.items()}}  # fmt: skip
         decode_rows.append(row)
@@ -147,14 +195,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens timed per round")
     parser.add_argument("--decode", type=int, default=64, help="greedy tokens compared per book")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only-agreement", action="store_true", help="part 3 only; parts 1-2 kept from --out")
+    parser.add_argument("--entries", type=int, nargs="+", default=[512, 8192], help="memory entries (attention)")
+    parser.add_argument("--only-agreement", action="store_true", help="part 4 only; parts 1-3 kept from --out")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "decode_matvec.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     import beacon_llm
-    from beacon_llm import native_matvec
+    from beacon_llm import native_kernels
     from beacon_llm.decode import DecodeLinears
 
     if args.fast:
@@ -164,6 +213,7 @@ def main() -> None:
         bm.model.to(torch.bfloat16)
         books = {"synthetic": [3 + i % 90 for i in range(200)]}
         args.contexts, args.rounds, args.tokens, args.decode, agree_context = [48], 2, 4, 4, 64
+        args.entries = [40]
     else:
         bm = beacon_llm.load(dtype="bfloat16", shared=False)
         books = {}
@@ -171,7 +221,7 @@ def main() -> None:
             text = beacon_llm.read_document(str(path or beacon_llm.BUNDLED_BOOK))
             books[name] = bm.tokenizer(text, add_special_tokens=False)["input_ids"]
         agree_context = 4096
-    reason = native_matvec.unavailable()
+    reason = native_kernels.unavailable()
     result = {"machine": machine_info(args.threads), "native_unavailable": reason, "args": vars(args)}
     if reason is not None:
         print(f"native kernel not available here: {reason}")
@@ -183,7 +233,7 @@ def main() -> None:
 
     if args.only_agreement:
         kept = json.loads(Path(args.out).read_text())
-        result.update({key: kept[key] for key in ("products", "decode", "args") if key in kept})
+        result.update({key: kept[key] for key in ("products", "attention", "decode", "args") if key in kept})
         result["agreement_args"] = vars(args)
     else:
         speed_parts(bm, books, kinds, linears, args, result)

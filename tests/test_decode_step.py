@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import beacon_llm
-from beacon_llm import BeaconConfig, _compat, native_matvec
+from beacon_llm import BeaconConfig, _compat, native_kernels
 from beacon_llm.decode import DecodeLinears, decode_products
 from beacon_llm.kv_arena import KVArena, grown_capacity
 from beacon_llm.serialization import resolve_dtype
@@ -166,7 +166,7 @@ needs_bf16 = pytest.mark.skipif(
     reason="packed bf16 kernels need a CPU with native bf16 (AVX512-BF16 / AMX) and oneDNN",
 )
 needs_native = pytest.mark.skipif(
-    native_matvec.unavailable() is not None, reason=f"native bf16 kernel: {native_matvec.unavailable()}"
+    native_kernels.unavailable() is not None, reason=f"native bf16 kernel: {native_kernels.unavailable()}"
 )
 
 
@@ -326,7 +326,7 @@ def test_only_bf16_cpu_models_with_plain_projections_get_fused_products(monkeypa
     monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: False)
     assert decode_products(bm.model) == "linear"  # emulated bf16: no fused products
     monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: True)
-    monkeypatch.setattr(native_matvec, "matvec", lambda: None)  # no native kernel here: oneDNN where it fits
+    monkeypatch.setattr(native_kernels, "kernels", lambda: None)  # no native kernel here: oneDNN where it fits
     if _compat.packed_linear_available():
         monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 10 * 2**30)
         assert decode_products(bm.model) == "onednn"
@@ -355,7 +355,7 @@ def test_the_native_kernel_is_chosen_on_avx512_bf16_without_amx(avx512_bf16, amx
     monkeypatch.setattr(_compat, "native_bf16_cpu", lambda: True)
     monkeypatch.setattr(_compat, "avx512_bf16_cpu", lambda: avx512_bf16)
     monkeypatch.setattr(_compat, "amx_cpu", lambda: amx)
-    monkeypatch.setattr(native_matvec, "matvec", lambda: object() if built else None)
+    monkeypatch.setattr(native_kernels, "kernels", lambda: object() if built else None)
     monkeypatch.setattr(beacon_llm.decode, "_available_memory", lambda: 10 * 2**30)
     assert decode_products(bm.model) == expected
 

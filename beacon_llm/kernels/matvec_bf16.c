@@ -7,7 +7,7 @@
  *
  * W may be given as several row blocks (q, k and v; gate and up) read as one matrix without concatenating them.
  * Threads come from the OpenMP runtime already loaded in the process (torch's), so no second thread pool competes
- * for the cores. Built and loaded by beacon_llm/native_matvec.py.
+ * for the cores. Built and loaded by beacon_llm/native_kernels.py.
  */
 #include <immintrin.h>
 #include <omp.h>

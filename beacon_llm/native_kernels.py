@@ -1,12 +1,14 @@
-"""The decode step's native bf16 matrix-vector product (docs/design.md §8, "The native product").
+"""The decode step's native bf16 kernels for CPUs with AVX512-BF16 (docs/design.md §8, "The native kernels").
 
-A generated token reads every linear weight once, so its products run at the speed the weights stream from memory.
-On CPUs with AVX512-BF16 but no AMX (AMD Zen 4) oneDNN's packed bf16 product streams them at 15-19 GB/s on 2 cores,
-where the memory gives 30+. ``kernels/matvec_bf16.c`` keeps the stream full (float32 accumulation, one bf16 rounding
-per output, software prefetch; ``benchmarks/decode_matvec.py`` measures both). It is compiled once per machine with
-the C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and linked against
-the OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing (no compiler,
-another CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the step keeps oneDNN; :func:`unavailable`
+A generated token reads every linear weight once and every key and value of the memory once, so its products and
+its attention run at the speed those bytes stream from memory. On CPUs with AVX512-BF16 but no AMX (AMD Zen 4),
+oneDNN's packed bf16 product and torch's CPU attention kernel stay well below that. ``kernels/matvec_bf16.c`` (the
+products: float32 accumulation, one bf16 rounding per output, software prefetch) and ``kernels/attention_bf16.c``
+(one token's grouped-query attention, split over the keys, float32 softmax) keep the stream full;
+``benchmarks/decode_matvec.py`` measures them against the stock kernels. They are compiled once per machine with the
+C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and linked against the
+OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing (no compiler, another
+CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the step keeps the stock kernels; :func:`unavailable`
 says why.
 """
 
@@ -32,10 +34,12 @@ from . import _compat
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "matvec_bf16.c"
+SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matvec_bf16.c", "attention_bf16.c"))
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-fPIC")
 DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
+_MAX_PARTS = 64  # key parts per head in the attention kernel (its merge buffer)
+_KEYS_PER_PART = 512
 _load_lock = threading.Lock()
 
 
@@ -90,37 +94,88 @@ class NativeLinear:
         return y
 
 
-class NativeMatvec:
-    """The loaded kernel library (``path``); :meth:`linear` makes a product from weight row blocks."""
+class NativeKernels:
+    """The loaded kernel library (``path``): :meth:`linear` makes a product from weight row blocks, :meth:`attention`
+    attends one token's queries to a head-major key/value memory."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        function = ctypes.CDLL(str(path)).beacon_matvec_bf16  # CDLL calls release the GIL
-        function.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_int,
-        ]
-        function.restype = None
-        self._function = function
+        library = ctypes.CDLL(str(path))  # CDLL calls release the GIL
+        p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+        self._matvec = library.beacon_matvec_bf16
+        self._matvec.argtypes = [p, p, p, i, p, p, n, i]
+        self._matvec.restype = None
+        self._attention = library.beacon_decode_attention_bf16
+        self._attention.argtypes = [p, p, p, n, n, n, n, n, n, f, p, p, i]
+        self._attention.restype = None
 
     def linear(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> NativeLinear:
         """The product ``x -> x @ cat(W_i).T + cat(b_i)`` of the (weight, bias or None) row blocks."""
-        return NativeLinear(self._function, blocks)
+        return NativeLinear(self._matvec, blocks)
+
+    @staticmethod
+    def attention_fits(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether :meth:`attention` takes these: bf16 CPU tensors, query (1, KVH, G, D) contiguous with G <= 16, keys
+        and values (1, KVH, M, D) with rows of D contiguous elements and the same head stride, D a multiple of 32 up
+        to 256."""
+        tensors = (query, keys, values)
+        if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 or t.shape[0] != 1 for t in tensors):
+            return False
+        _, n_kv, g, d = query.shape
+        return (
+            query.is_contiguous()
+            and g <= 16
+            and d % 32 == 0
+            and d <= 256
+            and keys.shape == values.shape
+            and keys.shape[1] == n_kv
+            and keys.shape[3] == d
+            and keys.shape[2] >= 1
+            and keys.stride()[2:] == (d, 1) == values.stride()[2:]
+            and keys.stride(1) == values.stride(1)
+        )
+
+    def attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """softmax(scale q K^T) V for each key/value head and its G query rows: query (1, KVH, G, D), keys / values
+        (1, KVH, M, D) (:meth:`attention_fits`) -> (1, KVH, G, D) bf16, as ``scaled_dot_product_attention`` without a
+        mask, within float32 and one bf16 rounding."""
+        if not self.attention_fits(query, keys, values):
+            raise ValueError(
+                f"the native attention takes bf16 CPU query (1, KVH, G<=16, D) and keys/values (1, KVH, M, D) with "
+                f"contiguous rows, D a multiple of 32 up to 256; got {tuple(query.shape)}, {tuple(keys.shape)} "
+                f"{keys.dtype}; use scaled_dot_product_attention"
+            )
+        _, n_kv, g, d = query.shape
+        m = keys.shape[2]
+        parts = max(1, min(_MAX_PARTS, -(-m // _KEYS_PER_PART)))
+        out = torch.empty_like(query)  # (1, KVH, G, D)
+        work = torch.empty(n_kv * g * m + n_kv * parts * g * (d + 2), dtype=torch.float32)
+        self._attention(
+            query.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(1),
+            n_kv,
+            g,
+            d,
+            m,
+            parts,
+            scale,
+            out.data_ptr(),
+            work.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out
 
 
 def unavailable() -> str | None:
-    """Why the native kernel cannot be used here (None when it can). Builds it on first call (once per machine)."""
+    """Why the native kernels cannot be used here (None when they can). Builds them on first call (once per
+    machine)."""
     return _platform_reason() or _load_or_reason(str(_kernel_dir()))[1]
 
 
-def matvec() -> NativeMatvec | None:
-    """The native kernel, built and loaded on first use; None where :func:`unavailable` gives a reason."""
+def kernels() -> NativeKernels | None:
+    """The native kernels, built and loaded on first use; None where :func:`unavailable` gives a reason."""
     return None if _platform_reason() else _load_or_reason(str(_kernel_dir()))[0]
 
 
@@ -131,28 +186,28 @@ def _kernel_dir() -> Path:
 
 
 @functools.cache
-def _load_or_reason(kernel_dir: str) -> tuple[NativeMatvec | None, str | None]:
+def _load_or_reason(kernel_dir: str) -> tuple[NativeKernels | None, str | None]:
     with _load_lock:
         runtime = _openmp_runtime()
         if runtime is None:
             reason = "torch's OpenMP runtime (libgomp) is not loaded in this process"
-            logger.info("native bf16 kernel not used: %s", reason)
+            logger.info("native bf16 kernels not used: %s", reason)
             return None, reason
         try:
             path = _build(Path(kernel_dir), runtime)
-            kernel = NativeMatvec(path)
+            kernel = NativeKernels(path)
         except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-            reason = f"building or loading {SOURCE.name} failed: {exc}"
-            logger.info("native bf16 kernel not used: %s", reason)
+            reason = f"building or loading {', '.join(p.name for p in SOURCES)} failed: {exc}"
+            logger.info("native bf16 kernels not used: %s", reason)
             return None, reason
         runtimes = _openmp_runtimes_loaded()
         if len(runtimes) != 1:
             reason = f"more than one OpenMP runtime is loaded ({sorted(runtimes)})"
-            logger.warning("native bf16 kernel not used: %s", reason)
+            logger.warning("native bf16 kernels not used: %s", reason)
             return None, reason
         reason = _self_check(kernel)
         if reason is not None:
-            logger.warning("native bf16 kernel not used: %s", reason)
+            logger.warning("native bf16 kernels not used: %s", reason)
             return None, reason
         return kernel, None
 
@@ -193,25 +248,27 @@ def _compiler() -> str:
 
 
 def _build(kernel_dir: Path, runtime: Path) -> Path:
-    """Compile the kernel into ``kernel_dir/<digest>/`` unless already there (written under a unique temporary name
-    and renamed, so concurrent builds never load a partial file). The digest covers the source, the flags, the
+    """Compile the kernels into ``kernel_dir/<digest>/`` unless already there (written under a unique temporary name
+    and renamed, so concurrent builds never load a partial file). The digest covers the sources, the flags, the
     compiler and the OpenMP runtime linked."""
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
     digest = hashlib.sha256(
-        b"\0".join([source, " ".join(COMPILE_FLAGS).encode(), version.encode(), str(runtime).encode()])
-    ).hexdigest()[:16]
-    target = kernel_dir / digest / "libbeacon_matvec_bf16.so"
+        b"\0".join([*(p.read_bytes() for p in SOURCES), " ".join(COMPILE_FLAGS).encode(), version.encode(),
+                    str(runtime).encode()])
+    ).hexdigest()[:16]  # fmt: skip
+    target = kernel_dir / digest / "libbeacon_kernels_bf16.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building the native bf16 matrix-vector kernel with %s (once per machine)", compiler)
+    logger.info("building the native bf16 kernels with %s (once per machine)", compiler)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        obj, lib = Path(work) / "matvec.o", Path(work) / target.name
-        _run([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)])
+        objects = [str(Path(work) / f"{p.stem}.o") for p in SOURCES]
+        for source, obj in zip(SOURCES, objects):
+            _run([compiler, *COMPILE_FLAGS, "-c", str(source), "-o", obj])
+        lib = Path(work) / target.name
         # link the runtime torch loaded by its path (not -lgomp): the loader then reuses it by its soname
-        _run([compiler, "-shared", "-fPIC", str(obj), str(runtime), "-o", str(lib)])
+        _run([compiler, "-shared", "-fPIC", *objects, str(runtime), "-lm", "-o", str(lib)])
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lib-", suffix=".so")
         os.close(fd)
         shutil.copyfile(lib, tmp)
@@ -226,9 +283,10 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command[:1])} exited with {done.returncode}: {lines[-1] if lines else ''}")
 
 
-def _self_check(kernel: NativeMatvec) -> str | None:
-    """Multiply a small random matrix (rows and columns not multiples of the kernel's blocks, two row blocks, a
-    bias) and compare with float64: every output within one bf16 rounding step of the exact value."""
+def _self_check(kernel: NativeKernels) -> str | None:
+    """Run both kernels on small random inputs (sizes that are not multiples of their blocks, two row blocks, a bias;
+    several key parts) and compare with float64: every product within one bf16 rounding step of the exact value,
+    every attention output within one bf16 rounding plus float32's error on the weighted sum."""
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(13, 75, generator=g).bfloat16(), torch.randn(6, 75, generator=g).bfloat16()
     b2 = torch.randn(6, generator=g).bfloat16()
@@ -237,5 +295,18 @@ def _self_check(kernel: NativeMatvec) -> str | None:
     exact = x.double() @ torch.cat([w1, w2]).double().T + torch.cat([torch.zeros(13), b2.float()]).double()
     ulp = exact.abs().clamp_min(1e-30) * 2.0**-7  # one bf16 step at the exact value's magnitude
     if not bool(((got - exact).abs() <= ulp).all()):
-        return "its self-check against float64 failed"
+        return "the product's self-check against float64 failed"
+    q = torch.randn(1, 2, 3, 64, generator=g).bfloat16()
+    keys, values = (torch.randn(1, 2, 1100, 64, generator=g).bfloat16() for _ in range(2))
+    if not attention_close(kernel.attention(q, keys, values, 0.125), q, keys, values, 0.125):
+        return "the attention's self-check against float64 failed"
     return None
+
+
+def attention_close(got: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> bool:
+    """Whether ``got`` is within one bf16 rounding of the float64 attention, plus 1e-4 of the largest value (float32
+    sums and exponentials)."""
+    probs = torch.softmax(q.double() @ keys.double().transpose(-1, -2) * scale, -1)  # (1, KVH, G, M)
+    exact = probs @ values.double()  # (1, KVH, G, D)
+    bound = exact.abs() * 2.0**-8 + 1e-4 * values.double().abs().max()
+    return bool(((got.double() - exact).abs() <= bound).all())

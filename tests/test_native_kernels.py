@@ -1,0 +1,194 @@
+"""The native bf16 kernels (``beacon_llm.native_kernels``). The product: every output within one bf16 rounding of the
+exact product, row blocks read as one matrix, the same bits at any thread count and from concurrent threads. The
+attention: within one bf16 rounding (plus float32's error) of the float64 attention, for any heads, group sizes, head
+sizes, key counts and memory strides it takes, and torch's SDPA where it does not. Inputs refused with the reason, and
+the reasons the kernels are not used."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from beacon_llm import native_kernels
+
+REASON = native_kernels.unavailable()
+needs_native = pytest.mark.skipif(REASON is not None, reason=f"native bf16 kernels: {REASON}")
+
+
+def _bf16(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def _exact(x, blocks):
+    """float64 x @ cat(W).T + cat(b): (..., N)."""
+    w = torch.cat([b[0] for b in blocks]).double()
+    bias = torch.cat([b[1].double() if b[1] is not None else torch.zeros(len(b[0]), dtype=torch.float64)
+                      for b in blocks])  # fmt: skip
+    return x.double() @ w.T + bias
+
+
+def _within_one_rounding(got, exact):
+    return bool(((got.double() - exact).abs() <= exact.abs().clamp_min(1e-30) * 2.0**-7).all())
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "rows,k,bias",
+    [
+        ((1,), 1, False),
+        ((3,), 31, True),  # fewer rows than a block, columns below one vector
+        ((4,), 32, False),  # one block, one vector
+        ((5,), 33, True),  # a leftover row and column
+        ((13, 6), 75, True),  # two row blocks, the second with a bias
+        ((576, 192, 192), 576, False),  # q, k, v of the embedded model
+        ((1536, 1536), 576, False),  # gate, up
+        ((576,), 1536, False),  # down
+        ((960,), 576, True),  # a Qwen-2 style fused q/k/v with biases
+    ],
+)
+def test_products_are_within_one_bf16_rounding_of_the_exact_product(rows, k, bias):
+    blocks = [(_bf16(r, k, seed=i), _bf16(r, seed=10 + i) if bias and i == len(rows) - 1 else None)
+              for i, r in enumerate(rows)]  # fmt: skip
+    x = _bf16(1, 1, k, seed=99)
+    got = native_kernels.kernels().linear(blocks)(x)
+    assert got.shape == (1, 1, sum(rows)) and got.dtype == torch.bfloat16
+    exact = _exact(x, blocks)
+    assert _within_one_rounding(got, exact)
+    rounded = exact.to(torch.float32).bfloat16()  # the exact product rounded once
+    assert (got != rounded).float().mean() < 0.01  # most outputs are that rounding exactly
+
+
+@needs_native
+def test_several_input_rows_and_thread_counts_give_the_same_bits():
+    blocks = [(_bf16(300, 96, seed=1), None), (_bf16(45, 96, seed=2), _bf16(45, seed=3))]
+    product = native_kernels.kernels().linear(blocks)
+    x = _bf16(3, 2, 96, seed=4)  # six input rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = product(x)
+        torch.set_num_threads(2)
+        two = product(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (3, 2, 345)
+    assert torch.equal(one, two)
+    assert all(torch.equal(one[i, j], product(x[i, j].clone())) for i in range(3) for j in range(2))
+    with ThreadPoolExecutor(4) as pool:  # callers on several threads at once (LangChain batches, async queries)
+        assert all(torch.equal(out, one) for out in pool.map(lambda _: product(x), range(16)))
+
+
+@needs_native
+def test_the_product_keeps_its_weights_after_the_module_lets_them_go():
+    linear = torch.nn.Linear(64, 40, bias=False).to(torch.bfloat16)
+    product = native_kernels.kernels().linear([(linear.weight, None)])
+    x = _bf16(1, 64, seed=5)
+    before = product(x)
+    linear.weight.data = torch.zeros(40, 64, dtype=torch.bfloat16)  # the old storage is still held by the product
+    del linear
+    assert torch.equal(product(x), before)
+
+
+@needs_native
+def test_bad_inputs_are_refused_with_the_reason():
+    kernel = native_kernels.kernels()
+    product = kernel.linear([(_bf16(8, 16), None)])
+    with pytest.raises(ValueError, match="bf16 CPU input with 16 features"):
+        product(torch.zeros(1, 16))  # float32
+    with pytest.raises(ValueError, match="16 features, got \\(1, 17\\)"):
+        product(_bf16(1, 17))
+    with pytest.raises(ValueError, match="2-D bf16 CPU weights with 16 columns"):
+        kernel.linear([(_bf16(8, 16), None), (_bf16(8, 15), None)])
+    with pytest.raises(ValueError, match="float32"):
+        kernel.linear([(torch.zeros(8, 16), None)])
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "n_kv,g,d,m,capacity",
+    [
+        (1, 1, 32, 1, 1),  # one key
+        (3, 3, 64, 5, 5),  # fewer keys than one vector of exponentials
+        (3, 3, 64, 580, 1024),  # the embedded model after 512 tokens: two parts, inside a larger memory buffer
+        (2, 4, 128, 1100, 1100),  # three parts, the last one short
+        (1, 16, 256, 70, 80),  # the largest group and head size
+        (3, 1, 64, 8100, 8192),  # one query per head (no grouping), 16 parts
+    ],
+)
+def test_attention_is_within_one_bf16_rounding_of_the_exact_attention(n_kv, g, d, m, capacity):
+    gen = torch.Generator().manual_seed(m)
+    q = torch.randn(1, n_kv, g, d, generator=gen).bfloat16()
+    arena = torch.randn(2, 1, n_kv, capacity, d, generator=gen).bfloat16()  # keys, values; rows past m unused
+    keys, values = arena[0, ..., :m, :], arena[1, ..., :m, :]  # (1, KVH, M, D) views with the buffer's head stride
+    scale = d**-0.5
+    kernel = native_kernels.kernels()
+    assert kernel.attention_fits(q, keys, values)
+    got = kernel.attention(q, keys, values, scale)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert native_kernels.attention_close(got, q, keys, values, scale)
+    # torch's SDPA rounds the probabilities to bf16 before the value sum, so it strays further from the exact value
+    exact = torch.softmax(q.double() @ keys.double().transpose(-1, -2) * scale, -1) @ values.double()
+    stock = torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scale)
+    assert (got.double() - exact).abs().max() <= (stock.double() - exact).abs().max() + 1e-6
+
+
+@needs_native
+def test_attention_with_peaked_scores_stays_finite_and_exact():
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(1, 3, 3, 64, generator=gen) * 8).bfloat16()
+    keys = (torch.randn(1, 3, 900, 64, generator=gen) * 8).bfloat16()  # scores of several hundred
+    values = torch.randn(1, 3, 900, 64, generator=gen).bfloat16()
+    got = native_kernels.kernels().attention(q, keys, values, 0.125)
+    assert torch.isfinite(got.float()).all()
+    assert native_kernels.attention_close(got, q, keys, values, 0.125)
+
+
+@needs_native
+def test_attention_refuses_what_it_does_not_take():
+    kernel = native_kernels.kernels()
+    q, kv = _bf16(1, 3, 3, 64), _bf16(1, 3, 10, 64)
+    cases = [
+        (q.float(), kv, kv),  # float32
+        (_bf16(1, 3, 3, 48), _bf16(1, 3, 10, 48), _bf16(1, 3, 10, 48)),  # head size not a multiple of 32
+        (_bf16(1, 1, 17, 64), _bf16(1, 1, 10, 64), _bf16(1, 1, 10, 64)),  # more than 16 queries per head
+        (q, _bf16(1, 3, 64, 10).transpose(-1, -2), kv),  # rows not contiguous
+        (q, kv, _bf16(1, 3, 11, 64)),  # keys and values of different lengths
+        (q.transpose(1, 2), kv, kv),  # query not contiguous
+    ]
+    for query, keys, values in cases:
+        assert not kernel.attention_fits(query, keys, values)
+        with pytest.raises(ValueError, match="use scaled_dot_product_attention"):
+            kernel.attention(query, keys, values, 0.125)
+
+
+def test_the_reasons_it_is_not_used(monkeypatch, tmp_path):
+    monkeypatch.setenv(native_kernels.DISABLE_ENV, "0")
+    assert native_kernels.unavailable() == f"{native_kernels.DISABLE_ENV}=0"
+    assert native_kernels.kernels() is None
+    monkeypatch.delenv(native_kernels.DISABLE_ENV)
+    monkeypatch.setattr(native_kernels.platform, "machine", lambda: "aarch64")
+    assert "x86-64" in native_kernels.unavailable()
+    monkeypatch.undo()
+    monkeypatch.setattr(native_kernels._compat, "avx512_bf16_cpu", lambda: False)
+    assert native_kernels.unavailable() == "this CPU has no AVX512-BF16"
+
+
+@needs_native
+def test_without_a_compiler_it_says_so_and_builds_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("BEACON_LLM_HOME", str(tmp_path))  # a fresh kernel folder: nothing built yet
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CC", raising=False)
+    assert "no C compiler found" in native_kernels.unavailable()
+    assert native_kernels.kernels() is None
+    assert not any((tmp_path / "kernels").rglob("*.so"))
+
+
+@needs_native
+def test_a_build_is_reused_and_written_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv("BEACON_LLM_HOME", str(tmp_path))
+    kernel = native_kernels.kernels()
+    assert kernel is not None and kernel.path.is_relative_to(tmp_path / "kernels")
+    assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]  # no temporary file left
+    native_kernels._load_or_reason.cache_clear()  # a new process: the built library is found, not rebuilt
+    mtime = kernel.path.stat().st_mtime_ns
+    assert native_kernels.kernels().path == kernel.path and kernel.path.stat().st_mtime_ns == mtime
