@@ -10,9 +10,9 @@ With bf16 weights on a CPU with native bf16 (:func:`decode_products`), the step 
 gate/up projections as one matrix-vector product each, and RoPE on queries and keys together. The products are
 oneDNN's with weights packed once (``"onednn"``: bit for bit the stock bf16 layers still; the packed copy costs as much
 memory as the linear weights), or, on a CPU with AVX512-BF16 and no AMX, the native kernels of
-:mod:`beacon_llm.native_kernels` (``"native"``: products that read the weights in place and one token's attention,
-each near the memory's speed there; every output within one bf16 rounding of the exact value, as the stock kernels',
-but not always the same rounding).
+:mod:`beacon_llm.native_kernels` (``"native"``: products that read the weights in place, faster than oneDNN's there,
+and one token's attention, faster than torch's; every output within one bf16 rounding of the exact value, as the
+stock kernels', but not always the same rounding; ``benchmarks/decode_matvec.py``).
 Where the CPU has no AMX tiles, the step's attention folds the query heads that share a key/value head into query
 rows of that head (:func:`should_fold_queries`): the same output, each key read once instead of once per query head.
 """

@@ -35,7 +35,7 @@ from . import _compat
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matvec_bf16.c", "attention_bf16.c"))
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-fPIC")
 DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
 _MAX_PARTS = 64  # key parts per head in the attention kernel (its merge buffer)

@@ -113,6 +113,10 @@ def test_bad_inputs_are_refused_with_the_reason():
         (2, 4, 128, 1100, 1100),  # three parts, the last one short
         (1, 16, 256, 70, 80),  # the largest group and head size
         (3, 1, 64, 8100, 8192),  # one query per head (no grouping), 16 parts
+        (1, 7, 64, 600, 600),  # seven queries per head: blocks of four and three
+        (2, 3, 128, 700, 700),  # head size 128: blocks of two and one
+        (2, 3, 32, 300, 300),  # head size 32: blocks of two and one
+        (1, 5, 96, 200, 256),  # head size 96: the kernel's general value sum
     ],
 )
 def test_attention_is_within_one_bf16_rounding_of_the_exact_attention(n_kv, g, d, m, capacity):
