@@ -33,6 +33,8 @@ __all__ = [
     "avx512_bf16_cpu",
     "mlp_parts",
     "rms_norm_kernel",
+    "stock_rms_norm_eps",
+    "is_stock_silu",
     "pack_linear_weight",
     "packed_linear",
 ]
@@ -241,6 +243,25 @@ def rms_norm_kernel(norm: nn.Module, device: torch.device) -> Callable[[torch.Te
         return weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
     return rms_norm
+
+
+def stock_rms_norm_eps(norm: nn.Module) -> float | None:
+    """The epsilon of a stock Llama / Mistral / Qwen-2 RMSNorm that runs as its class defines it (no hooks, forward
+    not replaced on the instance); None for any other norm."""
+    stock = type(norm).forward in _STOCK_RMS_NORM_FORWARDS and "forward" not in vars(norm) and not _hooked(norm)
+    return float(norm.variance_epsilon) if stock else None
+
+
+def is_stock_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether an MLP activation is transformers' or torch's SiLU, running as its class defines it."""
+    if isinstance(act, nn.SiLU):
+        return not _hooked(act) and "forward" not in vars(act)
+    return (
+        type(act).__name__ == "SiLUActivation"
+        and type(act).__module__ == "transformers.activations"
+        and not _hooked(act)
+        and "forward" not in vars(act)
+    )
 
 
 def _hooked(module: nn.Module) -> bool:

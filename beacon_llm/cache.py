@@ -89,15 +89,25 @@ class MemoryAppend:
         self.arena, self.start, self.end = arena, start, end
         self._views: tuple[torch.Tensor, ...] | None = None
 
+    def _slices(self) -> tuple[torch.Tensor, ...]:
+        """The slices of all layers, made once per read: (L, B, KVH, n, D) views of the new and of all entries."""
+        if self._views is None:
+            a, s, e = self.arena, self.start, self.end
+            self._views = (a.keys[..., s:e, :], a.values[..., s:e, :], a.keys[..., :e, :], a.values[..., :e, :])
+        return self._views
+
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``keys`` (rotated) / ``values`` (B, KVH, end - start, D) of ``layer``; returns that layer's memory
         with them, (B, KVH, end, D) each (views: nothing is copied)."""
-        if self._views is None:  # the slices of all layers, made once per read: (L, B, KVH, n, D) views
-            a, s, e = self.arena, self.start, self.end
-            self._views = (a.keys[..., s:e, :], a.values[..., s:e, :], a.keys[..., :e, :], a.values[..., :e, :])
-        new_keys, new_values, all_keys, all_values = self._views
+        new_keys, new_values, all_keys, all_values = self._slices()
         new_keys.select(0, layer).copy_(keys)  # select, not unbind: its view may be written with grad enabled
         new_values.select(0, layer).copy_(values)
+        return all_keys.select(0, layer), all_values.select(0, layer)
+
+    def layer_memory(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """That layer's memory with the reserved entries, (B, KVH, end, D) each (views), for a kernel that writes the
+        reserved rows itself (the native decode layer)."""
+        _, _, all_keys, all_values = self._slices()
         return all_keys.select(0, layer), all_values.select(0, layer)
 
 

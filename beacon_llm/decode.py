@@ -11,8 +11,9 @@ gate/up projections as one matrix-vector product each, and RoPE on queries and k
 oneDNN's with weights packed once (``"onednn"``: bit for bit the stock bf16 layers still; the packed copy costs as much
 memory as the linear weights), or, on a CPU with AVX512-BF16 and no AMX, the native kernels of
 :mod:`beacon_llm.native_kernels` (``"native"``: products that read the weights in place, faster than oneDNN's there,
-and one token's attention, faster than torch's; every output within one bf16 rounding of the exact value, as the
-stock kernels', but not always the same rounding; ``benchmarks/decode_matvec.py``).
+and one token's attention, faster than torch's, and where every layer is the stock one, each layer as one native
+call; every output within one bf16 rounding of the exact value, as the stock kernels', but not always the same
+rounding; ``benchmarks/decode_matvec.py``).
 Where the CPU has no AMX tiles, the step's attention folds the query heads that share a key/value head into query
 rows of that head (:func:`should_fold_queries`): the same output, each key read once instead of once per query head.
 """
@@ -79,6 +80,8 @@ class DecodeLinears:
         self.fold_queries = self.packed and should_fold_queries()
         # one token's attention over the memory: the native kernel with the native products, else torch's SDPA
         self.native_attention = native_kernels.kernels() if products == "native" else None
+        # with the native products, each stock layer in one native call (None where a layer is not stock)
+        self.native_layers = _native_layers(model) if products == "native" else None
         self.layers: list[_LayerLinears] = []
         self.fused: list[_FusedLayer] = []
         self._watched = _watched_weights(model)
@@ -125,6 +128,44 @@ def _native_product(*mods: nn.Linear) -> Linear:
     if kernel is None:
         raise RuntimeError(f"the native bf16 kernels are not available: {native_kernels.unavailable()}")
     return kernel.linear([(m.weight, m.bias) for m in mods])
+
+
+def _native_layers(model: nn.Module) -> list[native_kernels.NativeLayer] | None:
+    """Every decoder layer as one native call, or None when one is not the stock layer the kernel computes (stock
+    RMSNorms, SiLU, head size a multiple of 32 up to 256, at most 16 query heads per key/value head)."""
+    kernel = native_kernels.kernels()
+    layers = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        gate, up, down, act = _compat.mlp_parts(layer.mlp)
+        eps = [_compat.stock_rms_norm_eps(n) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        head_dim = attn.head_dim
+        n_heads, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+        if (
+            kernel is None
+            or None in eps
+            or not _compat.is_stock_silu(act)
+            or head_dim % 32
+            or head_dim > 256
+            or n_heads % n_kv
+            or n_heads // n_kv > 16
+        ):
+            return None
+        layers.append(
+            kernel.layer(
+                norms=(layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
+                eps=eps,
+                qkv=[(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)],
+                o=[(attn.o_proj.weight, attn.o_proj.bias)],
+                gate_up=[(m.weight, m.bias) for m in (gate, up)],
+                down=[(down.weight, down.bias)],
+                scale=attn.scaling,
+                n_heads=n_heads,
+                n_kv=n_kv,
+                head_dim=head_dim,
+            )
+        )
+    return layers
 
 
 def _cat_bias(*mods: nn.Linear) -> torch.Tensor | None:
@@ -258,6 +299,8 @@ def raw_token_step(
     position = append.start
     hidden = inner.embed_tokens(token[None])  # (1, 1, Dm)
     cos, sin = inner.rotary_emb(hidden, torch.tensor([[position]], device=hidden.device))  # (1, 1, D) each
+    if linears.native_layers is not None and append.end - append.start == 1:
+        return _native_token_step(model, linears.native_layers, hidden, cos, sin, append)
     cos, sin = _rotation(cos, sin)  # (1, 1, 1, D) each
     if linears.packed:
         return _fused_token_step(model, linears, hidden, cos, sin, append)
@@ -274,6 +317,33 @@ def raw_token_step(
         x = lin.norm2(hidden)
         hidden = hidden + lin.down(lin.act(lin.gate(x)) * lin.up(x))
     return inner.norm(hidden)  # (1, 1, Dm)
+
+
+def _native_token_step(
+    model: nn.Module,
+    layers: list[native_kernels.NativeLayer],
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    append: MemoryAppend,
+) -> torch.Tensor:
+    """:func:`raw_token_step` with each layer one native call (:class:`beacon_llm.native_kernels.NativeLayer`): the
+    stock layer's operations and bf16 rounding points, the products and attention of the native kernels; the token's
+    key and value written into its reserved memory row by the kernel. hidden: (1, 1, Dm); cos / sin: (1, 1, D)."""
+    state = hidden.reshape(-1).clone()  # (Dm,) the residual stream, updated in place layer by layer
+    cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()  # (D,) each
+    scratch = torch.empty(layers[0].scratch_size, dtype=torch.bfloat16)
+    work = None
+    for i, layer in enumerate(layers):
+        keys, values = append.layer_memory(i)  # (1, KVH, M + 1, D) each: the new row is the last
+        if work is None:
+            o = layer.operands
+            m = keys.shape[2]
+            work = torch.empty(native_kernels.attention_work_size(o.n_kv, o.n_heads // o.n_kv, o.head_dim, m))
+        if not layer.fits(keys, values):
+            raise RuntimeError(f"the memory of layer {i} is not laid out as the native layer reads it: {keys.stride()}")
+        layer(state, cos, sin, keys, values, scratch, work)
+    return model.model.norm(state.view(1, 1, -1))  # (1, 1, Dm)
 
 
 def _fused_token_step(

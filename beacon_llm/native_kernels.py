@@ -4,8 +4,10 @@ A generated token reads every linear weight once and every key and value of the 
 its attention run at the speed those bytes stream from memory. On CPUs with AVX512-BF16 but no AMX (AMD Zen 4),
 oneDNN's packed bf16 product and torch's CPU attention kernel stay well below that. ``kernels/matvec_bf16.c`` (the
 products: float32 accumulation, one bf16 rounding per output, software prefetch) and ``kernels/attention_bf16.c``
-(one token's grouped-query attention, split over the keys, float32 softmax) keep the stream full;
-``benchmarks/decode_matvec.py`` measures them against the stock kernels. They are compiled once per machine with the
+(one token's grouped-query attention, split over the keys, float32 softmax) keep the stream full, and
+``kernels/layer_bf16.c`` runs a whole stock decoder layer for one token in one call (the elementwise steps between
+the products without an operator call each); ``benchmarks/decode_matvec.py`` measures them against the stock
+kernels. They are compiled once per machine with the
 C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and linked against the
 OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing (no compiler, another
 CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the step keeps the stock kernels; :func:`unavailable`
@@ -34,7 +36,9 @@ from . import _compat
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).resolve().parent / "kernels" / name for name in ("matvec_bf16.c", "attention_bf16.c"))
+SOURCES = tuple(
+    Path(__file__).resolve().parent / "kernels" / name for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c")
+)
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-fPIC")
 DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
@@ -94,6 +98,89 @@ class NativeLinear:
         return y
 
 
+_P, _N = ctypes.c_void_p, ctypes.c_long
+
+
+class _LayerOperands(ctypes.Structure):
+    """``beacon_layer`` of ``kernels/layer_bf16.c`` (the same fields in the same order)."""
+
+    _fields_ = [
+        ("norm1", _P), ("norm2", _P),
+        ("qkv", _P * 3), ("qkv_bias", _P * 3), ("qkv_rows", _N * 3),
+        ("o", _P * 1), ("o_bias", _P * 1), ("o_rows", _N * 1),
+        ("gate_up", _P * 2), ("gate_up_bias", _P * 2), ("gate_up_rows", _N * 2),
+        ("down", _P * 1), ("down_bias", _P * 1), ("down_rows", _N * 1),
+        ("eps1", ctypes.c_double), ("eps2", ctypes.c_double), ("scale", ctypes.c_double),
+        ("hidden", _N), ("n_heads", _N), ("n_kv", _N), ("head_dim", _N), ("inter", _N),
+    ]  # fmt: skip
+
+
+class NativeLayer:
+    """One stock decoder layer (RMSNorm, q/k/v, RoPE, attention, o, RMSNorm, SiLU-gated MLP) for one bf16 token in
+    one native call (``kernels/layer_bf16.c``), reading the weights in place; holds its own references to them."""
+
+    def __init__(self, function, *, norms, eps, qkv, o, gate_up, down, scale: float, n_heads: int, n_kv: int,
+                 head_dim: int) -> None:  # fmt: skip
+        def prepared(blocks):
+            weights = [w.detach().contiguous() for w, _ in blocks]
+            biases = [None if b is None else b.detach().to(torch.bfloat16).contiguous() for _, b in blocks]
+            return weights, biases
+
+        groups = {"qkv": prepared(qkv), "o": prepared(o), "gate_up": prepared(gate_up), "down": prepared(down)}
+        norm_weights = [n.detach().contiguous() for n in norms]
+        tensors = [*norm_weights] + [t for w, b in groups.values() for t in [*w, *b] if t is not None]
+        if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+            raise ValueError("the native layer takes bf16 CPU weights; use the decode step's separate kernels")
+        self._keep = (norm_weights, groups)
+        operands = _LayerOperands()
+        operands.norm1, operands.norm2 = (n.data_ptr() for n in norm_weights)
+        for name, (weights, biases) in groups.items():
+            for i, (w, b) in enumerate(zip(weights, biases)):
+                getattr(operands, name)[i] = w.data_ptr()
+                getattr(operands, f"{name}_bias")[i] = None if b is None else b.data_ptr()
+                getattr(operands, f"{name}_rows")[i] = w.shape[0]
+        operands.eps1, operands.eps2 = float(eps[0]), float(eps[1])
+        operands.scale = float(scale)
+        operands.hidden = norm_weights[0].numel()
+        operands.n_heads, operands.n_kv, operands.head_dim = n_heads, n_kv, head_dim
+        operands.inter = groups["gate_up"][0][0].shape[0]
+        self.operands = operands
+        self.scratch_size = 2 * operands.hidden + (2 * n_heads + 2 * n_kv) * head_dim + 3 * operands.inter
+        self._function = function
+
+    def fits(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether the layer's memory views (1, KVH, M, D) are laid out as the kernel reads them."""
+        o = self.operands
+        return (
+            keys.shape == values.shape == (1, o.n_kv, keys.shape[2], o.head_dim)
+            and keys.dtype == values.dtype == torch.bfloat16
+            and keys.stride()[2:] == (o.head_dim, 1) == values.stride()[2:]
+            and keys.stride(1) == values.stride(1)
+        )
+
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, scratch: torch.Tensor, work: torch.Tensor) -> None:  # fmt: skip
+        """hidden (Dm,) bf16, updated in place; cos / sin (D,) bf16; keys / values (1, KVH, M, D) the layer's memory
+        views (:meth:`fits`), whose last row receives the token's key and value; scratch (``scratch_size``,) bf16 and
+        work (:func:`attention_work_size`,) float32."""
+        m = keys.shape[2]
+        self._function(
+            ctypes.byref(self.operands), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+            values.data_ptr(), keys.stride(1), m - 1, m, attention_parts(m), scratch.data_ptr(), work.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+
+
+def attention_parts(m: int) -> int:
+    """Key parts per head of the native attention over ``m`` entries (about 512 keys each)."""
+    return max(1, min(_MAX_PARTS, -(-m // _KEYS_PER_PART)))
+
+
+def attention_work_size(n_kv: int, g: int, d: int, m: int) -> int:
+    """float32 scratch elements of the native attention over ``m`` entries."""
+    return n_kv * g * m + n_kv * attention_parts(m) * g * (d + 2)
+
+
 class NativeKernels:
     """The loaded kernel library (``path``): :meth:`linear` makes a product from weight row blocks, :meth:`attention`
     attends one token's queries to a head-major key/value memory."""
@@ -108,10 +195,17 @@ class NativeKernels:
         self._attention = library.beacon_decode_attention_bf16
         self._attention.argtypes = [p, p, p, n, n, n, n, n, n, f, p, p, i]
         self._attention.restype = None
+        self._layer = library.beacon_decode_layer_bf16
+        self._layer.argtypes = [p, p, p, p, p, p, n, n, n, n, p, p, i]
+        self._layer.restype = None
 
     def linear(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> NativeLinear:
         """The product ``x -> x @ cat(W_i).T + cat(b_i)`` of the (weight, bias or None) row blocks."""
         return NativeLinear(self._matvec, blocks)
+
+    def layer(self, **operands) -> NativeLayer:
+        """One decoder layer's step (:class:`NativeLayer`; keyword operands as its constructor's)."""
+        return NativeLayer(self._layer, **operands)
 
     @staticmethod
     def attention_fits(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -147,9 +241,9 @@ class NativeKernels:
             )
         _, n_kv, g, d = query.shape
         m = keys.shape[2]
-        parts = max(1, min(_MAX_PARTS, -(-m // _KEYS_PER_PART)))
+        parts = attention_parts(m)
         out = torch.empty_like(query)  # (1, KVH, G, D)
-        work = torch.empty(n_kv * g * m + n_kv * parts * g * (d + 2), dtype=torch.float32)
+        work = torch.empty(attention_work_size(n_kv, g, d, m), dtype=torch.float32)
         self._attention(
             query.data_ptr(),
             keys.data_ptr(),

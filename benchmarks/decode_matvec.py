@@ -9,7 +9,8 @@ on the embedded model's own weights, in one process, alternating so that both se
    GB/s of keys and values read.
 3. ``decode``: tokens per second of the decode step after ``--contexts`` tokens of the bundled book, alternating
    ``--rounds`` times: oneDNN's products with torch's attention (``onednn``), the native products with torch's
-   attention (``native_products``), and both native kernels (``native``, what the step runs here).
+   attention (``native_products``), both native kernels between torch's other operators (``native_operators``),
+   and each layer as one native call (``native``, what the step runs here).
 4. ``agreement``: after 4,096 tokens of two books no training saw (the bundled Wizard of Oz, the KJV excerpt),
    ``--decode`` greedy tokens of the float32 model as the reference, and for each bf16 kind of product: how many of
    its own greedy tokens agree with the reference and where the first difference is, and, teacher-forced on the
@@ -172,7 +173,10 @@ def speed_parts(bm, books, kinds, linears, args, result) -> None:
     if "native" in kinds:
         with torch.no_grad():
             variants["native_products"] = DecodeLinears(bm.model, products="native")
+            variants["native_operators"] = DecodeLinears(bm.model, products="native")
         variants["native_products"].native_attention = None  # torch's attention with the native products
+        variants["native_products"].native_layers = None
+        variants["native_operators"].native_layers = None  # both native kernels, the layer as separate operators
     text = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
     book = books["synthetic"] if args.fast else bm.tokenizer(text, add_special_tokens=False)["input_ids"]
     decode_rows = []

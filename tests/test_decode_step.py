@@ -205,21 +205,72 @@ def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, amx, monkeyp
     assert torch.equal(packed, plain)  # fused packed products equal the separate ones, bit for bit
 
 
+# head sizes the native attention and layer take (the default tiny model's 8 is not one): llama with 2 query heads
+# per key/value head; qwen2 (q/k/v biases) with 3
+NATIVE_SHAPES = {
+    "llama": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=192),
+    "qwen2": dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64, intermediate_size=256),
+}
+
+
+def _within_bf16_steps(got, reference, steps):
+    """Logits (T, V) within ``steps`` bf16 rounding steps of the reference's largest logit, most argmaxes equal."""
+    scale = reference.abs().amax(-1, keepdim=True)  # (T, 1)
+    return bool(((got - reference).abs() <= steps * 2.0**-7 * scale).all()) and bool(
+        (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+    )
+
+
 @needs_native
+@pytest.mark.parametrize("shape", ["default", "native"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_native_bf16_step_stays_within_bf16_rounding_of_the_stock_layers(model_type, monkeypatch):
-    bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128)
+def test_native_bf16_step_stays_within_bf16_rounding_of_the_stock_layers(model_type, shape, monkeypatch):
+    overrides = NATIVE_SHAPES[model_type] if shape == "native" else {}
+    bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128, **overrides)
     bm.model.to(torch.bfloat16)
     _force_products(monkeypatch, bm, "native")
     native = _logits_of_a_decode(bm)
-    assert bm.__dict__["_decode_inference"].products == "native"
+    made = bm.__dict__["_decode_inference"]
+    assert made.products == "native"
+    assert (made.native_layers is not None) == (shape == "native")  # head size 8: native products only
     _force_products(monkeypatch, bm, "linear")
     plain = _logits_of_a_decode(bm)
-    # the products differ from oneDNN's in some last bf16 bits, which the layers carry on: the logits stay within a
-    # few bf16 steps of the stock ones (a wrong product, bias or row block would move them by far more)
-    scale = plain.abs().amax(-1, keepdim=True)  # (T, 1)
-    assert ((native - plain).abs() <= 4 * 2.0**-7 * scale).all()
-    assert (native.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
+    # the native kernels round some outputs differently from the stock ones in the last bf16 bit, which the layers
+    # carry on: the logits stay within a few bf16 steps of the stock ones (a wrong product, bias, row block, RoPE,
+    # norm, key written to the wrong row or softmax would move them by far more)
+    assert _within_bf16_steps(native, plain, 4)
+
+
+@needs_native
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_the_native_layer_equals_the_python_step_on_the_native_kernels(model_type, monkeypatch):
+    """The one-call layer against the same layer run as separate operators with the native product and attention
+    kernels: the same products and attention, so only the norm's sum order may differ."""
+    bm = tiny_beacon_model(FIT, model_type=model_type, max_position_embeddings=128, **NATIVE_SHAPES[model_type])
+    bm.model.to(torch.bfloat16)
+    _force_products(monkeypatch, bm, "native")
+    layered = _logits_of_a_decode(bm, n_context=40, n_tokens=20)
+    assert bm.__dict__["_decode_inference"].native_layers is not None
+    bm.__dict__["_decode_inference"].native_layers = None  # the same kernels, the layer as separate operators
+    separate = _logits_of_a_decode(bm, n_context=40, n_tokens=20)
+    assert bm.__dict__["_decode_inference"].native_attention is not None
+    assert _within_bf16_steps(layered, separate, 2)
+    assert (layered.argmax(-1) == separate.argmax(-1)).all()
+
+
+def test_a_layer_that_is_not_stock_keeps_the_separate_operators(monkeypatch):
+    if native_kernels.unavailable() is not None:
+        pytest.skip(f"native bf16 kernels: {native_kernels.unavailable()}")
+    bm = tiny_beacon_model(FIT, max_position_embeddings=128, **NATIVE_SHAPES["llama"])
+    bm.model.to(torch.bfloat16)
+    with torch.no_grad():
+        assert DecodeLinears(bm.model, products="native").native_layers is not None
+        norm = bm.model.model.layers[1].post_attention_layernorm
+        norm.forward = lambda x: x  # replaced on the instance: not the stock norm
+        assert DecodeLinears(bm.model, products="native").native_layers is None
+        del norm.forward
+        bm.model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+        assert DecodeLinears(bm.model, products="native").native_layers is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

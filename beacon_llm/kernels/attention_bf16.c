@@ -177,45 +177,50 @@ static void attend_part(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     values_sum(scores, n, v + j0 * d, g, d, part);
 }
 /* q, out: (n_kv, g, d) contiguous. Key j of head h: k + h * head_stride + j * d (likewise v). m >= 1 keys.
- * d: a multiple of 32, at most 256; g at most 16. work: float scratch of (g * m + n_kv * parts * g * (d + 2)). */
+ * d: a multiple of 32, at most 256; g at most 16; parts at most 64. work: float scratch of
+ * (n_kv * g * m + n_kv * parts * g * (d + 2)). Called by every thread of an OpenMP team; ends with a barrier. */
+void beacon_attention_team(const uint16_t *q, const uint16_t *k, const uint16_t *v, long head_stride, long n_kv,
+                           long g, long d, long m, long parts, float scale, uint16_t *out, float *work) {
+    float *partials = work + n_kv * g * m;
+    const long items = n_kv * parts, per = (m + parts - 1) / parts;
+#pragma omp for schedule(static)
+    for (long it = 0; it < items; it++) {
+        const long h = it / parts, p = it % parts;
+        const long j0 = p * per < m ? p * per : m, j1 = j0 + per < m ? j0 + per : m;
+        float *part = partials + it * g * (d + 2);
+        if (j0 >= j1) {
+            for (long gi = 0; gi < g; gi++) part[gi * (d + 2)] = -INFINITY, part[gi * (d + 2) + 1] = 0.0f;
+            continue;
+        }
+        attend_part(q + h * g * d, k + h * head_stride, v + h * head_stride, g, d, j0, j1, scale,
+                    work + h * g * m + g * j0, part);
+    }
+#pragma omp for schedule(static)
+    for (long hg = 0; hg < n_kv * g; hg++) { /* merge the parts of head h, query gi */
+        const long h = hg / g, gi = hg % g;
+        float mx = -INFINITY, total = 0.0f;
+        for (long p = 0; p < parts; p++) {
+            const float pm = partials[((h * parts + p) * g + gi) * (d + 2)];
+            if (pm > mx) mx = pm;
+        }
+        float w[64];
+        for (long p = 0; p < parts; p++) {
+            const float *part = partials + ((h * parts + p) * g + gi) * (d + 2);
+            w[p] = part[1] > 0.0f ? expf(part[0] - mx) : 0.0f;
+            total += w[p] * part[1];
+        }
+        for (long i = 0; i < d; i++) {
+            float acc = 0.0f;
+            for (long p = 0; p < parts; p++) acc += w[p] * partials[((h * parts + p) * g + gi) * (d + 2) + 2 + i];
+            out[(h * g + gi) * d + i] = round_to_bf16(acc / total);
+        }
+    }
+}
+
+/* The same attention on its own team of ``threads``. */
 void beacon_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, long head_stride,
                                   long n_kv, long g, long d, long m, long parts, float scale, uint16_t *out,
                                   float *work, int threads) {
-    float *partials = work + n_kv * g * m;
-    const long items = n_kv * parts, per = (m + parts - 1) / parts;
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (long it = 0; it < items; it++) {
-            const long h = it / parts, p = it % parts;
-            const long j0 = p * per < m ? p * per : m, j1 = j0 + per < m ? j0 + per : m;
-            float *part = partials + it * g * (d + 2);
-            if (j0 >= j1) {
-                for (long gi = 0; gi < g; gi++) part[gi * (d + 2)] = -INFINITY, part[gi * (d + 2) + 1] = 0.0f;
-                continue;
-            }
-            attend_part(q + h * g * d, k + h * head_stride, v + h * head_stride, g, d, j0, j1, scale,
-                        work + h * g * m + g * j0, part);
-        }
-#pragma omp for schedule(static)
-        for (long hg = 0; hg < n_kv * g; hg++) { /* merge the parts of head h, query gi */
-            const long h = hg / g, gi = hg % g;
-            float mx = -INFINITY, total = 0.0f;
-            for (long p = 0; p < parts; p++) {
-                const float pm = partials[((h * parts + p) * g + gi) * (d + 2)];
-                if (pm > mx) mx = pm;
-            }
-            float w[64];
-            for (long p = 0; p < parts; p++) {
-                const float *part = partials + ((h * parts + p) * g + gi) * (d + 2);
-                w[p] = part[1] > 0.0f ? expf(part[0] - mx) : 0.0f;
-                total += w[p] * part[1];
-            }
-            for (long i = 0; i < d; i++) {
-                float acc = 0.0f;
-                for (long p = 0; p < parts; p++) acc += w[p] * partials[((h * parts + p) * g + gi) * (d + 2) + 2 + i];
-                out[(h * g + gi) * d + i] = round_to_bf16(acc / total);
-            }
-        }
-    }
+    beacon_attention_team(q, k, v, head_stride, n_kv, g, d, m, parts, scale, out, work);
 }

@@ -74,20 +74,24 @@ static void block_rows(const uint16_t *w, const uint16_t *bias, const uint16_t *
 }
 
 /* y (sum of rows) = [W_0; W_1; ...] x (+ [b_0; b_1; ...]): blocks[i] is rows[i] x k, biases[i] may be NULL.
- * threads: the OpenMP team size (the caller's torch thread count). */
-void beacon_matvec_bf16(const uint16_t *const *blocks, const uint16_t *const *biases, const long *rows, int n_blocks,
-                        const uint16_t *x, uint16_t *y, long k, int threads) {
+ * Called by every thread of an OpenMP team (each takes its share of whole row blocks); no barrier at the end. */
+void beacon_matvec_team(const uint16_t *const *blocks, const uint16_t *const *biases, const long *rows, int n_blocks,
+                        const uint16_t *x, uint16_t *y, long k) {
     long total = 0;
     for (int i = 0; i < n_blocks; i++) total += rows[i];
-#pragma omp parallel num_threads(threads)
-    {
-        const long team = omp_get_num_threads(), t = omp_get_thread_num();
-        const long share = ((total + team - 1) / team + BLOCK - 1) / BLOCK * BLOCK; /* whole blocks per thread */
-        const long lo = t * share, hi = lo + share < total ? lo + share : total;
-        long start = 0; /* first global row of block i */
-        for (int i = 0; i < n_blocks && lo < hi; start += rows[i], i++) {
-            const long a = lo > start ? lo - start : 0, b = hi - start < rows[i] ? hi - start : rows[i];
-            if (a < b) block_rows(blocks[i], biases[i], x, y + start, k, a, b);
-        }
+    const long team = omp_get_num_threads(), t = omp_get_thread_num();
+    const long share = ((total + team - 1) / team + BLOCK - 1) / BLOCK * BLOCK; /* whole blocks per thread */
+    const long lo = t * share, hi = lo + share < total ? lo + share : total;
+    long start = 0; /* first global row of block i */
+    for (int i = 0; i < n_blocks && lo < hi; start += rows[i], i++) {
+        const long a = lo > start ? lo - start : 0, b = hi - start < rows[i] ? hi - start : rows[i];
+        if (a < b) block_rows(blocks[i], biases[i], x, y + start, k, a, b);
     }
+}
+
+/* The same product on its own team of ``threads``. */
+void beacon_matvec_bf16(const uint16_t *const *blocks, const uint16_t *const *biases, const long *rows, int n_blocks,
+                        const uint16_t *x, uint16_t *y, long k, int threads) {
+#pragma omp parallel num_threads(threads)
+    beacon_matvec_team(blocks, biases, rows, n_blocks, x, y, k);
 }
