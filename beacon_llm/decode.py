@@ -109,10 +109,10 @@ class DecodeLinears:
 
     def matches(self, model: nn.Module) -> bool:
         """Whether every weight they were made from is still in its module, unchanged (checked on every decode
-        step: a dictionary lookup and a version counter per weight)."""
+        step: a dictionary lookup, the version counter and the storage of each weight)."""
         if self._watched[0] is not model.lm_head:
             return False
-        return all(params.get(name) is p and p._version == version for params, name, p, version in self._watched[1])
+        return all(params.get(name) is p and _state(p) == state for params, name, p, state in self._watched[1])
 
 
 def _packed_product(*mods: nn.Linear) -> Linear:
@@ -151,8 +151,8 @@ def _native_layers(model: nn.Module) -> list[native_kernels.NativeLayer] | None:
             or n_heads // n_kv > 16
         ):
             return None
-        layers.append(
-            kernel.layer(
+        try:
+            native = kernel.layer(
                 norms=(layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
                 eps=eps,
                 qkv=[(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)],
@@ -164,7 +164,9 @@ def _native_layers(model: nn.Module) -> list[native_kernels.NativeLayer] | None:
                 n_kv=n_kv,
                 head_dim=head_dim,
             )
-        )
+        except ValueError:  # e.g. a norm weight not in bf16: the separate operators
+            return None
+        layers.append(native)
     return layers
 
 
@@ -208,12 +210,18 @@ def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str,
         mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
         mods += [layer.input_layernorm, layer.post_attention_layernorm]
     watched = [
-        (m._parameters, name, m._parameters[name], m._parameters[name]._version)
+        (m._parameters, name, m._parameters[name], _state(m._parameters[name]))
         for m in mods
         for name in ("weight", "bias")
         if m._parameters.get(name) is not None
     ]
     return (model.lm_head, watched)
+
+
+def _state(p: torch.Tensor) -> tuple:
+    """What makes a weight's kernels stale: its in-place version and its storage (``.data`` replaced, as
+    ``model.to(...)`` does, keeps the version)."""
+    return (p._version, p.data_ptr(), p.dtype, p.device)
 
 
 def decode_products(model: nn.Module) -> str:
@@ -300,7 +308,8 @@ def raw_token_step(
     hidden = inner.embed_tokens(token[None])  # (1, 1, Dm)
     cos, sin = inner.rotary_emb(hidden, torch.tensor([[position]], device=hidden.device))  # (1, 1, D) each
     if linears.native_layers is not None and append.end - append.start == 1:
-        return _native_token_step(model, linears.native_layers, hidden, cos, sin, append)
+        if linears.native_layers[0].fits(*append.layer_memory(0)):  # every layer's memory is laid out alike
+            return _native_token_step(model, linears.native_layers, hidden, cos, sin, append)
     cos, sin = _rotation(cos, sin)  # (1, 1, 1, D) each
     if linears.packed:
         return _fused_token_step(model, linears, hidden, cos, sin, append)
@@ -332,16 +341,11 @@ def _native_token_step(
     key and value written into its reserved memory row by the kernel. hidden: (1, 1, Dm); cos / sin: (1, 1, D)."""
     state = hidden.reshape(-1).clone()  # (Dm,) the residual stream, updated in place layer by layer
     cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()  # (D,) each
-    scratch = torch.empty(layers[0].scratch_size, dtype=torch.bfloat16)
-    work = None
+    m = append.end  # entries each layer attends to, the new one included
+    scratch = torch.empty(max(layer.scratch_size for layer in layers), dtype=torch.bfloat16)
+    work = torch.empty(max(layer.work_size(m) for layer in layers), dtype=torch.float32)
     for i, layer in enumerate(layers):
         keys, values = append.layer_memory(i)  # (1, KVH, M + 1, D) each: the new row is the last
-        if work is None:
-            o = layer.operands
-            m = keys.shape[2]
-            work = torch.empty(native_kernels.attention_work_size(o.n_kv, o.n_heads // o.n_kv, o.head_dim, m))
-        if not layer.fits(keys, values):
-            raise RuntimeError(f"the memory of layer {i} is not laid out as the native layer reads it: {keys.stride()}")
         layer(state, cos, sin, keys, values, scratch, work)
     return model.model.norm(state.view(1, 1, -1))  # (1, 1, Dm)
 

@@ -148,6 +148,11 @@ class NativeLayer:
         self.scratch_size = 2 * operands.hidden + (2 * n_heads + 2 * n_kv) * head_dim + 3 * operands.inter
         self._function = function
 
+    def work_size(self, m: int) -> int:
+        """float32 scratch elements of this layer's attention over ``m`` entries."""
+        o = self.operands
+        return attention_work_size(o.n_kv, o.n_heads // o.n_kv, o.head_dim, m)
+
     def fits(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether the layer's memory views (1, KVH, M, D) are laid out as the kernel reads them."""
         o = self.operands
@@ -163,7 +168,22 @@ class NativeLayer:
         """hidden (Dm,) bf16, updated in place; cos / sin (D,) bf16; keys / values (1, KVH, M, D) the layer's memory
         views (:meth:`fits`), whose last row receives the token's key and value; scratch (``scratch_size``,) bf16 and
         work (:func:`attention_work_size`,) float32."""
-        m = keys.shape[2]
+        o, m = self.operands, keys.shape[2]
+        checks = (
+            (hidden, torch.bfloat16, o.hidden),
+            (cos, torch.bfloat16, o.head_dim),
+            (sin, torch.bfloat16, o.head_dim),
+            (scratch, torch.bfloat16, self.scratch_size),
+            (work, torch.float32, self.work_size(m)),
+        )
+        for t, dtype, size in checks:  # the kernel trusts these sizes: refuse anything smaller
+            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or t.numel() < size:
+                raise ValueError(f"native layer operand: expected {size} contiguous {dtype} on the CPU, got "
+                                 f"{tuple(t.shape)} {t.dtype} on {t.device}")  # fmt: skip
+        if not self.fits(keys, values):
+            raise ValueError(
+                f"the memory views {tuple(keys.shape)} / {keys.stride()} are not laid out as it reads them"
+            )
         self._function(
             ctypes.byref(self.operands), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
             values.data_ptr(), keys.stride(1), m - 1, m, attention_parts(m), scratch.data_ptr(), work.data_ptr(),
@@ -366,6 +386,7 @@ def _build(kernel_dir: Path, runtime: Path) -> Path:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lib-", suffix=".so")
         os.close(fd)
         shutil.copyfile(lib, tmp)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared home from loading it
         os.replace(tmp, target)
     return target
 

@@ -360,6 +360,11 @@ def test_kernels_follow_weights_changed_after_they_were_made(products, monkeypat
         norm.weight = torch.nn.Parameter(norm.weight.detach() * 1.5)
     assert not bm.__dict__["_decode_inference"].matches(bm.model)
     assert not torch.equal(step(), replaced)
+    with torch.no_grad():  # and a weight whose storage was swapped under the same parameter (as model.to() does)
+        bm._decode_linears()
+        down = bm.model.model.layers[1].mlp.down_proj
+        down.weight.data = down.weight.data * 2
+    assert not bm.__dict__["_decode_inference"].matches(bm.model)
 
 
 def _step_of(bm, ctx):

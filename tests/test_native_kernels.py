@@ -148,6 +148,23 @@ def test_attention_with_peaked_scores_stays_finite_and_exact():
 
 
 @needs_native
+def test_attention_split_into_more_parts_than_keys_ignores_the_empty_ones():
+    """Called with more key parts than the keys fill (empty parts), on scratch full of NaN: the result is still the
+    attention (an empty part weighs nothing and its sums are written, not left as they were)."""
+    import ctypes
+
+    kernel = native_kernels.kernels()
+    q, keys, values = _bf16(1, 2, 3, 64, seed=1), _bf16(1, 2, 5, 64, seed=2), _bf16(1, 2, 5, 64, seed=3)
+    parts = 4  # 5 keys in parts of 2: the fourth part is empty
+    work = torch.full((2 * 3 * 5 + 2 * parts * 3 * 66,), float("nan"))
+    out = torch.empty_like(q)
+    kernel._attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), 2, 3, 64, 5, parts,
+                      ctypes.c_float(0.125), out.data_ptr(), work.data_ptr(), 1)  # fmt: skip
+    assert torch.isfinite(out.float()).all()
+    assert native_kernels.attention_close(out, q, keys, values, 0.125)
+
+
+@needs_native
 def test_attention_refuses_what_it_does_not_take():
     kernel = native_kernels.kernels()
     q, kv = _bf16(1, 3, 3, 64), _bf16(1, 3, 10, 64)

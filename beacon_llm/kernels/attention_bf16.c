@@ -189,7 +189,8 @@ void beacon_attention_team(const uint16_t *q, const uint16_t *k, const uint16_t 
         const long j0 = p * per < m ? p * per : m, j1 = j0 + per < m ? j0 + per : m;
         float *part = partials + it * g * (d + 2);
         if (j0 >= j1) {
-            for (long gi = 0; gi < g; gi++) part[gi * (d + 2)] = -INFINITY, part[gi * (d + 2) + 1] = 0.0f;
+            for (long gi = 0; gi < g; gi++) /* an empty part: weight 0 and zero sums, never read as garbage */
+                for (long i = 0; i < d + 2; i++) part[gi * (d + 2) + i] = i == 0 ? -INFINITY : 0.0f;
             continue;
         }
         attend_part(q + h * g * d, k + h * head_stride, v + h * head_stride, g, d, j0, j1, scale,
@@ -211,7 +212,8 @@ void beacon_attention_team(const uint16_t *q, const uint16_t *k, const uint16_t 
         }
         for (long i = 0; i < d; i++) {
             float acc = 0.0f;
-            for (long p = 0; p < parts; p++) acc += w[p] * partials[((h * parts + p) * g + gi) * (d + 2) + 2 + i];
+            for (long p = 0; p < parts; p++)
+                if (w[p] != 0.0f) acc += w[p] * partials[((h * parts + p) * g + gi) * (d + 2) + 2 + i];
             out[(h * g + gi) * d + i] = round_to_bf16(acc / total);
         }
     }
