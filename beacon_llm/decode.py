@@ -218,10 +218,10 @@ def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str,
     return (model.lm_head, watched)
 
 
-def _state(p: torch.Tensor) -> tuple:
+def _state(p: torch.Tensor) -> tuple[int, int]:
     """What makes a weight's kernels stale: its in-place version and its storage (``.data`` replaced, as
-    ``model.to(...)`` does, keeps the version)."""
-    return (p._version, p.data_ptr(), p.dtype, p.device)
+    ``model.to(...)`` does, keeps the version; a new dtype or device is new storage too)."""
+    return (p._version, p.data_ptr())
 
 
 def decode_products(model: nn.Module) -> str:

@@ -36,9 +36,9 @@ from . import _compat
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(
-    Path(__file__).resolve().parent / "kernels" / name for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c")
-)
+_KERNELS = Path(__file__).resolve().parent / "kernels"
+SOURCES = tuple(_KERNELS / name for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c"))
+HEADERS = (_KERNELS / "bf16.h",)  # included by the sources: part of the build digest
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-fPIC")
 DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
@@ -368,7 +368,7 @@ def _build(kernel_dir: Path, runtime: Path) -> Path:
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256(
-        b"\0".join([*(p.read_bytes() for p in SOURCES), " ".join(COMPILE_FLAGS).encode(), version.encode(),
+        b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(COMPILE_FLAGS).encode(), version.encode(),
                     str(runtime).encode()])
     ).hexdigest()[:16]  # fmt: skip
     target = kernel_dir / digest / "libbeacon_kernels_bf16.so"

@@ -12,6 +12,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "bf16.h"
+
 
 /* e^x for x <= 0 (scores minus their maximum): n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], e^r by its
  * Taylor polynomial of degree 7 (truncation below 6e-9, under float32's rounding), times 2^n. */
@@ -30,14 +32,6 @@ static inline __m512 exp_nonpositive(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
-}
-
-static inline uint16_t round_to_bf16(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 static inline __m512 bf16x16_to_float(const uint16_t *p) {

@@ -12,6 +12,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "bf16.h"
+
 void beacon_matvec_team(const uint16_t *const *blocks, const uint16_t *const *biases, const long *rows, int n_blocks,
                         const uint16_t *x, uint16_t *y, long k);
 void beacon_attention_team(const uint16_t *q, const uint16_t *k, const uint16_t *v, long head_stride, long n_kv,
@@ -32,27 +34,12 @@ typedef struct {
     long hidden, n_heads, n_kv, head_dim, inter;
 } beacon_layer;
 
-static inline float f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t bf16(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* weight * bf16(x * rsqrt(mean(x^2) + eps)), as the stock RMSNorm on a bf16 input */
+/* weight * round_to_bf16(x * rsqrt(mean(x^2) + eps)), as the stock RMSNorm on a bf16 input */
 static void rms_norm(const uint16_t *x, const uint16_t *weight, double eps, long n, uint16_t *out) {
     float sum = 0.0f;
-    for (long i = 0; i < n; i++) sum += f32(x[i]) * f32(x[i]);
+    for (long i = 0; i < n; i++) sum += bf16_to_float(x[i]) * bf16_to_float(x[i]);
     const float inv = 1.0f / sqrtf(sum / (float)n + (float)eps);
-    for (long i = 0; i < n; i++) out[i] = bf16(f32(weight[i]) * f32(bf16(f32(x[i]) * inv)));
+    for (long i = 0; i < n; i++) out[i] = bf16_mul(weight[i], round_to_bf16(bf16_to_float(x[i]) * inv));
 }
 
 /* x * cos + rotate_half(x) * sin for each of the heads' d features, in place, each product and the sum rounded */
@@ -62,7 +49,7 @@ static void rope(uint16_t *x, long heads, long d, const uint16_t *cos, const uin
     for (long h = 0; h < heads; h++) {
         uint16_t *row = x + h * d;
         for (long i = 0; i < half; i++) rotated[i] = row[i + half] ^ 0x8000u, rotated[i + half] = row[i];
-        for (long i = 0; i < d; i++) row[i] = bf16(f32(bf16(f32(row[i]) * f32(cos[i]))) + f32(bf16(f32(rotated[i]) * f32(sin[i]))));
+        for (long i = 0; i < d; i++) row[i] = bf16_add(bf16_mul(row[i], cos[i]), bf16_mul(rotated[i], sin[i]));
     }
 }
 
@@ -97,19 +84,19 @@ void beacon_decode_layer_bf16(const beacon_layer *L, uint16_t *hidden, const uin
 #pragma omp barrier
 #pragma omp single
         {
-            for (long i = 0; i < dm; i++) hidden[i] = bf16(f32(hidden[i]) + f32(proj[i]));
+            for (long i = 0; i < dm; i++) hidden[i] = bf16_add(hidden[i], proj[i]);
             rms_norm(hidden, L->norm2, L->eps2, dm, x);
         }
         beacon_matvec_team(L->gate_up, L->gate_up_bias, L->gate_up_rows, 2, x, gate_up, dm);
 #pragma omp barrier
 #pragma omp single
         for (long i = 0; i < inter; i++) {
-            const float g = f32(gate_up[i]);
-            act[i] = bf16(f32(bf16(g / (1.0f + expf(-g)))) * f32(gate_up[inter + i]));
+            const float g = bf16_to_float(gate_up[i]);
+            act[i] = bf16_mul(round_to_bf16(g / (1.0f + expf(-g))), gate_up[inter + i]);
         }
         beacon_matvec_team(L->down, L->down_bias, L->down_rows, 1, act, proj, inter);
 #pragma omp barrier
 #pragma omp single
-        for (long i = 0; i < dm; i++) hidden[i] = bf16(f32(hidden[i]) + f32(proj[i]));
+        for (long i = 0; i < dm; i++) hidden[i] = bf16_add(hidden[i], proj[i]);
     }
 }

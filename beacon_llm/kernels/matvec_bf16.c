@@ -13,23 +13,10 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "bf16.h"
+
 #define BLOCK 4          /* weight rows per inner loop: four independent accumulators share each load of x */
 #define PREFETCH_ROWS 8  /* the block read after next is prefetched while this one is multiplied */
-
-static inline uint16_t round_to_bf16(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-}
 
 /* rows [r0, r1) of one block w (rows x k) into y[r0 .. r1) */
 static void block_rows(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint16_t *y, long k, long r0,
@@ -65,7 +52,8 @@ static void block_rows(const uint16_t *w, const uint16_t *bias, const uint16_t *
         const uint16_t *w0 = w + o * k;
         __m512 a0 = _mm512_setzero_ps();
         for (long c = 0; c < full; c++)
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + 32 * c), (__m512bh)_mm512_loadu_si512(x + 32 * c));
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + 32 * c),
+                                  (__m512bh)_mm512_loadu_si512(x + 32 * c));
         if (rem)
             a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + 32 * full),
                                   (__m512bh)_mm512_maskz_loadu_epi16(tail, x + 32 * full));
