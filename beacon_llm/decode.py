@@ -236,7 +236,7 @@ def decode_products(model: nn.Module) -> str:
         return "linear"
     if not _plain_projections(model):
         return "linear"  # a wrapped or hooked projection runs as itself
-    if _compat.avx512_bf16_cpu() and not _compat.amx_cpu() and native_kernels.kernels() is not None:
+    if native_kernels.preferred() is not None:
         return "native"
     if not _compat.packed_linear_available():
         return "linear"

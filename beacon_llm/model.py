@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from . import _compat
+from . import _compat, native_kernels
 from .attention import StepTensors, layer_step, rope
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
@@ -482,6 +482,9 @@ class BeaconModel:
                     f"(era {self.config.era}); use attn_implementation='sdpa' or 'eager'"
                 )
             return fn, None, visible.shape[0] > 1
+        native = self._native_read(like)
+        if native is not None:
+            return native.attention_forward, None if bool(visible.all()) else visible.to(like.device)[None, None], False
         if bool(visible.all()) and visible.shape[0] == 1:
             return fn, None, False
         mask = visible.to(like.device)[None, None]  # (1, 1, T, K)
@@ -491,6 +494,18 @@ class BeaconModel:
         elif impl == "sdpa" and like.device.type == "cpu":
             fn = _compat.masked_gqa_sdpa
         return fn, mask, False
+
+    def _native_read(self, like: torch.Tensor) -> native_kernels.NativeKernels | None:
+        """The native kernels whose attention a read step on tensors like ``like`` uses (docs/design.md §8): bf16 on
+        a CPU where :func:`beacon_llm.native_kernels.preferred` gives them, with the ``sdpa`` implementation and no
+        gradient (the kernel has no backward); None: the implementation's own kernel."""
+        impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        if impl != "sdpa" or like.device.type != "cpu" or like.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return None
+        head_dim = self.model.model.layers[0].self_attn.head_dim
+        if head_dim % 32 or head_dim > 256 or self.config.memory_gate is not None:  # shapes the kernel does not take
+            return None
+        return native_kernels.preferred()
 
     def _run_step(self, cache: BeaconCache, raw_ids: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Feed one window chunk through every layer; update ``cache``; return final-normed raw hidden states."""
@@ -562,13 +577,13 @@ class BeaconModel:
             new_v.append(v)
         return hidden, new_k, new_v
 
-    def _run_raw_gated(
+    def _run_raw_layers(
         self, cache: BeaconCache, raw_ids: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """:meth:`_run_raw` for a model with memory gates: the same layers, positions and causal visibility as the
-        stock decoder continuing its KV cache, with each layer's gates on the memory's beacons. The new
-        entries' keys (rotated) and values are returned, (1, KVH, n, D) per layer, with the final-normed hidden states
-        (n, Dm)."""
+        """The stock decoder continuing its KV cache (the same layers, positions and causal visibility), run by
+        :func:`beacon_llm.attention.layer_step` so that the memory gates (each layer's gates on the memory's beacons)
+        and the native read attention apply. The new entries' keys (rotated) and values are returned, (1, KVH, n, D)
+        per layer, with the final-normed hidden states (n, Dm)."""
         inner, st = self.model.model, cache.state
         mem_len, n = cache.memory_length, int(raw_ids.numel())
         hidden = inner.embed_tokens(raw_ids[None])  # (1, n, Dm)
@@ -576,7 +591,8 @@ class BeaconModel:
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()  # (n, n)
         visible = torch.cat([torch.ones(n, mem_len, dtype=torch.bool, device=self.device), causal], 1)  # (n, M + n)
         fn, mask, is_causal = self._attention_setup(visible, hidden)
-        step = StepTensors(None, cos, sin, None, None, mask, fn, is_causal, (st.n_sink, mem_len - st.n_raw_memory))
+        gates = (st.n_sink, mem_len - st.n_raw_memory) if self.config.memory_gate is not None else None
+        step = StepTensors(None, cos, sin, None, None, mask, fn, is_causal, gates)
         hidden, keys, values = self._layers(cache, hidden, step, with_window=False)
         return inner.norm(hidden)[0], [rope(k, cos, sin) for k in keys], values
 
@@ -595,14 +611,18 @@ class BeaconModel:
 
     def _run_raw(self, cache: BeaconCache, raw_ids: torch.Tensor, *, new_tokens: bool = True) -> torch.Tensor:
         """``fit-N`` past the condensed windows: the stock decoder reads ``raw_ids`` after the memory (keys already
-        at positions 0..M-1), exactly as the plain model continues its own KV cache; every new KV entry is kept raw.
+        at positions 0..M-1), exactly as the plain model continues its own KV cache (with the native read attention
+        where :meth:`_native_read` gives it: the same within one bf16 rounding); every new KV entry is kept raw.
         ``new_tokens`` False: tokens of the stream read again (``fit_overlap``). Returns the final-normed hidden
         states (n_raw, Dm)."""
         mem_len = cache.memory_length
         n = int(raw_ids.numel())
         decode = n == 1 and not torch.is_grad_enabled() and self.config.memory_gate is None
-        if self.config.memory_gate is not None:
-            hidden, keys, values = self._run_raw_gated(cache, raw_ids)  # (n, Dm); keys (1, KVH, n, D) per layer
+        by_layers = not decode and (
+            self.config.memory_gate is not None or self._native_read(self.model.model.embed_tokens.weight) is not None
+        )
+        if by_layers:
+            hidden, keys, values = self._run_raw_layers(cache, raw_ids)  # (n, Dm); keys (1, KVH, n, D) per layer
         elif decode:  # the decode step: written in place into the memory buffer
             embed = self.model.model.embed_tokens.weight
             layer0 = self.model.model.layers[0].self_attn
@@ -628,7 +648,7 @@ class BeaconModel:
         if decode:  # after the step: a failed step leaves the memory as it was
             cache.commit_memory(append, new_tokens=new_tokens)
             return hidden[0]  # (1, Dm)
-        if self.config.memory_gate is not None:
+        if by_layers:
             cache.append_raw_memory(keys, values, new_tokens=new_tokens)
             return hidden  # (n_raw, Dm)
         keys, values = [k[:, :, mem_len:] for k in keys], [v[:, :, mem_len:] for v in values]

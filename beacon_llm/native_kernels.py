@@ -37,8 +37,10 @@ from . import _compat
 logger = logging.getLogger(__name__)
 
 _KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = tuple(_KERNELS / name for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c"))
-HEADERS = (_KERNELS / "bf16.h",)  # included by the sources: part of the build digest
+SOURCES = tuple(
+    _KERNELS / name for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c", "read_attention_bf16.c")
+)
+HEADERS = (_KERNELS / "bf16.h", _KERNELS / "exp_avx512.h")  # included by the sources: part of the build digest
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-fPIC")
 DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
@@ -218,6 +220,9 @@ class NativeKernels:
         self._layer = library.beacon_decode_layer_bf16
         self._layer.argtypes = [p, p, p, p, p, p, n, n, n, n, p, p, i]
         self._layer.restype = None
+        self._read_attention = library.beacon_read_attention_bf16
+        self._read_attention.argtypes = [p, n, n, p, p, p, p, n, n, n, n, n, n, f, p, i]
+        self._read_attention.restype = ctypes.c_int
 
     def linear(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> NativeLinear:
         """The product ``x -> x @ cat(W_i).T + cat(b_i)`` of the (weight, bias or None) row blocks."""
@@ -280,6 +285,110 @@ class NativeKernels:
             torch.get_num_threads(),
         )
         return out
+
+    @staticmethod
+    def read_attention_fits(
+        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> bool:
+        """Whether :meth:`read_attention` takes these: bf16 CPU tensors, query (1, H, T, D) with contiguous rows,
+        keys and values (1, KVH, K, D) with contiguous rows, H a multiple of KVH, D a multiple of 32 up to 256; mask
+        None or a bool (1, 1, T, K) with contiguous rows."""
+        tensors = (query, keys, values)
+        if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 or t.shape[0] != 1 for t in tensors):
+            return False
+        _, n_heads, t_len, d = query.shape
+        _, n_kv, n_keys, _ = keys.shape
+        if mask is not None and (
+            mask.dtype != torch.bool
+            or mask.device.type != "cpu"
+            or mask.shape != (1, 1, t_len, n_keys)
+            or (t_len > 1 and mask.stride(2) < n_keys)
+            or mask.stride(3) != 1
+        ):
+            return False
+        return (
+            query.stride(3) == 1
+            and d % 32 == 0
+            and d <= 256
+            and n_kv >= 1
+            and n_heads % n_kv == 0
+            and n_keys >= 1
+            and keys.shape == values.shape
+            and keys.shape[3] == d
+            and keys.stride(3) == 1 == values.stride(3)
+        )
+
+    def read_attention(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """softmax(scale q K^T, over the visible keys) V for a window of queries (paper v2 §2.2: every window reads
+        the memory and itself): query (1, H, T, D), keys / values (1, KVH, K, D), mask None (every key visible) or
+        (1, 1, T, K) bool, True = visible (:meth:`read_attention_fits`) -> (1, T, H, D) bf16, as
+        ``scaled_dot_product_attention`` within float32 and one bf16 rounding (a row that sees no key reads zeros)."""
+        if not self.read_attention_fits(query, keys, values, mask):
+            raise ValueError(
+                f"the native read attention takes bf16 CPU query (1, H, T, D), keys/values (1, KVH, K, D) with "
+                f"contiguous rows and a bool (1, 1, T, K) mask or none, D a multiple of 32 up to 256; got "
+                f"{tuple(query.shape)} {query.dtype}, {tuple(keys.shape)}, mask "
+                f"{None if mask is None else (tuple(mask.shape), mask.dtype)}; use scaled_dot_product_attention"
+            )
+        _, n_heads, t_len, d = query.shape
+        _, n_kv, n_keys, _ = keys.shape
+        out = torch.empty(1, t_len, n_heads, d, dtype=torch.bfloat16)  # (1, T, H, D)
+        failed = self._read_attention(
+            query.data_ptr(),
+            query.stride(1),
+            query.stride(2),
+            keys.data_ptr(),
+            values.data_ptr(),
+            (ctypes.c_long * 4)(keys.stride(1), keys.stride(2), values.stride(1), values.stride(2)),
+            None if mask is None else mask.data_ptr(),
+            0 if mask is None else mask.stride(2),
+            n_kv,
+            n_heads // n_kv,
+            t_len,
+            n_keys,
+            d,
+            scale,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if failed:
+            raise MemoryError(f"the native read attention could not allocate its copy of {n_keys} keys and values")
+        return out
+
+    def attention_forward(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, None]:
+        """:meth:`read_attention` as a transformers attention function (query (B, H, T, D), key / value
+        (B, KVH, K, D), a bool mask or None; returns (B, T, H, D)); what it does not take (dropout, a causal flag,
+        an additive mask, a gate dimension, float32) goes to :func:`beacon_llm._compat.masked_gqa_sdpa`."""
+        if dropout or kwargs.get("is_causal") or not self.read_attention_fits(query, key, value, attention_mask):
+            return _compat.masked_gqa_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        return self.read_attention(query, key, value, attention_mask, scale), None
+
+
+def preferred() -> NativeKernels | None:
+    """The native kernels where they are the ones measured faster than the stock kernels: a CPU with AVX512-BF16
+    and no AMX tiles (with AMX, oneDNN's packed products and torch's attention kernel are the ones measured fast),
+    where they build; else None."""
+    if _compat.avx512_bf16_cpu() and not _compat.amx_cpu():
+        return kernels()
+    return None
 
 
 def unavailable() -> str | None:
@@ -415,13 +524,37 @@ def _self_check(kernel: NativeKernels) -> str | None:
     keys, values = (torch.randn(1, 2, 1100, 64, generator=g).bfloat16() for _ in range(2))
     if not attention_close(kernel.attention(q, keys, values, 0.125), q, keys, values, 0.125):
         return "the attention's self-check against float64 failed"
+    q = torch.randn(1, 6, 37, 64, generator=g).bfloat16()
+    keys, values = (torch.randn(1, 2, 150, 64, generator=g).bfloat16() for _ in range(2))
+    mask = torch.rand(37, 150, generator=g) < 0.7
+    mask[:, 0] = True
+    got = kernel.read_attention(q, keys, values, mask[None, None], 0.125).transpose(1, 2)  # (1, H, T, D)
+    if not attention_close(got, q, keys, values, 0.125, mask=mask):
+        return "the read attention's self-check against float64 failed"
     return None
 
 
-def attention_close(got: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> bool:
+def attention_close(
+    got: torch.Tensor,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    *,
+    mask: torch.Tensor | None = None,
+) -> bool:
     """Whether ``got`` is within one bf16 rounding of the float64 attention, plus 1e-4 of the largest value (float32
-    sums and exponentials)."""
-    probs = torch.softmax(q.double() @ keys.double().transpose(-1, -2) * scale, -1)  # (1, KVH, G, M)
-    exact = probs @ values.double()  # (1, KVH, G, D)
-    bound = exact.abs() * 2.0**-8 + 1e-4 * values.double().abs().max()
+    sums and exponentials); with a (T, M) bool ``mask`` (True = visible), the exponentials are also rounded to bf16
+    for the sum with the values, so the bound is 2^-8 of the largest value. q / got: (1, KVH * G, T, D) with a mask,
+    (1, KVH, G, D) without; keys / values: (1, KVH, M, D)."""
+    k, v = keys.double(), values.double()
+    if mask is not None:  # grouped heads: query head a reads key/value head a // G
+        group = q.shape[1] // keys.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (1, H, M, D)
+    logits = q.double() @ k.transpose(-1, -2) * scale  # (1, H, T, M) or (1, KVH, G, M)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    exact = torch.softmax(logits, -1) @ v
+    slack = 1e-4 if mask is None else 2.0**-8
+    bound = exact.abs() * 2.0**-8 + slack * values.double().abs().max()
     return bool(((got.double() - exact).abs() <= bound).all())

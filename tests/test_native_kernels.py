@@ -182,6 +182,13 @@ def test_attention_refuses_what_it_does_not_take():
             kernel.attention(query, keys, values, 0.125)
 
 
+def test_where_the_kernels_build_they_pass_their_self_check():
+    """The kernel tests skip where the kernels are not used; a self-check that fails (a broken kernel) must not
+    pass for that: here it is a failure."""
+    reason = native_kernels.unavailable() or ""
+    assert "self-check" not in reason, reason
+
+
 def test_the_reasons_it_is_not_used(monkeypatch, tmp_path):
     monkeypatch.setenv(native_kernels.DISABLE_ENV, "0")
     assert native_kernels.unavailable() == f"{native_kernels.DISABLE_ENV}=0"
@@ -213,3 +220,128 @@ def test_a_build_is_reused_and_written_whole(monkeypatch, tmp_path):
     native_kernels._load_or_reason.cache_clear()  # a new process: the built library is found, not rebuilt
     mtime = kernel.path.stat().st_mtime_ns
     assert native_kernels.kernels().path == kernel.path and kernel.path.stat().st_mtime_ns == mtime
+
+
+def _read_case(n_heads, n_kv, t, m, d, seed):
+    """query (1, H, T, D) as the layer makes it (a transposed (1, T, H, D) view), keys (1, KVH, M, D) as the first
+    window makes them (a transposed (1, M, KVH, D) view), values a view into a longer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, t, n_heads, d, generator=gen).bfloat16().transpose(1, 2)
+    keys = torch.randn(1, m, n_kv, d, generator=gen).bfloat16().transpose(1, 2)
+    values = torch.randn(1, n_kv, m + 3, d, generator=gen).bfloat16()[:, :, 3:]  # other strides than the keys
+    return q, keys, values
+
+
+def _read_mask(kind, t, m, seed):
+    """(T, M) bool, True = visible."""
+    if kind == "none":
+        return None
+    if kind == "causal":  # the last T keys are the queries' own: bottom-right causal after M - T memory entries
+        return torch.ones(t, m, dtype=torch.bool).tril(m - t)
+    mask = torch.rand(t, m, generator=torch.Generator().manual_seed(seed)) < 0.5
+    if kind == "random":
+        mask[:, -1] = True
+    return mask  # "blind": some rows see no key
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "n_heads,n_kv,t,m,d,kind",
+    [
+        (9, 3, 528, 1100, 64, "causal"),  # the embedded model: a beacon window after a memory, several key blocks
+        (9, 3, 37, 100, 64, "random"),  # a key block and a half, rows past the last tile
+        (9, 3, 37, 100, 64, "none"),
+        (6, 2, 5, 1, 32, "none"),  # one key
+        (4, 4, 70, 300, 128, "random"),  # no grouping, head size 128 (two value chunks of 64)
+        (8, 2, 33, 65, 96, "causal"),  # head size 96: a value chunk of 64 and one of 32
+        (2, 1, 3, 7, 256, "random"),  # the largest head size
+        (3, 1, 1, 70, 64, "none"),  # one query token
+    ],
+)
+def test_read_attention_is_within_one_bf16_rounding_of_the_exact_attention(n_heads, n_kv, t, m, d, kind):
+    q, keys, values = _read_case(n_heads, n_kv, t, m, d, seed=m)
+    mask = _read_mask(kind, t, m, seed=t)
+    kernel = native_kernels.kernels()
+    given = None if mask is None else mask[None, None]  # (1, 1, T, M)
+    assert kernel.read_attention_fits(q, keys, values, given)
+    got = kernel.read_attention(q, keys, values, given, d**-0.5)  # (1, T, H, D)
+    assert got.shape == (1, t, n_heads, d) and got.dtype == torch.bfloat16
+    seen = torch.ones(t, m, dtype=torch.bool) if mask is None else mask
+    assert native_kernels.attention_close(got.transpose(1, 2), q, keys, values, d**-0.5, mask=seen)
+    # as close to the exact attention as torch's SDPA, which also rounds the exponentials to bf16
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), keys.double(), values.double(), attn_mask=given, enable_gqa=True
+    )
+    stock = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=given, enable_gqa=True)
+    assert (got.transpose(1, 2).double() - exact).abs().max() <= 1.5 * (stock.double() - exact).abs().max() + 1e-6
+
+
+@needs_native
+def test_read_attention_rows_that_see_no_key_read_zeros():
+    q, keys, values = _read_case(4, 2, 20, 150, 64, seed=5)
+    mask = _read_mask("blind", 20, 150, seed=1)
+    mask[3] = False
+    mask[7, :70] = False  # sees only the last key blocks
+    got = native_kernels.kernels().read_attention(q, keys, values, mask[None, None], 0.125).transpose(1, 2)
+    assert torch.equal(got[:, :, 3], torch.zeros_like(got[:, :, 3]))
+    rows = mask.any(1)
+    assert native_kernels.attention_close(got[:, :, rows], q[:, :, rows], keys, values, 0.125, mask=mask[rows])
+
+
+@needs_native
+def test_read_attention_with_scores_rising_over_the_keys_rescales_its_sums():
+    """Each key block holds larger scores than the last (the online softmax's maximum changes at every block) and
+    the scores reach several hundred: the result stays finite and exact."""
+    q, keys, values = _read_case(3, 1, 9, 640, 64, seed=2)
+    keys = (keys.float() * torch.linspace(0.1, 12, 640)[None, None, :, None]).bfloat16()
+    q = (q.float() * 4).bfloat16()
+    got = native_kernels.kernels().read_attention(q, keys, values, None, 0.125).transpose(1, 2)
+    assert torch.isfinite(got.float()).all()
+    assert native_kernels.attention_close(got, q, keys, values, 0.125, mask=torch.ones(9, 640, dtype=torch.bool))
+
+
+@needs_native
+def test_read_attention_gives_the_same_bits_at_any_thread_count_and_from_concurrent_callers():
+    q, keys, values = _read_case(9, 3, 100, 700, 64, seed=9)
+    mask = _read_mask("causal", 100, 700, seed=0)[None, None]
+    kernel = native_kernels.kernels()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel.read_attention(q, keys, values, mask, 0.125)
+        torch.set_num_threads(2)
+        two = kernel.read_attention(q, keys, values, mask, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(
+            torch.equal(out, one)
+            for out in pool.map(lambda _: kernel.read_attention(q, keys, values, mask, 0.125), range(8))
+        )
+
+
+@needs_native
+def test_read_attention_refuses_what_it_does_not_take_and_the_attention_function_hands_it_to_sdpa():
+    kernel = native_kernels.kernels()
+    q, kv = _bf16(1, 6, 5, 64), _bf16(1, 3, 10, 64)
+    mask = torch.ones(1, 1, 5, 10, dtype=torch.bool)
+    cases = [
+        (q.float(), kv.float(), kv.float(), mask),  # float32
+        (_bf16(1, 6, 5, 65), _bf16(1, 3, 10, 65), _bf16(1, 3, 10, 65), mask),  # a gate dimension (D + 1)
+        (_bf16(1, 4, 5, 64), kv, kv, mask),  # query heads not a multiple of the key/value heads
+        (q, kv, _bf16(1, 3, 11, 64), None),  # keys and values of different lengths
+        (q, _bf16(1, 3, 64, 10).transpose(-1, -2), kv, mask),  # rows not contiguous
+        (q, kv, kv, torch.zeros(1, 1, 5, 10)),  # an additive mask
+        (q, kv, kv, mask[..., :9]),  # a mask of the wrong size
+    ]
+    for query, keys, values, m in cases:
+        assert not kernel.read_attention_fits(query, keys, values, m)
+        with pytest.raises(ValueError, match="use scaled_dot_product_attention"):
+            kernel.read_attention(query, keys, values, m, 0.125)
+        if keys.shape[2] == values.shape[2] and query.shape[1] % keys.shape[1] == 0 and m.shape[-1] == keys.shape[2]:
+            out, _ = kernel.attention_forward(None, query, keys, values, m, scaling=0.125)
+            stock, _ = native_kernels._compat.masked_gqa_sdpa(None, query, keys, values, m, scaling=0.125)
+            assert torch.equal(out, stock)
+    out, _ = kernel.attention_forward(None, q, kv, kv, mask, scaling=0.125)  # what it takes: (B, T, H, D)
+    assert torch.equal(out, kernel.read_attention(q, kv, kv, mask, 0.125))
