@@ -92,20 +92,27 @@ static inline void tile_scores(const uint16_t *const q[ROW_TILE], const uint32_t
 TILE_VALUES(2)
 TILE_VALUES(4)
 
-/* Which of the 64 keys from j0 row t sees (bit i: key j0 + i): the mask's bytes (nonzero = visible), or every key
- * below nk without a mask. */
-static inline uint64_t visible_keys(const uint8_t *mask, long mask_stride, long t, long j0, long nk) {
-    const uint64_t valid = nk - j0 >= 64 ? ~0ull : (1ull << (nk - j0)) - 1ull;
-    if (mask == NULL) return valid;
-    const __m512i bytes = _mm512_maskz_loadu_epi8((__mmask64)valid, mask + t * mask_stride + j0);
-    return (uint64_t)_mm512_test_epi8_mask(bytes, bytes) & valid;
+/* Which of the 64 keys from j0 row t sees (bit i: key j0 + i, nonzero mask byte = visible; every key below nk
+ * without a mask), for each row and block of keys: read once from the byte mask for all heads. */
+static void visible_bits(const uint8_t *mask, long mask_stride, long t, long nk, long n_blocks, uint64_t *bits) {
+    for (long b = 0; b < n_blocks; b++) {
+        const long j0 = b * KEY_BLOCK;
+        const uint64_t valid = nk - j0 >= 64 ? ~0ull : (1ull << (nk - j0)) - 1ull;
+        if (mask == NULL) {
+            bits[b] = valid;
+            continue;
+        }
+        const uint8_t *row = mask + t * mask_stride + j0;
+        const __m512i bytes = nk - j0 >= 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8((__mmask64)valid, row);
+        bits[b] = (uint64_t)_mm512_test_epi8_mask(bytes, bytes) & valid;
+    }
 }
 
 /* One work item: rows [r0, r1) of head h's G * T query rows (row r: token r / G, query head h * G + r % G). */
 static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride, const uint32_t *kp,
-                        const uint16_t *vp, const uint8_t *mask, long mask_stride, long g, long n_kv, long nk,
-                        long d, long n16, long h, long r0, long r1, float scale, uint16_t *out, float *o) {
-    const long pairs = d / 2, n2 = n16 * 8, rows = r1 - r0;
+                        const uint16_t *vp, const uint64_t *bits, long g, long n_kv, long nk, long d, long n16,
+                        long h, long r0, long r1, float scale, uint16_t *out, float *o) {
+    const long pairs = d / 2, n2 = n16 * 8, rows = r1 - r0, n_blocks = n16 / 4;
     float m[ROW_BLOCK], l[ROW_BLOCK];
     const uint16_t *qr[ROW_BLOCK];
     long tr[ROW_BLOCK];
@@ -124,7 +131,7 @@ static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride
         for (long t0 = 0; t0 < rows; t0 += ROW_TILE) {
             uint64_t vis[ROW_TILE], any = 0;
             for (int r = 0; r < ROW_TILE; r++) {
-                vis[r] = t0 + r < rows ? visible_keys(mask, mask_stride, tr[t0 + r], j0, nk) : 0;
+                vis[r] = t0 + r < rows ? bits[tr[t0 + r] * n_blocks + j0 / KEY_BLOCK] : 0;
                 any |= vis[r];
             }
             if (!any) continue;
@@ -183,11 +190,14 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
                                long n_kv, long g, long t, long nk, long d, float scale, uint16_t *out, int threads) {
     const long n16 = (nk + KEY_BLOCK - 1) / KEY_BLOCK * (KEY_BLOCK / 16);
     const size_t kv_words = (size_t)n_kv * n16 * 16 * d / 2;
+    const long n_blocks = n16 / 4;
     uint32_t *kp = aligned_alloc(64, (kv_words * 4 + 63) / 64 * 64);
     uint16_t *vp = aligned_alloc(64, (kv_words * 4 + 63) / 64 * 64);
-    if (kp == NULL || vp == NULL) {
+    uint64_t *bits = malloc(sizeof(uint64_t) * t * n_blocks);
+    if (kp == NULL || vp == NULL || bits == NULL) {
         free(kp);
         free(vp);
+        free(bits);
         return -1;
     }
     const long row_blocks = (g * t + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -197,6 +207,8 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
         float *o = aligned_alloc(64, sizeof(float) * ROW_BLOCK * MAX_HEAD_DIM);
 #pragma omp for schedule(static)
         for (long it = 0; it < n_kv * n16; it++) pack_block(k, v, strides, nk, d, n16, it / n16, it % n16, kp, vp);
+#pragma omp for schedule(static)
+        for (long row = 0; row < t; row++) visible_bits(mask, mask_stride, row, nk, n_blocks, bits + row * n_blocks);
         if (o == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -207,13 +219,14 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
             for (long it = 0; it < n_kv * row_blocks; it++) {
                 const long h = it / row_blocks, r0 = (it % row_blocks) * ROW_BLOCK;
                 const long r1 = r0 + ROW_BLOCK < g * t ? r0 + ROW_BLOCK : g * t;
-                attend_rows(q, q_head_stride, q_row_stride, kp, vp, mask, mask_stride, g, n_kv, nk, d, n16, h, r0,
-                            r1, scale, out, o);
+                attend_rows(q, q_head_stride, q_row_stride, kp, vp, bits, g, n_kv, nk, d, n16, h, r0, r1, scale, out,
+                            o);
             }
         }
         free(o);
     }
     free(kp);
     free(vp);
+    free(bits);
     return failed ? -1 : 0;
 }
