@@ -46,6 +46,7 @@ DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
 _MAX_PARTS = 64  # key parts per head in the attention kernel (its merge buffer)
 _KEYS_PER_PART = 512
+READ_ATTENTION_EVENT = "beacon_llm::read_attention"
 _load_lock = threading.Lock()
 
 
@@ -340,24 +341,26 @@ class NativeKernels:
         _, n_heads, t_len, d = query.shape
         _, n_kv, n_keys, _ = keys.shape
         out = torch.empty(1, t_len, n_heads, d, dtype=torch.bfloat16)  # (1, T, H, D)
-        failed = self._read_attention(
-            query.data_ptr(),
-            query.stride(1),
-            query.stride(2),
-            keys.data_ptr(),
-            values.data_ptr(),
-            (ctypes.c_long * 4)(keys.stride(1), keys.stride(2), values.stride(1), values.stride(2)),
-            None if mask is None else mask.data_ptr(),
-            0 if mask is None else mask.stride(2),
-            n_kv,
-            n_heads // n_kv,
-            t_len,
-            n_keys,
-            d,
-            scale,
-            out.data_ptr(),
-            torch.get_num_threads(),
-        )
+        strides = (ctypes.c_long * 4)(keys.stride(1), keys.stride(2), values.stride(1), values.stride(2))
+        with torch.profiler.record_function(READ_ATTENTION_EVENT):  # a named event in torch.profiler traces
+            failed = self._read_attention(
+                query.data_ptr(),
+                query.stride(1),
+                query.stride(2),
+                keys.data_ptr(),
+                values.data_ptr(),
+                strides,
+                None if mask is None else mask.data_ptr(),
+                0 if mask is None else mask.stride(2),
+                n_kv,
+                n_heads // n_kv,
+                t_len,
+                n_keys,
+                d,
+                scale,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            )
         if failed:
             raise MemoryError(f"the native read attention could not allocate its copy of {n_keys} keys and values")
         return out

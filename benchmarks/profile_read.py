@@ -20,7 +20,7 @@ from _results import write_json
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {
-    "attention (sdpa)": ("aten::scaled_dot_product_attention",),
+    "attention (sdpa or the native kernel)": ("aten::scaled_dot_product_attention", "beacon_llm::read_attention"),
     "linear layers": ("aten::linear",),
     "memory concatenation": ("aten::cat",),
     "beacon rows (index_select/index_copy)": ("aten::index_select", "aten::index_copy"),
