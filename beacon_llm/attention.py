@@ -34,7 +34,7 @@ class StepTensors:
     sin_w: torch.Tensor | None
     mask: torch.Tensor | None  # (B, 1, T, M + R + T) bool or additive float; None = everything visible
     attention: Callable[..., tuple[torch.Tensor, object]]
-    is_causal: bool  # flash attention: bottom-right causal instead of a mask
+    is_causal: bool  # bottom-right causal instead of a mask (flash attention, the native read attention)
     gate_span: tuple[int, int] | None = None  # memory gates: the key columns of the memory's beacons
 
 

@@ -588,9 +588,13 @@ class BeaconModel:
         mem_len, n = cache.memory_length, int(raw_ids.numel())
         hidden = inner.embed_tokens(raw_ids[None])  # (1, n, Dm)
         cos, sin = self._rotary(hidden, torch.arange(mem_len, mem_len + n, device=self.device))  # (1, n, D)
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()  # (n, n)
-        visible = torch.cat([torch.ones(n, mem_len, dtype=torch.bool, device=self.device), causal], 1)  # (n, M + n)
-        fn, mask, is_causal = self._attention_setup(visible, hidden)
+        native = self._native_read(hidden)
+        if native is not None:  # bottom-right causal in the kernel: no (n, M + n) mask, whatever n (a read that fits)
+            fn, mask, is_causal = native.attention_forward, None, True
+        else:
+            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()  # (n, n)
+            visible = torch.cat([torch.ones(n, mem_len, dtype=torch.bool, device=self.device), causal], 1)  # (n, M+n)
+            fn, mask, is_causal = self._attention_setup(visible, hidden)
         gates = (st.n_sink, mem_len - st.n_raw_memory) if self.config.memory_gate is not None else None
         step = StepTensors(None, cos, sin, None, None, mask, fn, is_causal, gates)
         hidden, keys, values = self._layers(cache, hidden, step, with_window=False)

@@ -222,7 +222,7 @@ class NativeKernels:
         self._layer.argtypes = [p, p, p, p, p, p, n, n, n, n, p, p, i]
         self._layer.restype = None
         self._read_attention = library.beacon_read_attention_bf16
-        self._read_attention.argtypes = [p, n, n, p, p, p, p, n, n, n, n, n, n, f, p, i]
+        self._read_attention.argtypes = [p, n, n, p, p, p, p, n, n, n, n, n, n, n, f, p, i]
         self._read_attention.restype = ctypes.c_int
 
     def linear(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> NativeLinear:
@@ -326,11 +326,15 @@ class NativeKernels:
         values: torch.Tensor,
         mask: torch.Tensor | None,
         scale: float,
+        *,
+        causal: bool = False,
     ) -> torch.Tensor:
         """softmax(scale q K^T, over the visible keys) V for a window of queries (paper v2 §2.2: every window reads
         the memory and itself): query (1, H, T, D), keys / values (1, KVH, K, D), mask None (every key visible) or
-        (1, 1, T, K) bool, True = visible (:meth:`read_attention_fits`) -> (1, T, H, D) bf16, as
-        ``scaled_dot_product_attention`` within float32 and one bf16 rounding (a row that sees no key reads zeros)."""
+        (1, 1, T, K) bool, True = visible (:meth:`read_attention_fits`); ``causal``: query t also sees only the keys
+        up to K - T + t (the queries are the last T keys: a raw window after the memory, without a (T, K) mask)
+        -> (1, T, H, D) bf16, as ``scaled_dot_product_attention`` within float32 and one bf16 rounding (a row that
+        sees no key reads zeros)."""
         if not self.read_attention_fits(query, keys, values, mask):
             raise ValueError(
                 f"the native read attention takes bf16 CPU query (1, H, T, D), keys/values (1, KVH, K, D) with "
@@ -352,6 +356,7 @@ class NativeKernels:
                 strides,
                 None if mask is None else mask.data_ptr(),
                 0 if mask is None else mask.stride(2),
+                n_keys - t_len if causal else -1,
                 n_kv,
                 n_heads // n_kv,
                 t_len,
@@ -374,15 +379,22 @@ class NativeKernels:
         attention_mask: torch.Tensor | None,
         dropout: float = 0.0,
         scaling: float | None = None,
+        *,
+        is_causal: bool = False,
         **kwargs: object,
     ) -> tuple[torch.Tensor, None]:
         """:meth:`read_attention` as a transformers attention function (query (B, H, T, D), key / value
-        (B, KVH, K, D), a bool mask or None; returns (B, T, H, D)); what it does not take (dropout, a causal flag,
-        an additive mask, a gate dimension, float32) goes to :func:`beacon_llm._compat.masked_gqa_sdpa`."""
-        if dropout or kwargs.get("is_causal") or not self.read_attention_fits(query, key, value, attention_mask):
+        (B, KVH, K, D), a bool mask or None, ``is_causal``: bottom-right causal, the queries being the last T keys;
+        returns (B, T, H, D)); what it does not take (dropout, an additive mask, a gate dimension, float32) goes to
+        :func:`beacon_llm._compat.masked_gqa_sdpa`, with the causal part as a mask."""
+        if dropout or not self.read_attention_fits(query, key, value, attention_mask):
+            if is_causal:
+                t_len, n_keys = query.shape[2], key.shape[2]
+                causal = torch.ones(t_len, n_keys, dtype=torch.bool, device=query.device).tril(n_keys - t_len)
+                attention_mask = causal if attention_mask is None else attention_mask & causal
             return _compat.masked_gqa_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        return self.read_attention(query, key, value, attention_mask, scale), None
+        return self.read_attention(query, key, value, attention_mask, scale, causal=is_causal), None
 
 
 def preferred() -> NativeKernels | None:
@@ -531,9 +543,13 @@ def _self_check(kernel: NativeKernels) -> str | None:
     keys, values = (torch.randn(1, 2, 150, 64, generator=g).bfloat16() for _ in range(2))
     mask = torch.rand(37, 150, generator=g) < 0.7
     mask[:, 0] = True
-    got = kernel.read_attention(q, keys, values, mask[None, None], 0.125).transpose(1, 2)  # (1, H, T, D)
-    if not attention_close(got, q, keys, values, 0.125, mask=mask):
-        return "the read attention's self-check against float64 failed"
+    causal = torch.ones(37, 150, dtype=torch.bool).tril(150 - 37)
+    for given, seen, is_causal in ((mask, mask, False), (mask, mask & causal, True), (None, causal, True)):
+        got = kernel.read_attention(
+            q, keys, values, None if given is None else given[None, None], 0.125, causal=is_causal
+        ).transpose(1, 2)  # (1, H, T, D)
+        if not attention_close(got, q, keys, values, 0.125, mask=seen):
+            return "the read attention's self-check against float64 failed"
     return None
 
 

@@ -277,6 +277,34 @@ def test_read_attention_is_within_one_bf16_rounding_of_the_exact_attention(n_hea
 
 
 @needs_native
+@pytest.mark.parametrize("t,m,with_mask", [(528, 1100, False), (37, 100, True), (100, 100, False), (1, 70, False)])
+def test_read_attention_causal_sees_the_keys_up_to_its_own(t, m, with_mask):
+    """``causal``: query t sees the keys up to M - T + t (a raw window after the memory), with or without a mask;
+    the attention function takes ``is_causal`` for it."""
+    q, keys, values = _read_case(9, 3, t, m, 64, seed=t)
+    causal = torch.ones(t, m, dtype=torch.bool).tril(m - t)
+    mask = _read_mask("random", t, m, seed=3) if with_mask else None
+    seen = causal if mask is None else causal & mask
+    given = None if mask is None else mask[None, None]
+    kernel = native_kernels.kernels()
+    got = kernel.read_attention(q, keys, values, given, 0.125, causal=True)
+    rows = seen.any(1)
+    assert native_kernels.attention_close(
+        got.transpose(1, 2)[:, :, rows], q[:, :, rows], keys, values, 0.125, mask=seen[rows]
+    )
+    assert torch.equal(got, kernel.read_attention(q, keys, values, seen[None, None], 0.125))
+    out, _ = kernel.attention_forward(None, q, keys, values, given, scaling=0.125, is_causal=True)
+    assert torch.equal(out, got)
+    # what the kernel does not take (float32) goes to SDPA with the causal part as a mask
+    out32, _ = kernel.attention_forward(None, q.float(), keys.float(), values.float(), given, scaling=0.125,
+                                        is_causal=True)  # fmt: skip
+    stock, _ = native_kernels._compat.masked_gqa_sdpa(
+        None, q.float(), keys.float(), values.float(), seen[None, None], scaling=0.125
+    )
+    assert torch.equal(out32, stock)
+
+
+@needs_native
 def test_read_attention_rows_that_see_no_key_read_zeros():
     q, keys, values = _read_case(4, 2, 20, 150, 64, seed=5)
     mask = _read_mask("blind", 20, 150, seed=1)

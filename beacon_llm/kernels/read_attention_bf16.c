@@ -92,19 +92,23 @@ static inline void tile_scores(const uint16_t *const q[ROW_TILE], const uint32_t
 TILE_VALUES(2)
 TILE_VALUES(4)
 
-/* Which of the 64 keys from j0 row t sees (bit i: key j0 + i, nonzero mask byte = visible; every key below nk
- * without a mask), for each row and block of keys: read once from the byte mask for all heads. */
-static void visible_bits(const uint8_t *mask, long mask_stride, long t, long nk, long n_blocks, uint64_t *bits) {
+/* Which of the 64 keys from j0 row t sees (bit i: key j0 + i), for each block of keys: those below nk whose mask
+ * byte is nonzero (without a mask: all) and, with causal >= 0, at most t + causal. Read once for all heads. */
+static void visible_bits(const uint8_t *mask, long mask_stride, long causal, long t, long nk, long n_blocks,
+                         uint64_t *bits) {
     for (long b = 0; b < n_blocks; b++) {
         const long j0 = b * KEY_BLOCK;
-        const uint64_t valid = nk - j0 >= 64 ? ~0ull : (1ull << (nk - j0)) - 1ull;
-        if (mask == NULL) {
-            bits[b] = valid;
-            continue;
+        uint64_t seen = nk - j0 >= 64 ? ~0ull : (1ull << (nk - j0)) - 1ull;
+        if (causal >= 0) {
+            const long last = t + causal - j0; /* the last key seen, relative to the block */
+            seen &= last < 0 ? 0ull : last >= 63 ? ~0ull : (2ull << last) - 1ull;
         }
-        const uint8_t *row = mask + t * mask_stride + j0;
-        const __m512i bytes = nk - j0 >= 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8((__mmask64)valid, row);
-        bits[b] = (uint64_t)_mm512_test_epi8_mask(bytes, bytes) & valid;
+        if (mask != NULL && seen) {
+            const uint8_t *row = mask + t * mask_stride + j0;
+            const __m512i bytes = nk - j0 >= 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8((__mmask64)seen, row);
+            seen &= (uint64_t)_mm512_test_epi8_mask(bytes, bytes);
+        }
+        bits[b] = seen;
     }
 }
 
@@ -182,11 +186,13 @@ static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride
 
 /* q: query head a, token t at q + a * q_head_stride + t * q_row_stride (d contiguous elements); k: key j of head h
  * at k + h * strides[0] + j * strides[1], v: its value at v + h * strides[2] + j * strides[3] (d contiguous
- * elements each); mask: NULL (every key visible) or (t, nk) bytes with row stride mask_stride,
- * nonzero = visible; out: (t, n_kv * g, d) contiguous. d a multiple of 32 up to 256, nk >= 1. Returns 0, or -1 when
+ * elements each); mask: NULL (every key visible) or (t, nk) bytes with row stride mask_stride, nonzero = visible;
+ * causal: -1, or token t sees only keys up to t + causal (with the mask, both must allow a key); out: (t, n_kv * g,
+ * d) contiguous. d a multiple of 32 up to 256, nk >= 1. Returns 0, or -1 when
  * the packed copy of the keys and values cannot be allocated (nothing written). */
 int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row_stride, const uint16_t *k,
                                const uint16_t *v, const long *strides, const uint8_t *mask, long mask_stride,
+                               long causal,
                                long n_kv, long g, long t, long nk, long d, float scale, uint16_t *out, int threads) {
     const long n16 = (nk + KEY_BLOCK - 1) / KEY_BLOCK * (KEY_BLOCK / 16);
     const size_t kv_words = (size_t)n_kv * n16 * 16 * d / 2;
@@ -208,7 +214,7 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
 #pragma omp for schedule(static)
         for (long it = 0; it < n_kv * n16; it++) pack_block(k, v, strides, nk, d, n16, it / n16, it % n16, kp, vp);
 #pragma omp for schedule(static)
-        for (long row = 0; row < t; row++) visible_bits(mask, mask_stride, row, nk, n_blocks, bits + row * n_blocks);
+        for (long row = 0; row < t; row++) visible_bits(mask, mask_stride, causal, row, nk, n_blocks, bits + row * n_blocks);
         if (o == NULL) {
 #pragma omp atomic write
             failed = 1;
