@@ -1,4 +1,5 @@
-"""The decode step's native bf16 kernels for CPUs with AVX512-BF16 (docs/design.md §8, "The native kernels").
+"""Native bf16 kernels for CPUs with AVX512-BF16: the decode step's and the read's attention (docs/design.md §8,
+"The native kernels").
 
 A generated token reads every linear weight once and every key and value of the memory once, so its products and
 its attention run at the speed those bytes stream from memory. On CPUs with AVX512-BF16 but no AMX (AMD Zen 4),
@@ -7,11 +8,12 @@ products: float32 accumulation, one bf16 rounding per output, software prefetch)
 (one token's grouped-query attention, split over the keys, float32 softmax) keep the stream full, and
 ``kernels/layer_bf16.c`` runs a whole stock decoder layer for one token in one call (the elementwise steps between
 the products without an operator call each); ``benchmarks/decode_matvec.py`` measures them against the stock
-kernels. They are compiled once per machine with the
-C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and linked against the
-OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing (no compiler, another
-CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the step keeps the stock kernels; :func:`unavailable`
-says why.
+kernels. Reading a document, ``kernels/read_attention_bf16.c`` is the windows' attention over the memory and
+themselves (flash-style, with the beacon or causal mask; ``benchmarks/read_attention.py``). They are compiled once
+per machine with the C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and
+linked against the OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing
+(no compiler, another CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the stock kernels are kept;
+:func:`unavailable` says why.
 """
 
 from __future__ import annotations
@@ -206,7 +208,8 @@ def attention_work_size(n_kv: int, g: int, d: int, m: int) -> int:
 
 class NativeKernels:
     """The loaded kernel library (``path``): :meth:`linear` makes a product from weight row blocks, :meth:`attention`
-    attends one token's queries to a head-major key/value memory."""
+    attends one token's queries to a head-major key/value memory, :meth:`read_attention` a window's queries to the
+    memory and the window (:meth:`attention_forward`: the same as a transformers attention function)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
