@@ -392,7 +392,8 @@ class BeaconModel:
             while pos < n:
                 if fit is not None and st.n_seen >= fit.raw_from:  # fit-N: past the condensed windows, all raw
                     # after condensed windows the raw part is read a window at a time (progress and cancellation
-                    # every window); a read that fits is one call, bit for bit the plain model's
+                    # every window); a read that fits is one call, bit for bit the plain model's with the stock
+                    # kernels (within bf16 rounding of it with the native read attention, docs/design.md §8)
                     n_raw = n - pos if fit.condensed_windows == 0 else min(n - pos, self.config.window)
                     raw_hidden = self._run_raw(cache, ids[pos : pos + n_raw])  # (n_raw, Dm)
                 else:

@@ -292,16 +292,26 @@ class NativeKernels:
 
     @staticmethod
     def read_attention_fits(
-        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        causal: bool = False,
     ) -> bool:
         """Whether :meth:`read_attention` takes these: bf16 CPU tensors, query (1, H, T, D) with contiguous rows,
         keys and values (1, KVH, K, D) with contiguous rows, H a multiple of KVH, D a multiple of 32 up to 256; mask
-        None or a bool (1, 1, T, K) with contiguous rows."""
+        None or a bool (1, 1, T, K) with contiguous rows; ``causal`` with at least as many keys as queries; no
+        gradient to carry (the kernel has no backward)."""
         tensors = (query, keys, values)
         if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 or t.shape[0] != 1 for t in tensors):
             return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
         _, n_heads, t_len, d = query.shape
         _, n_kv, n_keys, _ = keys.shape
+        if causal and n_keys < t_len:
+            return False
         if mask is not None and (
             mask.dtype != torch.bool
             or mask.device.type != "cpu"
@@ -338,10 +348,11 @@ class NativeKernels:
         up to K - T + t (the queries are the last T keys: a raw window after the memory, without a (T, K) mask)
         -> (1, T, H, D) bf16, as ``scaled_dot_product_attention`` within float32 and one bf16 rounding (a row that
         sees no key reads zeros)."""
-        if not self.read_attention_fits(query, keys, values, mask):
+        if not self.read_attention_fits(query, keys, values, mask, causal=causal):
             raise ValueError(
                 f"the native read attention takes bf16 CPU query (1, H, T, D), keys/values (1, KVH, K, D) with "
-                f"contiguous rows and a bool (1, 1, T, K) mask or none, D a multiple of 32 up to 256; got "
+                f"contiguous rows and a bool (1, 1, T, K) mask or none, D a multiple of 32 up to 256, at least T keys "
+                f"when causal, and no gradient; got causal={causal}, "
                 f"{tuple(query.shape)} {query.dtype}, {tuple(keys.shape)}, mask "
                 f"{None if mask is None else (tuple(mask.shape), mask.dtype)}; use scaled_dot_product_attention"
             )
@@ -388,13 +399,16 @@ class NativeKernels:
     ) -> tuple[torch.Tensor, None]:
         """:meth:`read_attention` as a transformers attention function (query (B, H, T, D), key / value
         (B, KVH, K, D), a bool mask or None, ``is_causal``: bottom-right causal, the queries being the last T keys;
-        returns (B, T, H, D)); what it does not take (dropout, an additive mask, a gate dimension, float32) goes to
-        :func:`beacon_llm._compat.masked_gqa_sdpa`, with the causal part as a mask."""
-        if dropout or not self.read_attention_fits(query, key, value, attention_mask):
+        returns (B, T, H, D)); what it does not take (dropout, an additive mask, a gate dimension, float32, a
+        gradient) goes to :func:`beacon_llm._compat.masked_gqa_sdpa`, with the causal part as a mask."""
+        if dropout or not self.read_attention_fits(query, key, value, attention_mask, causal=is_causal):
             if is_causal:
                 t_len, n_keys = query.shape[2], key.shape[2]
                 causal = torch.ones(t_len, n_keys, dtype=torch.bool, device=query.device).tril(n_keys - t_len)
-                attention_mask = causal if attention_mask is None else attention_mask & causal
+                if attention_mask is None or attention_mask.dtype == torch.bool:
+                    attention_mask = causal if attention_mask is None else attention_mask & causal
+                else:  # additive: the causal part as -inf
+                    attention_mask = attention_mask.masked_fill(~causal, float("-inf"))
             return _compat.masked_gqa_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         return self.read_attention(query, key, value, attention_mask, scale, causal=is_causal), None

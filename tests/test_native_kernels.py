@@ -373,3 +373,60 @@ def test_read_attention_refuses_what_it_does_not_take_and_the_attention_function
             assert torch.equal(out, stock)
     out, _ = kernel.attention_forward(None, q, kv, kv, mask, scaling=0.125)  # what it takes: (B, T, H, D)
     assert torch.equal(out, kernel.read_attention(q, kv, kv, mask, 0.125))
+
+
+@needs_native
+def test_nan_inputs_reach_the_output_as_with_torch():
+    """A NaN in a query row or a visible key makes the rows that read it NaN (as torch's SDPA does), instead of
+    being dropped as a tiny exponential or read as a row that sees nothing; the decode attention likewise."""
+    kernel = native_kernels.kernels()
+    q, keys, values = _read_case(4, 2, 9, 150, 64, seed=4)
+    q, keys = q.clone(), keys.clone()
+    q[0, 1, 3, 5] = float("nan")  # query head 1, token 3
+    keys[0, 0, 100, 7] = float("nan")  # key 100 of key/value head 0 (query heads 0 and 1)
+    mask = torch.ones(9, 150, dtype=torch.bool)
+    mask[:4, 100] = False  # tokens 0-3 do not see the NaN key
+    got = kernel.read_attention(q, keys, values, mask[None, None], 0.125).float()  # (1, T, H, D)
+    nan_rows = got.isnan().any(-1)[0]  # (T, H)
+    expected = torch.zeros(9, 4, dtype=torch.bool)
+    expected[4:, :2] = True  # tokens that see key 100, in the two query heads that read its key/value head
+    expected[3, 1] = True  # the NaN query row
+    assert torch.equal(nan_rows, expected)
+    dq, dk, dv = _bf16(1, 2, 3, 64, seed=1), _bf16(1, 2, 40, 64, seed=2).clone(), _bf16(1, 2, 40, 64, seed=3)
+    dk[0, 1, 17, 0] = float("nan")
+    decoded = kernel.attention(dq, dk, dv, 0.125).float()
+    assert decoded[0, 1].isnan().all() and not decoded[0, 0].isnan().any()
+
+
+@needs_native
+def test_what_the_read_attention_does_not_take_goes_to_sdpa_with_the_causal_part():
+    kernel = native_kernels.kernels()
+    q, keys, values = _read_case(4, 2, 10, 4, 64, seed=6)  # more queries than keys: not a window after a memory
+    assert not kernel.read_attention_fits(q, keys, values, None, causal=True)
+    with pytest.raises(ValueError, match="at least T keys when causal"):
+        kernel.read_attention(q, keys, values, None, 0.125, causal=True)
+    causal = torch.ones(10, 4, dtype=torch.bool).tril(4 - 10)
+    out, _ = kernel.attention_forward(None, q, keys, values, None, scaling=0.125, is_causal=True)
+    stock, _ = native_kernels._compat.masked_gqa_sdpa(None, q, keys, values, causal[None, None], scaling=0.125)
+    assert torch.equal(out, stock)
+    q, keys, values = _read_case(4, 2, 5, 30, 64, seed=7)
+    additive = torch.randn(1, 1, 5, 30).bfloat16()
+    out, _ = kernel.attention_forward(None, q, keys, values, additive, scaling=0.125, is_causal=True)
+    causal = torch.ones(5, 30, dtype=torch.bool).tril(30 - 5)
+    stock, _ = native_kernels._compat.masked_gqa_sdpa(
+        None, q, keys, values, additive.masked_fill(~causal, float("-inf")), scaling=0.125
+    )
+    assert torch.equal(out, stock)
+
+
+@needs_native
+def test_a_query_that_needs_a_gradient_goes_to_sdpa():
+    kernel = native_kernels.kernels()
+    q, keys, values = _read_case(4, 2, 5, 30, 64, seed=8)
+    q = q.detach().requires_grad_()
+    assert not kernel.read_attention_fits(q, keys, values, None)
+    out, _ = kernel.attention_forward(None, q, keys, values, None, scaling=0.125)
+    out.float().sum().backward()
+    assert q.grad is not None
+    with torch.no_grad():
+        assert kernel.read_attention_fits(q, keys, values, None)  # no gradient to carry: the kernel

@@ -182,7 +182,7 @@ void beacon_attention_team(const uint16_t *q, const uint16_t *k, const uint16_t 
         float w[64];
         for (long p = 0; p < parts; p++) {
             const float *part = partials + ((h * parts + p) * g + gi) * (d + 2);
-            w[p] = part[1] > 0.0f ? expf(part[0] - mx) : 0.0f;
+            w[p] = part[1] == 0.0f ? 0.0f : expf(part[0] - mx); /* an empty part weighs nothing; NaN stays NaN */
             total += w[p] * part[1];
         }
         for (long i = 0; i < d; i++) {

@@ -92,30 +92,27 @@ static inline void tile_scores(const uint16_t *const q[ROW_TILE], const uint32_t
 TILE_VALUES(2)
 TILE_VALUES(4)
 
-/* Which of the 64 keys from j0 row t sees (bit i: key j0 + i), for each block of keys: those below nk whose mask
- * byte is nonzero (without a mask: all) and, with causal >= 0, at most t + causal. Read once for all heads. */
-static void visible_bits(const uint8_t *mask, long mask_stride, long causal, long t, long nk, long n_blocks,
-                         uint64_t *bits) {
-    for (long b = 0; b < n_blocks; b++) {
-        const long j0 = b * KEY_BLOCK;
-        uint64_t seen = nk - j0 >= 64 ? ~0ull : (1ull << (nk - j0)) - 1ull;
-        if (causal >= 0) {
-            const long last = t + causal - j0; /* the last key seen, relative to the block */
-            seen &= last < 0 ? 0ull : last >= 63 ? ~0ull : (2ull << last) - 1ull;
-        }
-        if (mask != NULL && seen) {
-            const uint8_t *row = mask + t * mask_stride + j0;
-            const __m512i bytes = nk - j0 >= 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8((__mmask64)seen, row);
-            seen &= (uint64_t)_mm512_test_epi8_mask(bytes, bytes);
-        }
-        bits[b] = seen;
+/* Which of the 64 keys from j0 row t sees (bit i: key j0 + i): those below nk whose mask byte is nonzero (without a
+ * mask: all) and, with causal >= 0, at most t + causal. */
+static inline uint64_t block_bits(const uint8_t *mask, long mask_stride, long causal, long t, long j0, long nk) {
+    uint64_t seen = nk - j0 >= 64 ? ~0ull : (1ull << (nk - j0)) - 1ull;
+    if (causal >= 0) {
+        const long last = t + causal - j0; /* the last key seen, relative to the block */
+        seen &= last < 0 ? 0ull : last >= 63 ? ~0ull : (2ull << last) - 1ull;
     }
+    if (mask != NULL && seen) {
+        const uint8_t *row = mask + t * mask_stride + j0;
+        const __m512i bytes = nk - j0 >= 64 ? _mm512_loadu_si512(row) : _mm512_maskz_loadu_epi8((__mmask64)seen, row);
+        seen &= (uint64_t)_mm512_test_epi8_mask(bytes, bytes);
+    }
+    return seen;
 }
 
-/* One work item: rows [r0, r1) of head h's G * T query rows (row r: token r / G, query head h * G + r % G). */
+/* One work item: rows [r0, r1) of head h's G * T query rows (row r: token r / G, query head h * G + r % G). bits: the
+ * mask's visibility words, (T, blocks), or NULL without a mask (then computed from causal and nk here). */
 static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride, const uint32_t *kp,
-                        const uint16_t *vp, const uint64_t *bits, long g, long n_kv, long nk, long d, long n16,
-                        long h, long r0, long r1, float scale, uint16_t *out, float *o) {
+                        const uint16_t *vp, const uint64_t *bits, long causal, long g, long n_kv, long nk, long d,
+                        long n16, long h, long r0, long r1, float scale, uint16_t *out, float *o) {
     const long pairs = d / 2, n2 = n16 * 8, rows = r1 - r0, n_blocks = n16 / 4;
     float m[ROW_BLOCK], l[ROW_BLOCK];
     const uint16_t *qr[ROW_BLOCK];
@@ -135,7 +132,10 @@ static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride
         for (long t0 = 0; t0 < rows; t0 += ROW_TILE) {
             uint64_t vis[ROW_TILE], any = 0;
             for (int r = 0; r < ROW_TILE; r++) {
-                vis[r] = t0 + r < rows ? bits[tr[t0 + r] * n_blocks + j0 / KEY_BLOCK] : 0;
+                const long tt = tr[t0 + r];
+                vis[r] = t0 + r >= rows ? 0
+                         : bits != NULL ? bits[tt * n_blocks + j0 / KEY_BLOCK]
+                                        : block_bits(NULL, 0, causal, tt, j0, nk);
                 any |= vis[r];
             }
             if (!any) continue;
@@ -179,7 +179,7 @@ static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride
     for (long r = 0; r < rows; r++) {
         const long rr = r0 + r;
         uint16_t *dst = out + ((rr / g) * heads + h * g + rr % g) * d;
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f; /* a row that sees no key reads zeros */
+        const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r]; /* a row that sees no key reads zeros; NaN stays NaN */
         for (long e = 0; e < d; e++) dst[e] = round_to_bf16(o[r * d + e] * inv);
     }
 }
@@ -199,8 +199,8 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
     const long n_blocks = n16 / 4;
     uint32_t *kp = aligned_alloc(64, (kv_words * 4 + 63) / 64 * 64);
     uint16_t *vp = aligned_alloc(64, (kv_words * 4 + 63) / 64 * 64);
-    uint64_t *bits = malloc(sizeof(uint64_t) * t * n_blocks);
-    if (kp == NULL || vp == NULL || bits == NULL) {
+    uint64_t *bits = mask == NULL ? NULL : malloc(sizeof(uint64_t) * (t * n_blocks > 0 ? t * n_blocks : 1));
+    if (kp == NULL || vp == NULL || (mask != NULL && bits == NULL)) {
         free(kp);
         free(vp);
         free(bits);
@@ -213,8 +213,12 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
         float *o = aligned_alloc(64, sizeof(float) * ROW_BLOCK * MAX_HEAD_DIM);
 #pragma omp for schedule(static)
         for (long it = 0; it < n_kv * n16; it++) pack_block(k, v, strides, nk, d, n16, it / n16, it % n16, kp, vp);
+        if (bits != NULL) { /* the mask read once for all heads */
 #pragma omp for schedule(static)
-        for (long row = 0; row < t; row++) visible_bits(mask, mask_stride, causal, row, nk, n_blocks, bits + row * n_blocks);
+            for (long row = 0; row < t; row++)
+                for (long b = 0; b < n_blocks; b++)
+                    bits[row * n_blocks + b] = block_bits(mask, mask_stride, causal, row, b * KEY_BLOCK, nk);
+        }
         if (o == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -225,8 +229,8 @@ int beacon_read_attention_bf16(const uint16_t *q, long q_head_stride, long q_row
             for (long it = 0; it < n_kv * row_blocks; it++) {
                 const long h = it / row_blocks, r0 = (it % row_blocks) * ROW_BLOCK;
                 const long r1 = r0 + ROW_BLOCK < g * t ? r0 + ROW_BLOCK : g * t;
-                attend_rows(q, q_head_stride, q_row_stride, kp, vp, bits, g, n_kv, nk, d, n16, h, r0, r1, scale, out,
-                            o);
+                attend_rows(q, q_head_stride, q_row_stride, kp, vp, bits, causal, g, n_kv, nk, d, n16, h, r0, r1, scale,
+                            out, o);
             }
         }
         free(o);
