@@ -141,34 +141,38 @@ static void attend_rows(const uint16_t *q, long q_head_stride, long q_row_stride
             if (!any) continue;
             __m512 s[ROW_TILE][4];
             tile_scores(qr + t0, kb, pairs, s);
-            float alpha[ROW_TILE];
-            for (int r = 0; r < ROW_TILE; r++) {
-                float *mr = m + t0 + r, *lr = l + t0 + r;
-                if (!vis[r]) {
-                    alpha[r] = 1.0f;
-                    memset(pw + r * (KEY_BLOCK / 2), 0, sizeof(uint32_t) * (KEY_BLOCK / 2));
-                    continue;
-                }
+            /* the softmax in phases over the tile's rows, so that the rows' reductions and exponentials are
+             * independent chains the core can overlap */
+            float block_max[ROW_TILE], alpha[ROW_TILE];
+            for (int r = 0; r < ROW_TILE; r++) { /* each row's largest visible score */
                 __m512 mx = _mm512_set1_ps(-INFINITY);
                 for (int c = 0; c < 4; c++) {
                     const __mmask16 seen = (__mmask16)(vis[r] >> (16 * c));
                     s[r][c] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen, s[r][c], _mm512_set1_ps(scale));
                     mx = _mm512_max_ps(mx, s[r][c]);
                 }
-                const float block_max = _mm512_reduce_max_ps(mx), new_max = block_max > *mr ? block_max : *mr;
-                alpha[r] = *mr == new_max ? 1.0f : expf(*mr - new_max); /* the first visible block: e^-inf = 0 */
-                __m512 sum = _mm512_setzero_ps();
+                block_max[r] = _mm512_reduce_max_ps(mx);
+            }
+            float step[16] = {0};
+            for (int r = 0; r < ROW_TILE; r++) { /* the running maxima; their change as one vector of exponentials */
+                const float old = m[t0 + r], now = block_max[r] > old ? block_max[r] : old;
+                step[r] = now == -INFINITY ? 0.0f : old - now; /* a row that has seen nothing yet keeps its zeros */
+                m[t0 + r] = now;
+            }
+            _mm_storeu_ps(alpha, _mm512_castps512_ps128(exp_nonpositive(_mm512_loadu_ps(step))));
+            __m512 sum[ROW_TILE];
+            for (int r = 0; r < ROW_TILE; r++) { /* exponentials: bf16 for the value sums, float32 for their sum */
+                const __m512 shift = _mm512_set1_ps(m[t0 + r]);
+                sum[r] = _mm512_setzero_ps();
                 for (int c = 0; c < 4; c++) {
                     const __mmask16 seen = (__mmask16)(vis[r] >> (16 * c));
-                    const __m512 e =
-                        _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(s[r][c], _mm512_set1_ps(new_max))));
-                    sum = _mm512_add_ps(sum, e);
+                    const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(s[r][c], shift)));
+                    sum[r] = _mm512_add_ps(sum[r], e);
                     _mm256_storeu_si256((__m256i *)(pw + r * (KEY_BLOCK / 2) + 8 * c),
                                         (__m256i)_mm512_cvtneps_pbh(e));
                 }
-                *lr = *lr * alpha[r] + _mm512_reduce_add_ps(sum);
-                *mr = new_max;
             }
+            for (int r = 0; r < ROW_TILE; r++) l[t0 + r] = l[t0 + r] * alpha[r] + _mm512_reduce_add_ps(sum[r]);
             float *ot = o + t0 * d;
             long dc = 0;
             for (; dc + 64 <= d; dc += 64) tile_values_4(ot, d, dc, alpha, pw, vb);
