@@ -579,17 +579,16 @@ class BeaconModel:
         return hidden, new_k, new_v
 
     def _run_raw_layers(
-        self, cache: BeaconCache, raw_ids: torch.Tensor
+        self, cache: BeaconCache, raw_ids: torch.Tensor, native: native_kernels.NativeKernels | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The stock decoder continuing its KV cache (the same layers, positions and causal visibility), run by
         :func:`beacon_llm.attention.layer_step` so that the memory gates (each layer's gates on the memory's beacons)
-        and the native read attention apply. The new entries' keys (rotated) and values are returned, (1, KVH, n, D)
-        per layer, with the final-normed hidden states (n, Dm)."""
+        and the native read attention (``native``, from :meth:`_native_read`) apply. The new entries' keys (rotated)
+        and values are returned, (1, KVH, n, D) per layer, with the final-normed hidden states (n, Dm)."""
         inner, st = self.model.model, cache.state
         mem_len, n = cache.memory_length, int(raw_ids.numel())
         hidden = inner.embed_tokens(raw_ids[None])  # (1, n, Dm)
         cos, sin = self._rotary(hidden, torch.arange(mem_len, mem_len + n, device=self.device))  # (1, n, D)
-        native = self._native_read(hidden)
         if native is not None:  # bottom-right causal in the kernel: no (n, M + n) mask, whatever n (a read that fits)
             fn, mask, is_causal = native.attention_forward, None, True
         else:
@@ -623,11 +622,10 @@ class BeaconModel:
         mem_len = cache.memory_length
         n = int(raw_ids.numel())
         decode = n == 1 and not torch.is_grad_enabled() and self.config.memory_gate is None
-        by_layers = not decode and (
-            self.config.memory_gate is not None or self._native_read(self.model.model.embed_tokens.weight) is not None
-        )
+        native = None if decode else self._native_read(self.model.model.embed_tokens.weight)
+        by_layers = not decode and (self.config.memory_gate is not None or native is not None)
         if by_layers:
-            hidden, keys, values = self._run_raw_layers(cache, raw_ids)  # (n, Dm); keys (1, KVH, n, D) per layer
+            hidden, keys, values = self._run_raw_layers(cache, raw_ids, native)  # (n, Dm); keys (1, KVH, n, D) each
         elif decode:  # the decode step: written in place into the memory buffer
             embed = self.model.model.embed_tokens.weight
             layer0 = self.model.model.layers[0].self_attn

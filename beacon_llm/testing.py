@@ -83,6 +83,14 @@ def tiny_base_model(model_type: str = "llama", seed: int = 0, **overrides: Any) 
     return model.eval()
 
 
+# tiny-model shapes whose head size the native attention kernels take (the default tiny model's 8 is not one): llama
+# with 2 query heads per key/value head, qwen2 (q/k/v biases) with 3
+NATIVE_HEAD_SHAPES: dict[str, dict[str, int]] = {
+    "llama": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=192),
+    "qwen2": dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64, intermediate_size=256),
+}
+
+
 def tiny_beacon_model(
     config: BeaconConfig | None = None, model_type: str = "llama", seed: int = 0, perturb: float = 0.3, **overrides: Any
 ) -> BeaconModel:

@@ -14,7 +14,7 @@ from beacon_llm import BeaconConfig, _compat, native_kernels
 from beacon_llm.decode import DecodeLinears, decode_products
 from beacon_llm.kv_arena import KVArena, grown_capacity
 from beacon_llm.serialization import resolve_dtype
-from beacon_llm.testing import tiny_beacon_model
+from beacon_llm.testing import NATIVE_HEAD_SHAPES, tiny_beacon_model
 
 FIT = BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-8")
 
@@ -205,12 +205,7 @@ def test_packed_bf16_step_matches_the_stock_bf16_layers(model_type, amx, monkeyp
     assert torch.equal(packed, plain)  # fused packed products equal the separate ones, bit for bit
 
 
-# head sizes the native attention and layer take (the default tiny model's 8 is not one): llama with 2 query heads
-# per key/value head; qwen2 (q/k/v biases) with 3
-NATIVE_SHAPES = {
-    "llama": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=192),
-    "qwen2": dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64, intermediate_size=256),
-}
+NATIVE_SHAPES = NATIVE_HEAD_SHAPES
 
 
 def _within_bf16_steps(got, reference, steps):

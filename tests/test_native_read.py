@@ -7,16 +7,12 @@ import pytest
 import torch
 
 from beacon_llm import BeaconConfig, native_kernels
-from beacon_llm.testing import tiny_beacon_model
+from beacon_llm.testing import NATIVE_HEAD_SHAPES, tiny_beacon_model
 
 REASON = native_kernels.unavailable()
 needs_native = pytest.mark.skipif(REASON is not None, reason=f"native bf16 kernels: {REASON}")
 
-# head sizes the kernel takes: llama with 2 query heads per key/value head, qwen2 (q/k/v biases) with 3
-SHAPES = {
-    "llama": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=192),
-    "qwen2": dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64, intermediate_size=256),
-}
+SHAPES = NATIVE_HEAD_SHAPES
 CONDENSING = BeaconConfig(window=32, ratios=(4,), ratio_mix="fit-8")
 
 
