@@ -18,6 +18,7 @@ linked against the OpenMP runtime torch already loaded, so both share one thread
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -519,8 +520,10 @@ def _build(kernel_dir: Path, runtime: Path) -> Path:
     logger.info("building the native bf16 kernels with %s (once per machine)", compiler)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         objects = [str(Path(work) / f"{p.stem}.o") for p in SOURCES]
-        for source, obj in zip(SOURCES, objects):
-            _run([compiler, *COMPILE_FLAGS, "-c", str(source), "-o", obj])
+        workers = max(1, min(len(SOURCES), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # the sources compiled side by side
+            commands = [[compiler, *COMPILE_FLAGS, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)]
+            list(pool.map(_run, commands))  # the first failure is raised here
         lib = Path(work) / target.name
         # link the runtime torch loaded by its path (not -lgomp): the loader then reuses it by its soname
         _run([compiler, "-shared", "-fPIC", *objects, str(runtime), "-lm", "-o", str(lib)])
