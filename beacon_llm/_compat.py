@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward, rotate_half
-from transformers.models.mistral.modeling_mistral import MistralRMSNorm
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, eager_attention_forward, rotate_half
+from transformers.models.mistral.modeling_mistral import MistralMLP, MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 # model families whose decoder layer is: x + attn(norm(x)); x + mlp(norm(x)), with q/k/v/o projections + RoPE
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -34,6 +34,7 @@ __all__ = [
     "mlp_parts",
     "rms_norm_kernel",
     "stock_rms_norm_eps",
+    "is_stock_mlp",
     "is_stock_silu",
     "pack_linear_weight",
     "packed_linear",
@@ -250,6 +251,13 @@ def stock_rms_norm_eps(norm: nn.Module) -> float | None:
     not replaced on the instance); None for any other norm."""
     stock = type(norm).forward in _STOCK_RMS_NORM_FORWARDS and "forward" not in vars(norm) and not _hooked(norm)
     return float(norm.variance_epsilon) if stock else None
+
+
+def is_stock_mlp(mlp: nn.Module) -> bool:
+    """Whether an MLP is a stock Llama / Mistral / Qwen-2 one running as its class defines it (no hooks, forward not
+    replaced on the instance): ``down(act(gate(x)) * up(x))``."""
+    stock = (LlamaMLP.forward, MistralMLP.forward, Qwen2MLP.forward)
+    return type(mlp).forward in stock and "forward" not in vars(mlp) and not _hooked(mlp)
 
 
 def is_stock_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:

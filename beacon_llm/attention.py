@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ._compat import rotate_half
-from .decode import FusedLayer
 from .layers import memory_gate
+
+if TYPE_CHECKING:
+    from .read_layers import ReadLayer
 
 # smallest gate whose logarithm is taken: g = 0 then adds about -69 to the logits, which no attention weight survives
 # in fp32 or bf16 (e^-69 ~ 1e-30), while the gradient with respect to g stays finite
@@ -71,34 +74,12 @@ def with_gate_dimension(
     return torch.cat([query, q_extra], -1), torch.cat([key, k_extra], -1), torch.cat([value, v_extra], -1)
 
 
-def project(
-    base: Callable[[torch.Tensor], torch.Tensor], beacon: nn.Linear | None, x: torch.Tensor, rows: torch.Tensor | None
-) -> torch.Tensor:
+def project(base: nn.Linear, beacon: nn.Linear | None, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``base(x)``, with the rows listed in ``rows`` computed by ``beacon`` instead. x: (B, T, Din)."""
-    return with_beacon_rows(base(x), beacon, x, rows)  # (B, T, Dout)
-
-
-def with_beacon_rows(
-    out: torch.Tensor, beacon: nn.Linear | None, x: torch.Tensor, rows: torch.Tensor | None
-) -> torch.Tensor:
-    """``out`` (B, T, Dout) with the rows listed in ``rows`` replaced by ``beacon`` of those rows of x (B, T, Din)."""
+    out = base(x)  # (B, T, Dout)
     if beacon is None or rows is None:
         return out
     return out.index_copy(1, rows, beacon(x.index_select(1, rows)))  # (B, T, Dout)
-
-
-def _projections(
-    layer: nn.Module, fused: FusedLayer | None, x: torch.Tensor, rows: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's queries (B, T, H*D), keys and values (B, T, KVH*D) of the normed inputs x (B, T, Dm): the
-    modules', or one fused product (:mod:`beacon_llm.read_products`) split, each with its beacon rows."""
-    attn = layer.self_attn
-    beacons = [getattr(attn, f"beacon_{n}_proj", None) for n in "qkv"]
-    if fused is None:
-        bases = (attn.q_proj, attn.k_proj, attn.v_proj)
-        return tuple(project(base, beacon, x, rows) for base, beacon in zip(bases, beacons))
-    outs = fused.qkv(x).split((fused.n_q, fused.n_k, fused.n_k), -1)  # (B, T, H*D), (B, T, KVH*D) twice
-    return tuple(with_beacon_rows(out, beacon, x, rows) for out, beacon in zip(outs, beacons))
 
 
 def layer_step(
@@ -109,7 +90,7 @@ def layer_step(
     mem_v: torch.Tensor | None,
     win_k: torch.Tensor | None,
     win_v: torch.Tensor | None,
-    fused: FusedLayer | None = None,
+    read: ReadLayer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run one decoder layer on the step inputs.
 
@@ -117,8 +98,8 @@ def layer_step(
         hidden: (B, T, Dm) inputs of this layer.
         mem_k/mem_v: (B, KVH, M, D) memory, keys already rotated.
         win_k/win_v: (B, KVH, R, D) open-window cache, keys before RoPE.
-        fused: the layer's fused products and norms for a read without gradient (:mod:`beacon_llm.read_products`),
-            None: the layer's modules.
+        read: the layer's norms, RoPE and MLP on the native row kernels for a bf16 read without gradient
+            (:mod:`beacon_llm.read_layers`); None: the layer's modules.
 
     Returns:
         (hidden_out (B, T, Dm), new keys before RoPE (B, KVH, T, D), new values (B, KVH, T, D)).
@@ -129,23 +110,26 @@ def layer_step(
     rows = step.beacon_rows
 
     residual = hidden
-    x = layer.input_layernorm(hidden) if fused is None else fused.norm1(hidden)  # (B, T, Dm)
-    q, k, v = _projections(layer, fused, x, rows)
+    x = layer.input_layernorm(hidden) if read is None else read.norm1(hidden)  # (B, T, Dm)
+    q = project(attn.q_proj, getattr(attn, "beacon_q_proj", None), x, rows)
+    k = project(attn.k_proj, getattr(attn, "beacon_k_proj", None), x, rows)
+    v = project(attn.v_proj, getattr(attn, "beacon_v_proj", None), x, rows)
     q = q.view(bsz, t_len, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
     k = k.view(bsz, t_len, -1, head_dim).transpose(1, 2)  # (B, KVH, T, D)
     v = v.view(bsz, t_len, -1, head_dim).transpose(1, 2)  # (B, KVH, T, D)
 
-    keys = [rope(k, step.cos_q, step.sin_q)]
+    rotate = rope if read is None else read.rope
+    keys = [rotate(k, step.cos_q, step.sin_q)]
     values = [v]
     if win_k is not None:
-        keys.insert(0, rope(win_k, step.cos_w, step.sin_w))  # (B, KVH, R, D)
+        keys.insert(0, rotate(win_k, step.cos_w, step.sin_w))  # (B, KVH, R, D)
         values.insert(0, win_v)
     if mem_k is not None:
         keys.insert(0, mem_k)  # (B, KVH, M, D)
         values.insert(0, mem_v)
     key_all = torch.cat(keys, dim=2) if len(keys) > 1 else keys[0]  # (B, KVH, M+R+T, D)
     value_all = torch.cat(values, dim=2) if len(values) > 1 else values[0]
-    query = rope(q, step.cos_q, step.sin_q)  # (B, H, T, D)
+    query = rotate(q, step.cos_q, step.sin_q)  # (B, H, T, D)
 
     kwargs = {"is_causal": True} if step.is_causal else {}
     gate = memory_gate(attn)
@@ -162,10 +146,9 @@ def layer_step(
         **kwargs,
     )  # (B, T, H, D), or D + 1 with a gate dimension
     out = out[..., :head_dim].reshape(bsz, t_len, -1)  # (B, T, H*D)
-    out = project(attn.o_proj if fused is None else fused.o, getattr(attn, "beacon_o_proj", None), out, rows)
-    hidden = residual + out  # (B, T, Dm)
-    if fused is None:
+    out = project(attn.o_proj, getattr(attn, "beacon_o_proj", None), out, rows)  # (B, T, Dm)
+    if read is None:
+        hidden = residual + out  # (B, T, Dm)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), k, v
-    gate_up = fused.gate_up(fused.norm2(hidden))  # (B, T, 2 I)
-    gate, up = gate_up.split(fused.n_inter, -1)  # (B, T, I) each
-    return hidden + fused.down(fused.act(gate) * up), k, v
+    hidden, x = read.add_norm2(residual, out)  # (B, T, Dm) each
+    return read.mlp(hidden, x), k, v

@@ -37,7 +37,7 @@ _PACK_MEMORY_SHARE = 4  # pack only when the packed copy takes at most 1/4 of th
 
 
 @dataclass(frozen=True)
-class FusedLayer:
+class _FusedLayer:
     """One layer of the packed step: fused projections and the norms."""
 
     qkv: Linear  # x -> [q | k | v]
@@ -83,12 +83,12 @@ class DecodeLinears:
         # with the native products, each stock layer in one native call (None where a layer is not stock)
         self.native_layers = _native_layers(model) if products == "native" else None
         self.layers: list[_LayerLinears] = []
-        self.fused: list[FusedLayer] = []
-        self._watched = watched_weights(model)
+        self.fused: list[_FusedLayer] = []
+        self._watched = _watched_weights(model)
         if self.packed:
-            product = _native_product if products == "native" else packed_product
+            product = _native_product if products == "native" else _packed_product
             for layer in model.model.layers:
-                self.fused.append(fused_layer(layer, product))
+                self.fused.append(_fused_layer(layer, product))
             self.lm_head = product(model.lm_head)
             return
         for layer in model.model.layers:
@@ -110,10 +110,12 @@ class DecodeLinears:
     def matches(self, model: nn.Module) -> bool:
         """Whether every weight they were made from is still in its module, unchanged (checked on every decode
         step: a dictionary lookup, the version counter and the storage of each weight)."""
-        return weights_unchanged(self._watched, model)
+        if self._watched[0] is not model.lm_head:
+            return False
+        return all(params.get(name) is p and _state(p) == state for params, name, p, state in self._watched[1])
 
 
-def packed_product(*mods: nn.Linear) -> Linear:
+def _packed_product(*mods: nn.Linear) -> Linear:
     """One oneDNN product of the modules' stacked weights (a packed copy)."""
     weight = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
     bias = _cat_bias(*mods)
@@ -180,12 +182,12 @@ def _norms(layer: nn.Module) -> tuple[Linear, Linear]:
     return tuple(_compat.rms_norm_kernel(n, device) for n in (layer.input_layernorm, layer.post_attention_layernorm))
 
 
-def fused_layer(layer: nn.Module, product: Callable[..., Linear]) -> FusedLayer:
+def _fused_layer(layer: nn.Module, product: Callable[..., Linear]) -> _FusedLayer:
     attn = layer.self_attn
     gate, up, down, act = _compat.mlp_parts(layer.mlp)
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     norm1, norm2 = _norms(layer)
-    return FusedLayer(
+    return _FusedLayer(
         qkv=product(q, k, v),
         o=product(attn.o_proj),
         gate_up=product(gate, up),
@@ -199,7 +201,7 @@ def fused_layer(layer: nn.Module, product: Callable[..., Linear]) -> FusedLayer:
     )
 
 
-def watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, torch.Tensor, int]]]:
+def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, torch.Tensor, int]]]:
     """The weights the decode step's kernels hold (linear and norm weights): (their modules' parameter dict, name,
     tensor, in-place version)."""
     mods: list[nn.Module] = [model.lm_head]
@@ -208,7 +210,7 @@ def watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, 
         mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
         mods += [layer.input_layernorm, layer.post_attention_layernorm]
     watched = [
-        (m._parameters, name, m._parameters[name], weight_state(m._parameters[name]))
+        (m._parameters, name, m._parameters[name], _state(m._parameters[name]))
         for m in mods
         for name in ("weight", "bias")
         if m._parameters.get(name) is not None
@@ -216,14 +218,7 @@ def watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, 
     return (model.lm_head, watched)
 
 
-def weights_unchanged(watched: tuple[nn.Module, list[tuple[dict, str, torch.Tensor, int]]], model: nn.Module) -> bool:
-    """Whether every weight in ``watched`` (from :func:`watched_weights`) is still in its module, unchanged."""
-    if watched[0] is not model.lm_head:
-        return False
-    return all(params.get(name) is p and weight_state(p) == state for params, name, p, state in watched[1])
-
-
-def weight_state(p: torch.Tensor) -> tuple[int, int]:
+def _state(p: torch.Tensor) -> tuple[int, int]:
     """What makes a weight's kernels stale: its in-place version and its storage (``.data`` replaced, as
     ``model.to(...)`` does, keeps the version; a new dtype or device is new storage too)."""
     return (p._version, p.data_ptr())
@@ -239,24 +234,18 @@ def decode_products(model: nn.Module) -> str:
     weight = model.lm_head.weight
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _compat.native_bf16_cpu():
         return "linear"
-    if not plain_projections(model):
+    if not _plain_projections(model):
         return "linear"  # a wrapped or hooked projection runs as itself
     if native_kernels.preferred() is not None:
         return "native"
-    return "onednn" if packed_copy_fits(model) else "linear"
-
-
-def packed_copy_fits(model: nn.Module) -> bool:
-    """Whether oneDNN's packed products exist here and a packed copy of the model's linear weights would take at
-    most a quarter of the memory still available (the one rule for every packed copy: the decode step's, the read's)."""
     if not _compat.packed_linear_available():
-        return False
+        return "linear"
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
     available = _available_memory()
-    return available is None or nbytes * _PACK_MEMORY_SHARE <= available
+    return "onednn" if available is None or nbytes * _PACK_MEMORY_SHARE <= available else "linear"
 
 
-def plain_projections(model: nn.Module) -> bool:
+def _plain_projections(model: nn.Module) -> bool:
     """Whether every projection the fused step reads is a plain ``nn.Linear`` without hooks."""
     mods = [model.lm_head]
     for layer in model.model.layers:

@@ -30,7 +30,7 @@ from .generation import GenerateOutput, generate
 from .layers import attach_beacon_modules, attach_memory_gates, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
 from .positions import window_positions
-from .read_products import ReadProducts, read_products
+from .read_layers import read_layers
 from .schedule import (
     FitPlan,
     StepPlan,
@@ -99,7 +99,7 @@ class BeaconModel:
     def __getstate__(self) -> dict:
         """Pickling / deepcopy: the lock and the decode step's kernels (made again on use) are left out."""
         state = dict(self.__dict__)
-        for key in ("_decode_lock", "_decode", "_decode_inference", "_read"):
+        for key in ("_decode_lock", "_decode", "_decode_inference"):
             state.pop(key, None)
         return state
 
@@ -122,8 +122,8 @@ class BeaconModel:
         """Remove the beacon modules and return the plain base model (bit-identical to before attaching)."""
         detach_beacon_modules(self.model)
         self.__dict__.pop("_beacon_params", None)
-        for key in ("_decode", "_decode_inference", "_read"):
-            self.__dict__.pop(key, None)
+        self.__dict__.pop("_decode", None)
+        self.__dict__.pop("_decode_inference", None)
         return self.model
 
     @contextlib.contextmanager
@@ -568,11 +568,11 @@ class BeaconModel:
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
-        products = self._read_products()
+        reads = read_layers(self.model, hidden)
         for i, layer in enumerate(self.model.model.layers):
             win_k, win_v = (cache.win_k[i], cache.win_v[i]) if with_window else (None, None)
-            fused = None if products is None else products.layers[i]
-            args = (layer, hidden, step, cache.mem_k[i], cache.mem_v[i], win_k, win_v, fused)
+            read = None if reads is None else reads[i]
+            args = (layer, hidden, step, cache.mem_k[i], cache.mem_v[i], win_k, win_v, read)
             if checkpoint:
                 hidden, k, v = torch.utils.checkpoint.checkpoint(layer_step, *args, use_reentrant=False)
             else:
@@ -672,19 +672,6 @@ class BeaconModel:
                 products = decode_products(self.model) if key == "_decode_inference" else "linear"
                 found = DecodeLinears(self.model, products=products)
                 self.__dict__[key] = found
-            return found
-
-    def _read_products(self) -> ReadProducts | None:
-        """The read's fused, packed products for the current weights (:mod:`beacon_llm.read_products`), made once
-        and made again after a weight changes; None when a gradient is needed or :func:`read_products` says no
-        (asked again at each step until it says yes: a model moved to bf16 gets them)."""
-        if torch.is_grad_enabled():
-            return None
-        with self._decode_lock:
-            found = self.__dict__.get("_read")
-            if found is None or not found.matches(self.model):
-                found = ReadProducts(self.model) if read_products(self.model) else None
-                self.__dict__["_read"] = found
             return found
 
     def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:

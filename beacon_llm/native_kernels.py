@@ -41,10 +41,11 @@ logger = logging.getLogger(__name__)
 
 _KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = tuple(
-    _KERNELS / name for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c", "read_attention_bf16.c")
+    _KERNELS / name
+    for name in ("matvec_bf16.c", "attention_bf16.c", "layer_bf16.c", "read_attention_bf16.c", "rows_bf16.c")
 )
 HEADERS = (_KERNELS / "bf16.h", _KERNELS / "exp_avx512.h")  # included by the sources: part of the build digest
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC")
 DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
 _BUILD_TIMEOUT_S = 300
 _MAX_PARTS = 64  # key parts per head in the attention kernel (its merge buffer)
@@ -228,6 +229,15 @@ class NativeKernels:
         self._read_attention = library.beacon_read_attention_bf16
         self._read_attention.argtypes = [p, n, n, p, p, p, p, n, n, n, n, n, n, n, f, p, i]
         self._read_attention.restype = ctypes.c_int
+        self._add_rms_norm = library.beacon_add_rms_norm_bf16
+        self._add_rms_norm.argtypes = [p, p, p, f, n, n, p, p, i]
+        self._add_rms_norm.restype = None
+        self._silu_mul = library.beacon_silu_mul_bf16
+        self._silu_mul.argtypes = [p, p, n, n, p, i]
+        self._silu_mul.restype = None
+        self._rope = library.beacon_rope_bf16
+        self._rope.argtypes = [p, n, n, n, n, p, p, n, p, i]
+        self._rope.restype = None
 
     def linear(self, blocks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> NativeLinear:
         """The product ``x -> x @ cat(W_i).T + cat(b_i)`` of the (weight, bias or None) row blocks."""
@@ -384,6 +394,88 @@ class NativeKernels:
         if failed:
             raise MemoryError(f"the native read attention could not allocate its copy of {n_keys} keys and values")
         return out
+
+    @staticmethod
+    def _rows(name: str, *tensors: torch.Tensor) -> None:
+        grad = torch.is_grad_enabled()
+        for t in tensors:
+            if t.dtype != torch.bfloat16 or t.device.type != "cpu" or (grad and t.requires_grad):
+                raise ValueError(
+                    f"the native {name} takes bf16 CPU tensors and no gradient (it has no backward), got "
+                    f"{tuple(t.shape)} {t.dtype} on {t.device} (requires_grad={t.requires_grad}); use the torch "
+                    "operators"
+                )
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stock RMSNorm ``weight * round(h * rsqrt(mean(h^2) + eps))`` of the rows h of x (..., n), or of
+        ``x + residual`` rounded (the layer's residual sum); returns (h, the normed rows), both (..., n) bf16, as the
+        stock bf16 operators within one rounding of the sum of squares' order."""
+        self._rows("RMSNorm", x, weight, *(() if residual is None else (residual,)))
+        n = x.shape[-1]
+        if weight.shape != (n,) or (residual is not None and residual.shape != x.shape):
+            raise ValueError(
+                f"RMSNorm of {tuple(x.shape)} rows needs a ({n},) weight and a residual of the same shape, got "
+                f"{tuple(weight.shape)} and {None if residual is None else tuple(residual.shape)}"
+            )
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)  # (..., n)
+        total = None if residual is None else torch.empty_like(x)
+        b = None if residual is None else residual.contiguous()
+        self._add_rms_norm(
+            x.data_ptr(),
+            None if b is None else b.data_ptr(),
+            weight.data_ptr(),
+            float(eps),
+            x.numel() // n,
+            n,
+            None if total is None else total.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return (x if total is None else total), out
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``round(silu(gate)) * up`` rounded, gate and up (..., I) -> (..., I) bf16 (the stock MLP's activation
+        and product; within one bf16 rounding of torch's, whose exponential is another float32 polynomial)."""
+        self._rows("SiLU", gate, up)
+        if gate.shape != up.shape:
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+        gate, up = gate.contiguous(), up.contiguous()
+        inter = gate.shape[-1]
+        out = torch.empty_like(gate)  # (..., I)
+        rows = gate.numel() // inter if inter else 0
+        self._silu_mul(gate.data_ptr(), up.data_ptr(), rows, inter, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Llama's rotate-half RoPE ``x * cos + rotate_half(x) * sin`` of x (1, H, T, D) (any head and row strides,
+        contiguous features) with cos / sin (1, T, D) -> a new (1, H, T, D) tensor (a view of (1, T, H, D) memory),
+        each product and the sum rounded as the stock bf16 operators round them (bit for bit but for subnormal
+        results, which the bf16 conversion flushes to zero)."""
+        self._rows("RoPE", x, cos, sin)
+        _, heads, t_len, d = x.shape
+        if x.shape[0] != 1 or x.stride(3) != 1 or d % 2 or cos.shape != (1, t_len, d) or sin.shape != cos.shape:
+            raise ValueError(
+                f"RoPE takes x (1, H, T, D) with contiguous features and even D, cos / sin (1, T, D); got "
+                f"{tuple(x.shape)} (strides {x.stride()}), {tuple(cos.shape)}, {tuple(sin.shape)}"
+            )
+        cos, sin = cos.contiguous(), sin.contiguous()
+        out = torch.empty(1, t_len, heads, d, dtype=torch.bfloat16)  # (1, T, H, D)
+        self._rope(
+            x.data_ptr(),
+            x.stride(2),
+            x.stride(1),
+            heads,
+            d,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            t_len,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return out.transpose(1, 2)  # (1, H, T, D)
 
     def attention_forward(
         self,
@@ -570,7 +662,35 @@ def _self_check(kernel: NativeKernels) -> str | None:
         ).transpose(1, 2)  # (1, H, T, D)
         if not attention_close(got, q, keys, values, 0.125, mask=seen):
             return "the read attention's self-check against float64 failed"
+    return _self_check_rows(kernel, g)
+
+
+def _self_check_rows(kernel: NativeKernels, g: torch.Generator) -> str | None:
+    """The row kernels on 3 rows of 40 features (not a multiple of their 16 lanes) against torch's bf16 operators:
+    the residual sum and RoPE equal, the norm and SiLU within one bf16 step."""
+    from ._compat import rotate_half
+
+    x, residual, gate, up = (torch.randn(3, 40, generator=g).bfloat16() for _ in range(4))
+    weight = (1 + 0.3 * torch.randn(40, generator=g)).bfloat16()
+    total, normed = kernel.rms_norm(x, weight, 1e-5, residual)
+    h = x + residual
+    want = weight * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    if not torch.equal(total, h) or not within_one_bf16_step(normed, want):
+        return "the RMSNorm's self-check against torch failed"
+    if not within_one_bf16_step(kernel.silu_mul(gate, up), torch.nn.functional.silu(gate) * up):
+        return "the SiLU's self-check against torch failed"
+    q = torch.randn(1, 2, 3, 64, generator=g).bfloat16()
+    cos, sin = (torch.randn(1, 3, 64, generator=g).bfloat16() for _ in range(2))
+    if not torch.equal(kernel.rope(q, cos, sin), q * cos[:, None] + rotate_half(q) * sin[:, None]):
+        return "the RoPE's self-check against torch failed"
     return None
+
+
+def within_one_bf16_step(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Each element equal to ``want`` or one bf16 step from it at its magnitude."""
+    g, w = got.double(), want.double()
+    step = torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(1e-30))) - 7)
+    return bool((((g - w).abs() <= step) | (g == w)).all())
 
 
 def attention_close(
