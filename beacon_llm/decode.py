@@ -204,10 +204,8 @@ def _fused_layer(layer: nn.Module, product: Callable[..., Linear]) -> _FusedLaye
 def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str, torch.Tensor, int]]]:
     """The weights the decode step's kernels hold (linear and norm weights): (their modules' parameter dict, name,
     tensor, in-place version)."""
-    mods: list[nn.Module] = [model.lm_head]
+    mods = _projections(model)
     for layer in model.model.layers:
-        attn = layer.self_attn
-        mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
         mods += [layer.input_layernorm, layer.post_attention_layernorm]
     watched = [
         (m._parameters, name, m._parameters[name], _state(m._parameters[name]))
@@ -245,13 +243,18 @@ def decode_products(model: nn.Module) -> str:
     return "onednn" if available is None or nbytes * _PACK_MEMORY_SHARE <= available else "linear"
 
 
-def _plain_projections(model: nn.Module) -> bool:
-    """Whether every projection the fused step reads is a plain ``nn.Linear`` without hooks."""
-    mods = [model.lm_head]
+def _projections(model: nn.Module) -> list[nn.Module]:
+    """Every projection the decode step reads: the output head, then each layer's q, k, v, o, gate, up and down."""
+    mods: list[nn.Module] = [model.lm_head]
     for layer in model.model.layers:
         attn = layer.self_attn
         mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_compat.mlp_parts(layer.mlp)[:3]]
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+    return mods
+
+
+def _plain_projections(model: nn.Module) -> bool:
+    """Whether every projection the fused step reads is a plain ``nn.Linear`` without hooks."""
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in _projections(model))
 
 
 def should_fold_queries() -> bool:
