@@ -27,9 +27,10 @@ class ReadLayer:
         self._layer = layer
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self._eps = [_compat.stock_rms_norm_eps(n) if n.weight.dtype == torch.bfloat16 else None for n in norms]
-        gate, up, down, act = _compat.mlp_parts(layer.mlp)
-        stock = _compat.is_stock_mlp(layer.mlp) and _compat.is_stock_silu(act)
-        self._mlp = (gate, up, down) if stock else None
+        self._mlp = None  # (gate, up, down) of a stock MLP with a stock SiLU; else the MLP runs as itself
+        if _compat.is_stock_mlp(layer.mlp):
+            gate, up, down, act = _compat.mlp_parts(layer.mlp)
+            self._mlp = (gate, up, down) if _compat.is_stock_silu(act) else None
         self._native = native
 
     def norm1(self, hidden: torch.Tensor) -> torch.Tensor:
