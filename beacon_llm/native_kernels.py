@@ -9,7 +9,9 @@ products: float32 accumulation, one bf16 rounding per output, software prefetch)
 ``kernels/layer_bf16.c`` runs a whole stock decoder layer for one token in one call (the elementwise steps between
 the products without an operator call each); ``benchmarks/decode_matvec.py`` measures them against the stock
 kernels. Reading a document, ``kernels/read_attention_bf16.c`` is the windows' attention over the memory and
-themselves (flash-style, with the beacon or causal mask; ``benchmarks/read_attention.py``). They are compiled once
+themselves (flash-style, with the beacon or causal mask; ``benchmarks/read_attention.py``), and
+``kernels/rows_bf16.c`` the norms, RoPE and SiLU between a window's products (``beacon_llm.read_layers``;
+``benchmarks/read_layers.py``). They are compiled once
 per machine with the C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and
 linked against the OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing
 (no compiler, another CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the stock kernels are kept;
@@ -211,7 +213,8 @@ def attention_work_size(n_kv: int, g: int, d: int, m: int) -> int:
 class NativeKernels:
     """The loaded kernel library (``path``): :meth:`linear` makes a product from weight row blocks, :meth:`attention`
     attends one token's queries to a head-major key/value memory, :meth:`read_attention` a window's queries to the
-    memory and the window (:meth:`attention_forward`: the same as a transformers attention function)."""
+    memory and the window (:meth:`attention_forward`: the same as a transformers attention function), and
+    :meth:`rms_norm`, :meth:`silu_mul` and :meth:`rope` run a window's elementwise steps row by row."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
