@@ -2,9 +2,11 @@
 
 The frozen modules of a stock Llama-shaped layer are called as they are (norms, projections, MLP); beacon rows
 use the ``beacon_*_proj`` copies. Keys of the open window are rotated at the positions of this step; memory keys
-were rotated when they entered the memory. The attention kernel is transformers' own (sdpa, eager, flash).
-With memory gates (``BeaconConfig.memory_gate``) each head's logit offset on the memory's beacons rides on one extra
-key/query dimension (:func:`with_gate_dimension`), so the kernels and masks stay those of the ungated model.
+were rotated when they entered the memory. The attention kernel is transformers' own (sdpa, eager, flash), or
+the native read attention the step passes in. In a bf16 read without gradient the norms, RoPE and SiLU may run as
+native row kernels instead (:mod:`beacon_llm.read_layers`), with the stock rounding points. With memory gates
+(``BeaconConfig.memory_gate``) each head's logit offset on the memory's beacons rides on one extra key/query
+dimension (:func:`with_gate_dimension`), so the kernels and masks stay those of the ungated model.
 """
 
 from __future__ import annotations
