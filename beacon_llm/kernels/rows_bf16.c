@@ -4,9 +4,9 @@
  * RMSNorm as seven passes through float32, RoPE as four products and a concatenation, SiLU and its product with up),
  * each a pass over the whole window. Here each is one pass, row by row over the threads, with the stock operations'
  * bf16 rounding points: the residual sum rounded; the norm in float32, rounded before its weight multiplies it;
- * RoPE's two products and their sum each rounded; SiLU rounded, then its product with up. Only the norm's sum of
- * squares is added in another order than torch's (within float32's rounding). Built with the other kernels by
- * beacon_llm/native_kernels.py.
+ * RoPE's two products and their sum each rounded; SiLU rounded, then its product with up. The norm's sum of squares
+ * is added in another order than torch's and SiLU's exponential is exp_avx512.h's polynomial, so those two are
+ * within one bf16 step of torch's. Built with the other kernels by beacon_llm/native_kernels.py.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -25,6 +25,11 @@ static inline void store_bf16(uint16_t *p, __m512 f, __mmask16 keep) {
     _mm256_mask_storeu_epi16(p, keep, (__m256i)_mm512_cvtneps_pbh(f));
 }
 
+/* float32 rounded to bf16 and widened back, in registers: what a bf16 operator's result holds */
+static inline __m512 rounded(__m512 f) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)), 16));
+}
+
 static inline __mmask16 lanes(long n, long i) { return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u); }
 
 /* Per row r of ``rows`` (n features; a, b, sum and out all (rows, n) contiguous): h = a, or with ``b``, h = a + b
@@ -40,8 +45,8 @@ void beacon_add_rms_norm_bf16(const uint16_t *a, const uint16_t *b, const uint16
             const __mmask16 keep = lanes(n, i);
             __m512 x = load_bf16(h + i, keep);
             if (b != NULL) {
-                store_bf16(sum + r * n + i, _mm512_add_ps(x, load_bf16(b + r * n + i, keep)), keep);
-                x = load_bf16(sum + r * n + i, keep); /* the rounded sum is what the norm reads */
+                x = rounded(_mm512_add_ps(x, load_bf16(b + r * n + i, keep))); /* the rounded sum is what it reads */
+                store_bf16(sum + r * n + i, x, keep);
             }
             sq = _mm512_fmadd_ps(x, x, sq);
         }
@@ -51,8 +56,8 @@ void beacon_add_rms_norm_bf16(const uint16_t *a, const uint16_t *b, const uint16
         uint16_t *o = out + r * n;
         for (long i = 0; i < n; i += 16) {
             const __mmask16 keep = lanes(n, i);
-            store_bf16(o + i, _mm512_mul_ps(load_bf16(h + i, keep), scale), keep);
-            store_bf16(o + i, _mm512_mul_ps(load_bf16(o + i, keep), load_bf16(weight + i, keep)), keep);
+            const __m512 normed = rounded(_mm512_mul_ps(load_bf16(h + i, keep), scale));
+            store_bf16(o + i, _mm512_mul_ps(normed, load_bf16(weight + i, keep)), keep);
         }
     }
 }
@@ -72,8 +77,7 @@ void beacon_silu_mul_bf16(const uint16_t *gate, const uint16_t *up, long rows, l
             const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ),
                                                     _mm512_set1_ps(1.0f), t);
             const __m512 silu = _mm512_div_ps(_mm512_mul_ps(x, num), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
-            store_bf16(o + i, silu, keep);
-            store_bf16(o + i, _mm512_mul_ps(load_bf16(o + i, keep), load_bf16(u + i, keep)), keep);
+            store_bf16(o + i, _mm512_mul_ps(rounded(silu), load_bf16(u + i, keep)), keep);
         }
     }
 }
@@ -93,14 +97,13 @@ void beacon_rope_bf16(const uint16_t *x, long row_stride, long head_stride, long
             for (long i = 0; i < half; i += 16) {
                 const __mmask16 keep = lanes(half, i);
                 const __m512 lo = load_bf16(row + i, keep), hi = load_bf16(row + half + i, keep);
-                uint16_t a[16], b[16];
                 /* first half: x * cos - x_hi * sin; second half: x_hi * cos + x * sin (rotate_half = [-hi, lo]) */
-                store_bf16(a, _mm512_mul_ps(lo, load_bf16(c + i, keep)), keep);
-                store_bf16(b, _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi), load_bf16(s + i, keep)), keep);
-                store_bf16(o + i, _mm512_add_ps(load_bf16(a, keep), load_bf16(b, keep)), keep);
-                store_bf16(a, _mm512_mul_ps(hi, load_bf16(c + half + i, keep)), keep);
-                store_bf16(b, _mm512_mul_ps(lo, load_bf16(s + half + i, keep)), keep);
-                store_bf16(o + half + i, _mm512_add_ps(load_bf16(a, keep), load_bf16(b, keep)), keep);
+                const __m512 a0 = rounded(_mm512_mul_ps(lo, load_bf16(c + i, keep)));
+                const __m512 b0 = rounded(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi), load_bf16(s + i, keep)));
+                store_bf16(o + i, _mm512_add_ps(a0, b0), keep);
+                const __m512 a1 = rounded(_mm512_mul_ps(hi, load_bf16(c + half + i, keep)));
+                const __m512 b1 = rounded(_mm512_mul_ps(lo, load_bf16(s + half + i, keep)));
+                store_bf16(o + half + i, _mm512_add_ps(a1, b1), keep);
             }
         }
     }
