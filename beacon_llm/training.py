@@ -17,6 +17,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,11 +420,18 @@ def draw_recall_sample(
 
 
 def train_fit(
-    bm: BeaconModel, stream: SampleStream, cfg: FitTrainConfig, teacher: Any | None, reference: Any | None = None
+    bm: BeaconModel,
+    stream: SampleStream,
+    cfg: FitTrainConfig,
+    teacher: Any | None,
+    reference: Any | None = None,
+    grad_sync: Callable[[list[nn.Parameter]], bool] | None = None,
 ) -> TrainState:
     """Train the beacons of ``bm`` (a ``fit-N`` config) in the fit regime; see :class:`FitTrainConfig`.
     ``reference``: the tail-only model's store (:class:`beacon_llm.distill.TailReferenceStore`), for
-    ``cfg.distant_weight > 0``.
+    ``cfg.distant_weight > 0``. ``grad_sync``: called with the trainable parameters after each step's backward
+    passes, before clipping; data-parallel training averages its processes' gradients there. It returns True to end
+    training after this step (a wall-clock limit), which then saves the final adapter as usual.
 
     Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, step, tokens, data position; the
     optimiser restarts). Returns the state with the loss history; the final adapter goes to ``output_dir/final``.
@@ -524,6 +532,7 @@ def train_fit(
             if "recall_samples" in record:  # means over its recall samples
                 for key in ("recall_nll", "recall_exact"):
                     record[key] /= record["recall_samples"]
+            stop = bool(grad_sync(params)) if grad_sync is not None else False
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -538,8 +547,10 @@ def train_fit(
             bar.update(1)
             shown = {"kl": f"{record['kl']:.3f}"} if cfg.distant_weight > 0 else {}  # the loss is the weighted KL
             bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{n_tok / dt:.0f}")
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop:
                 save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, None, None, stream, state)
+            if stop:
+                break
     finally:
         bar.close()
         bm.model.eval()

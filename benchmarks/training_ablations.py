@@ -19,6 +19,7 @@ from its last checkpoint, step count included: ``--steps`` is the total (the par
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -50,7 +51,8 @@ INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS,
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
 # [, gates: memory gates added at "init" and trained at "lr", "only" = the rest of the adapter frozen]
 # [, recall: the share of samples that are facts planted in the condensed windows ("rate"), up to "windows" condensed
-# windows and "tail" raw tokens before the question: FitTrainConfig's recall_*])
+# windows and "tail" raw tokens before the question: FitTrainConfig's recall_*][, pos: the placement of fresh beacons,
+# "append" or the shipped "interleave"])
 _LONG_READ = {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "overlap": 64,
               "protocol": (8192, 4096)}  # fmt: skip
 RECIPES: dict[str, dict] = {
@@ -115,6 +117,18 @@ RECIPES: dict[str, dict] = {
         "overlap": 64,
         "recall": {"rate": 0.5, "windows": 4, "tail": 1024},
     },
+    # fresh beacons trained in the fit regime with the overlap, at equal tokens and data: the placement chosen from
+    # the paper (interleave) against append, which hurt less untrained (scheme_choice.json: 41 against 105)
+    "kl_r32_overlap64_fresh": {"init": "fresh", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 3e-4, "overlap": 64},
+    "kl_r32_overlap64_fresh_append": {
+        "init": "fresh",
+        "ratios": (32,),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 3e-4,
+        "overlap": 64,
+        "pos": "append",
+    },
     # can beacons carry a fact at all when they condense little? Recall samples only, ratio 4, lr 3e-4
     "recall_only_r4_overlap64": {
         "init": "shipped",
@@ -149,17 +163,19 @@ def plain_tail_scores(model, samples, plan_for, teacher, keep, score_from: int =
 
     nll = kl = 0.0
     n = 0
+    device = next(model.parameters()).device
     for ids in samples:
         plan = plan_for(ids)
         start = plan.raw_from
         kept = keep(ids, plan)
         seq = kept + ids[start:]
-        logits = model(input_ids=torch.tensor([seq])).logits[0, len(kept) - 1 + score_from : -1].float()  # (T, V)
-        target = torch.tensor(ids[start + score_from :])
+        logits = model(input_ids=torch.tensor([seq], device=device)).logits[0, len(kept) - 1 + score_from : -1]
+        logits = logits.float()  # (T, V)
+        target = torch.tensor(ids[start + score_from :], device=device)
         nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         if teacher is not None:
             idx, logp = teacher.get(ids, start)
-            kl += float(topk_kl(logits, idx[score_from:], logp[score_from:]).sum())
+            kl += float(topk_kl(logits, idx[score_from:].to(device), logp[score_from:].to(device)).sum())
         n += len(target)
     return {"kl": round(kl / n, 4), "ppl": round(math.exp(nll / n), 3), "tokens": n}
 
@@ -288,6 +304,8 @@ def main() -> None:
                              **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     else:
         spec = recipes[args.recipe]
+        base_config = fresh.config if args.fast else shipped.config
+        scheme = dataclasses.replace(base_config, pos=spec.get("pos", base_config.pos))  # the fresh beacons' placement
         if spec["init"] == "shipped" or (args.fast and spec["init"] in INIT_ADAPTERS):
             bm = shipped
         elif spec["init"] in INIT_ADAPTERS:
@@ -295,9 +313,9 @@ def main() -> None:
                                             adapter=str(INIT_ADAPTERS[spec["init"]]),
                                             beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
         elif args.fast:
-            bm = fresh
+            bm = fresh if "pos" not in spec else tiny_beacon_model(scheme, max_position_embeddings=512, perturb=0.0)
         else:
-            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
+            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=scheme)
         texts = [(BOOKS / f"{name}.txt").read_text() for name in TRAIN_BOOKS] if not args.fast else [
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
@@ -340,6 +358,10 @@ def main() -> None:
                              distant_weight=distant, autocast_bf16=args.bf16, save_every=5,
                              gate_lr=gates["lr"] if gates else None,
                              gates_only=bool(gates and gates["only"]))  # fmt: skip
+        untrained = {}
+        if spec["init"] == "fresh":  # where the fresh beacons start, on the same protocol
+            scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
+            untrained = {"untrained_kl": round(scores["kl"], 4), "untrained_ppl": round(scores["ppl"], 4)}
         state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None, reference)
         own = [h for h in state.history if h["step"] > start_step]  # this recipe's steps (history is cumulative)
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
@@ -347,6 +369,7 @@ def main() -> None:
         rows.append({
             "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]),
             "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"], "distant_weight": distant,
+            "pos": bm.config.pos, **untrained,
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
