@@ -239,6 +239,8 @@ def _score_and_write(args, bm, start, teacher, state, run: dict, device: str) ->
     results["score_seconds"] = round(time.monotonic() - t0, 1)
     write_json(args.out, results)
     print(f"wrote {args.out} and {adapter_dir}", flush=True)
+    if run["replica_spread"] != 0:  # every process applies the same averaged update: they must stay equal
+        raise RuntimeError(f"the data-parallel replicas diverged (spread of their beacon sums {run['replica_spread']})")
 
 
 def main() -> None:

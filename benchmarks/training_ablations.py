@@ -202,6 +202,10 @@ def main() -> None:
         "read again raw; rows get ' +overlapN' and the baselines' budget grows by N",
     )  # fmt: skip
     parser.add_argument(
+        "--fresh-pos", choices=["interleave", "append"], default="interleave",
+        help="baselines: the placement of the fresh (untrained) beacons scored (named in the row unless interleave)",
+    )  # fmt: skip
+    parser.add_argument(
         "--shipped-only",
         action="store_true",
         help="baselines: score the plain baselines and the shipped adapter only (no fresh beacons, no runs' adapters)",
@@ -278,8 +282,9 @@ def main() -> None:
             rows.append({"recipe": name + suffix, "tokens_trained": 0,
                          **plain_tail_scores(base, held, plan_for, teacher, keep)})  # fmt: skip
         shipped_tokens = SHIPPED_TOKENS if not args.fast else 0
+        fresh_name = "fresh beacons (untrained" + (")" if args.fresh_pos == "interleave" else f", {args.fresh_pos})")
         adapters = [("shipped adapter (no further training)", shipped, shipped_tokens),
-                    ("fresh beacons (untrained)", fresh, 0)][: 1 if args.shipped_only else 2]  # fmt: skip
+                    (fresh_name, None, 0)][: 1 if args.shipped_only else 2]  # fmt: skip
         adapters += [(f"adapter {d}", Path(d), None) for d in args.adapter]  # tokens: see its run
         for name, bm, tokens in adapters:
             where = {}
@@ -288,7 +293,7 @@ def main() -> None:
                 bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), adapter=str(bm),
                                                 beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
             elif bm is None:
-                bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=shipped.config)
+                bm = fresh_beacons(args, shipped, fresh, args.fresh_pos)
             scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
             rows.append({"recipe": name + suffix, "tokens_trained": tokens, **where,
                          **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
@@ -304,18 +309,16 @@ def main() -> None:
                              **{k: round(v, 4) for k, v in scores.items()}})  # fmt: skip
     else:
         spec = recipes[args.recipe]
-        base_config = fresh.config if args.fast else shipped.config
-        scheme = dataclasses.replace(base_config, pos=spec.get("pos", base_config.pos))  # the fresh beacons' placement
+        if "pos" in spec and spec["init"] != "fresh":
+            raise SystemExit(f"{args.recipe}: 'pos' places fresh beacons; an adapter ({spec['init']}) keeps its own")
         if spec["init"] == "shipped" or (args.fast and spec["init"] in INIT_ADAPTERS):
             bm = shipped
         elif spec["init"] in INIT_ADAPTERS:
             bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None),
                                             adapter=str(INIT_ADAPTERS[spec["init"]]),
                                             beacon_ratio_mix="fit-0", beacon_fit_overlap=overlap)  # fmt: skip
-        elif args.fast:
-            bm = fresh if "pos" not in spec else tiny_beacon_model(scheme, max_position_embeddings=512, perturb=0.0)
         else:
-            bm = beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=scheme)
+            bm = fresh_beacons(args, shipped, fresh, spec.get("pos"))
         texts = [(BOOKS / f"{name}.txt").read_text() for name in TRAIN_BOOKS] if not args.fast else [
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
         stream = SampleStream(texts, tok, args.seq_len, seed=0)
@@ -400,6 +403,21 @@ def main() -> None:
     data["rows"] = [r for r in data["rows"] if r["recipe"] not in {x["recipe"] for x in rows}] + rows
     write_json(out_path, data)
     print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+def fresh_beacons(args, shipped, fresh, pos: str | None):
+    """Untrained beacons on the base model, placed ``pos`` ("append" / "interleave"; None: as the shipped config)."""
+    import beacon_llm
+
+    base = fresh.config if args.fast else shipped.config
+    if fresh is not None and pos in (None, base.pos):
+        return fresh
+    scheme = dataclasses.replace(base, pos=pos or base.pos)
+    if args.fast:
+        from beacon_llm.testing import tiny_beacon_model
+
+        return tiny_beacon_model(scheme, max_position_embeddings=512, perturb=0.0)
+    return beacon_llm.from_pretrained(beacon_llm.loading.resolve_model(None), beacon_config=scheme)
 
 
 def _recall_mean(history: list[dict], key: str) -> float | None:

@@ -9,6 +9,7 @@ import torch
 
 from beacon_llm import BeaconConfig
 from beacon_llm.distill import TailReferenceStore, TeacherStore, distance_gain, distance_weights, topk_kl
+from beacon_llm.layers import is_beacon_parameter
 from beacon_llm.schedule import condensing_plan, fit_plan
 from beacon_llm.tasks import IGNORE, SampleStream, make_condensed_recall
 from beacon_llm.testing import tiny_beacon_model, tiny_tokenizer
@@ -78,6 +79,37 @@ def test_train_fit_lowers_the_held_out_kl_and_resumes(tmp_path):
     cfg.steps = 6
     state2 = train_fit(again, SampleStream([TEXT], tok, 128, seed=1), cfg, store)  # resumes at the last checkpoint
     assert state2.step == 6 and len(state2.history) == 6
+
+
+def test_grad_sync_sees_every_step_before_the_update_and_can_end_training(tmp_path):
+    """The data-parallel hook: called once per step with the trainable parameters and their summed gradients (what
+    it leaves there is what the optimiser applies: zeroed gradients leave the beacons as they were), and True from it
+    ends training after that step, with a checkpoint and the final adapter."""
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    tok = tiny_tokenizer()
+    store = TeacherStore(bm.model, tmp_path / "teacher", k=16)
+    trainable = {n for n, _ in bm.model.named_parameters() if is_beacon_parameter(n)}
+    before = {n: p.detach().clone() for n, p in bm.model.named_parameters() if n in trainable}
+    calls: list[int] = []
+
+    def freeze_and_stop(params):
+        assert {id(p) for p in params} == {id(p) for n, p in bm.model.named_parameters() if n in trainable}
+        assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        calls.append(1)
+        return len(calls) == 3
+
+    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=10, seq_len=128, positions=64, ratios=(4,),
+                         grad_accum=1, lr=3e-3, warmup_steps=0, save_every=100)  # fmt: skip
+    state = train_fit(bm, SampleStream([TEXT], tok, 128, seed=1), cfg, store, grad_sync=freeze_and_stop)
+    assert len(calls) == 3 and state.step == 3
+    run = tmp_path / "run"
+    assert (run / "checkpoint-3").is_dir() and (run / "final" / "beacon_config.json").is_file()
+    for n, p in bm.model.named_parameters():
+        if n in trainable:
+            assert torch.equal(p.detach(), before[n]), n
 
 
 # ---------------------------------------------------------------- distance-weighted KL (distant_weight)
