@@ -173,7 +173,7 @@ def _train_and_score(rank: int, world: int, args: argparse.Namespace, device: st
 
 
 def _score_and_write(args, bm, start, teacher, state, run: dict, device: str) -> None:
-    """Export the trained adapter to ``--out-dir/adapter`` and score it, the start and the baselines (rank 0)."""
+    """Export the trained adapter to ``--adapter-dir`` and score it, the start and the baselines (rank 0)."""
     from training_ablations import BASELINES, INIT_TOKENS, baseline_keep, held_out_samples, plain_tail_scores
 
     import beacon_llm
