@@ -57,11 +57,10 @@ def _load(args: argparse.Namespace, device: str):
 
         cfg = beacon_llm.BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-0", fit_overlap=16)
         bm = tiny_beacon_model(cfg, max_position_embeddings=512)
-    else:
-        bm = beacon_llm.load(beacon_ratio_mix="fit-0", beacon_fit_overlap=int(RECIPES[RECIPE]["overlap"]),
-                             shared=False, dtype="float32", device=device)  # fmt: skip
-    bm.model.to(device)
-    return bm
+        bm.model.to(device)
+        return bm
+    return beacon_llm.load(beacon_ratio_mix="fit-0", beacon_fit_overlap=int(RECIPES[RECIPE]["overlap"]),
+                           shared=False, dtype="float32", device=device)  # fmt: skip
 
 
 def _texts(args: argparse.Namespace) -> list[str]:

@@ -361,10 +361,6 @@ def main() -> None:
                              distant_weight=distant, autocast_bf16=args.bf16, save_every=5,
                              gate_lr=gates["lr"] if gates else None,
                              gates_only=bool(gates and gates["only"]))  # fmt: skip
-        untrained = {}
-        if spec["init"] == "fresh":  # where the fresh beacons start, on the same protocol
-            scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
-            untrained = {"untrained_kl": round(scores["kl"], 4), "untrained_ppl": round(scores["ppl"], 4)}
         state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None, reference)
         own = [h for h in state.history if h["step"] > start_step]  # this recipe's steps (history is cumulative)
         scores = evaluate_fit(bm, held, args.positions, eval_ratio, teacher)
@@ -372,7 +368,7 @@ def main() -> None:
         rows.append({
             "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]),
             "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"], "distant_weight": distant,
-            "pos": bm.config.pos, **untrained,
+            "pos": bm.config.pos,
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
