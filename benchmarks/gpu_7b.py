@@ -117,7 +117,17 @@ def main() -> None:
         ),
     )
     flops, bandwidth = measured_rates(device, dtype)
-    rows = []
+    rows: list[dict] = []
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "matmul_tflops": round(flops / 1e12, 2),
+        "copy_gb_s": round(bandwidth / 1e9, 1),
+        "rows": rows,
+        "fast": args.fast,
+    }
+    out_path = Path(args.out) if args.out else RESULTS / f"gpu_7b{'_fast' if args.fast else ''}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     for n in lengths:
         ids = torch.randint(3, cfg.vocab_size, (n,), generator=gen)
@@ -160,17 +170,7 @@ def main() -> None:
             row["beacon_floor_s"] = round(floor_seconds(cfg, n, window, row["beacon_ratio"], flops, bandwidth), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "dtype": str(dtype),
-        "matmul_tflops": round(flops / 1e12, 2),
-        "copy_gb_s": round(bandwidth / 1e9, 1),
-        "rows": rows,
-        "fast": args.fast,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out_path = Path(args.out) if args.out else RESULTS / f"gpu_7b{'_fast' if args.fast else ''}.json"
-    write_json(out_path, result)
+        write_json(out_path, result)  # after every length, so the lengths done are kept if a later one is stopped
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), f"wrote {out_path}")
 
 
