@@ -34,9 +34,21 @@ import torch
 import torch.distributed as dist
 from _results import write_json
 
-RECIPE = "kl_r32_overlap64_8k"
+DEFAULT_RECIPE = "kl_r32_overlap64_8k"
 PROTOCOLS = {"8k": (8192, 4096), "2k": (2048, 1024)}  # name -> (seq_len, positions) of the held-out slices
 CALIBRATION_STEPS = 3  # timed steps (the first one warms up) before the step count is fixed
+RECALL_WINDOWS = (1, 8)  # condensed windows before the tail in the recall protocol's rows (recipes with recall samples)
+RECALL_PER_BOOK = 10  # recall samples per held-out book and window count (recall_protocol.py's default)
+
+
+def gpu_recipes() -> list[str]:
+    """The recipes of ``training_ablations.py`` this script trains: those that start from the shipped adapter and
+    need nothing beyond :class:`~beacon_llm.training.FitTrainConfig` (no parent run, gates, distance weights or
+    placement)."""
+    from training_ablations import RECIPES
+
+    return [name for name, spec in RECIPES.items()
+            if spec["init"] == "shipped" and not {"continues", "gates", "distant", "pos"} & set(spec)]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -59,7 +71,7 @@ def _load(args: argparse.Namespace, device: str):
         bm = tiny_beacon_model(cfg, max_position_embeddings=512)
         bm.model.to(device)
         return bm
-    return beacon_llm.load(beacon_ratio_mix="fit-0", beacon_fit_overlap=int(RECIPES[RECIPE]["overlap"]),
+    return beacon_llm.load(beacon_ratio_mix="fit-0", beacon_fit_overlap=int(RECIPES[args.recipe]["overlap"]),
                            shared=False, dtype="float32", device=device)  # fmt: skip
 
 
@@ -76,6 +88,13 @@ def _texts(args: argparse.Namespace) -> list[str]:
 def _protocol(args: argparse.Namespace, name: str) -> tuple[int, int, int]:
     """(seq_len, positions, ratio) of a held-out protocol (the tiny model's when ``--fast``)."""
     return (128, 64, 4) if args.fast else (*PROTOCOLS[name], 32)
+
+
+def _train_shape(args: argparse.Namespace, spec: dict) -> tuple[int, int, tuple[int, ...]]:
+    """(seq_len, positions, ratios) the recipe trains with (the tiny model's when ``--fast``)."""
+    if args.fast:
+        return 128, 64, (4,)
+    return (*spec.get("protocol", (2048, 1024)), tuple(spec["ratios"]))
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace, port: int, work: str) -> None:
@@ -116,14 +135,14 @@ def _averaging(world: int, deadline: float | None, rank: int):
 
 
 def _train_and_score(rank: int, world: int, args: argparse.Namespace, device: str, work: Path) -> None:
-    from training_ablations import RECIPES
+    from training_ablations import RECIPES, recall_train_config
 
     from beacon_llm.distill import TeacherStore
     from beacon_llm.layers import is_beacon_parameter
     from beacon_llm.tasks import SampleStream
     from beacon_llm.training import FitTrainConfig, train_fit
 
-    spec = RECIPES[RECIPE]
+    spec = RECIPES[args.recipe]
     t_start = time.monotonic()
     bm = _load(args, device)
     for name, p in bm.model.named_parameters():  # every process starts from rank 0's beacons (equal when loaded)
@@ -132,18 +151,19 @@ def _train_and_score(rank: int, world: int, args: argparse.Namespace, device: st
         data = p.data.cpu()
         dist.broadcast(data, 0)
         p.data.copy_(data.to(p.device))
-    seq_len, positions, _ = _protocol(args, "8k")
-    teacher = TeacherStore(bm.model, work / "teacher", k=32)
+    seq_len, positions, ratios = _train_shape(args, spec)
+    teacher = TeacherStore(bm.model, work / "teacher", k=32)  # the scoring's; the training's too when it has KL
     stream = SampleStream(_texts(args), bm.tokenizer, seq_len, seed=1000 + rank)  # each process its own slices
     run_dir = work / f"rank{rank}"
     budget = 60.0 * args.minutes
-    ratios = (_protocol(args, "8k")[2],) if args.fast else tuple(spec["ratios"])
     base = dict(seq_len=seq_len, positions=positions, ratios=ratios, grad_accum=args.grad_accum,
+                **recall_train_config(spec, args.fast),
                 lr=args.lr, kl_weight=spec["kl"], ce_weight=spec["ce"], autocast_bf16=device != "cpu" or args.bf16,
                 warmup_steps=args.warmup, save_every=10**9, seed=rank)  # fmt: skip
     # a few timed steps fix how many fit in the budget (they train too, with their own short warmup)
-    calib = train_fit(bm, stream, FitTrainConfig(output_dir=str(run_dir), steps=CALIBRATION_STEPS, **base), teacher,
-                      grad_sync=_averaging(world, None, rank))  # fmt: skip
+    trainer_teacher = teacher if spec["kl"] > 0 else None
+    calib = train_fit(bm, stream, FitTrainConfig(output_dir=str(run_dir), steps=CALIBRATION_STEPS, **base),
+                      trainer_teacher, grad_sync=_averaging(world, None, rank))  # fmt: skip
     timed = calib.history[1:] or calib.history  # the first step warms up (kernels, allocator)
     step_tokens = [h2["tokens"] - h1["tokens"] for h1, h2 in zip([{"tokens": 0}, *calib.history], calib.history)]
     step_s = torch.tensor([sum(n / h["tok_per_s"] for n, h in zip(step_tokens[-len(timed) :], timed)) / len(timed)])
@@ -153,7 +173,7 @@ def _train_and_score(rank: int, world: int, args: argparse.Namespace, device: st
     dist.broadcast(steps_t, 0)  # every process runs rank 0's count (their clocks differ a little)
     steps = int(steps_t)
     deadline = time.monotonic() + left + 60.0  # a hard stop (rank 0's clock), should the steps run slower than timed
-    state = train_fit(bm, stream, FitTrainConfig(output_dir=str(run_dir), steps=steps, **base), teacher,
+    state = train_fit(bm, stream, FitTrainConfig(output_dir=str(run_dir), steps=steps, **base), trainer_teacher,
                       grad_sync=_averaging(world, deadline, rank))  # fmt: skip
     train_s = time.monotonic() - t_start
     tokens = torch.tensor([float(state.tokens)])
@@ -173,7 +193,14 @@ def _train_and_score(rank: int, world: int, args: argparse.Namespace, device: st
 
 def _score_and_write(args, bm, start, teacher, state, run: dict, device: str) -> None:
     """Export the trained adapter to ``--adapter-dir`` and score it, the start and the baselines (rank 0)."""
-    from training_ablations import BASELINES, INIT_TOKENS, baseline_keep, held_out_samples, plain_tail_scores
+    from training_ablations import (
+        BASELINES,
+        INIT_TOKENS,
+        RECIPES,
+        baseline_keep,
+        held_out_samples,
+        plain_tail_scores,
+    )
 
     import beacon_llm
     from beacon_llm.schedule import fit_plan
@@ -196,7 +223,8 @@ def _score_and_write(args, bm, start, teacher, state, run: dict, device: str) ->
     started = INIT_TOKENS["shipped"] if not args.fast else 0
     tokens, train_s, step_s, steps, world = run["tokens"], run["train_s"], run["step_s"], run["steps"], run["world"]
     results: dict = {
-        "recipe": RECIPE, "init": "shipped", "tokens_before": started, "tokens_this_run": int(tokens),
+        "recipe": args.recipe, "init": "shipped", "train_shape": list(_train_shape(args, RECIPES[args.recipe])[:2]),
+        "tokens_before": started, "tokens_this_run": int(tokens),
         "tokens_trained": started + int(tokens), "steps": state.step, "steps_planned": steps, "procs": world,
         "grad_accum": args.grad_accum, "slices_per_step": world * args.grad_accum, "lr": args.lr,
         "replica_spread": run["replica_spread"], "warmup_steps": args.warmup,
@@ -235,11 +263,42 @@ def _score_and_write(args, bm, start, teacher, state, run: dict, device: str) ->
         for row in rows:
             print(json.dumps({"protocol": name, **row}), flush=True)
         write_json(args.out, results)
+    if RECIPES[args.recipe].get("recall"):
+        models = [("shipped adapter (the start)", start), ("trained, float32 as trained", bm),
+                  ("trained, exported (bf16, rank-64 deltas)", exported)]  # fmt: skip
+        results["recall"] = _recall_rows(args, bm, [(label, m) for label, m in models if m is not None])
+        write_json(args.out, results)
     results["score_seconds"] = round(time.monotonic() - t0, 1)
     write_json(args.out, results)
     print(f"wrote {args.out} and {adapter_dir}", flush=True)
     if run["replica_spread"] != 0:  # every process applies the same averaged update: they must stay equal
         raise RuntimeError(f"the data-parallel replicas diverged (spread of their beacon sums {run['replica_spread']})")
+
+
+def _recall_rows(args: argparse.Namespace, bm, models: list[tuple[str, object]]) -> dict:
+    """``recall_protocol.py`` on the GPU: facts planted in the first 1 and 8 windows of held-out Oz and KJV text,
+    condensed at the recipe's largest ratio, 512 raw tokens after them; each model's beacons with the fact and with its
+    digits swapped (beacons that carry the fact do worse swapped), and the plain baselines at the same budget once."""
+    from recall_protocol import BOOKS, recall_samples, score
+    from training_ablations import RECIPES
+
+    import beacon_llm
+
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
+    texts = [book[:20000]] if args.fast else [book, (BOOKS / "kjv_bible_excerpt.txt").read_text()]
+    ratio = 4 if args.fast else int(RECIPES[args.recipe]["ratios"][-1])
+    tail, per_book, windows_list = (16, 2, (2,)) if args.fast else (512, RECALL_PER_BOOK, RECALL_WINDOWS)
+    out: dict = {"ratio": ratio, "tail": tail, "samples_per_book": per_book, "rows": []}
+    for windows in windows_list:
+        samples = recall_samples(bm.tokenizer, bm.config, texts, per_book, windows, tail, ratio, seed=2026)
+        runs = [(label, method, model) for label, model in models for method in ("beacons", "beacons, value swapped")]
+        runs += [(method, method, bm) for method in ("truncation", "tail only", "full attention")]
+        for label, method, model in runs:
+            name = label + (", value swapped" if method == "beacons, value swapped" else "")
+            row = {"reading": name, "windows": windows, **score(method, model, samples, bm.tokenizer)}
+            out["rows"].append(row)
+            print(json.dumps({"protocol": "recall", **row}), flush=True)
+    return out
 
 
 def main() -> None:
@@ -253,12 +312,16 @@ def main() -> None:
     parser.add_argument(
         "--procs", type=int, default=None, help="data-parallel processes sharing the device (default 8; 2 with --fast)"
     )
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, choices=gpu_recipes(),
+                        help=f"a recipe of training_ablations.py that starts from the shipped adapter "
+                             f"(default {DEFAULT_RECIPE}; recall recipes add the recall protocol's rows)")  # fmt: skip
     parser.add_argument("--grad-accum", type=int, default=1, help="slices per process per step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=5, help="warmup steps of the learning rate")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on a GPU)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_train.json"))
+    parser.add_argument("--out", default=None, help="results JSON (default results/gpu_train.json, or "
+                        "results/gpu_train_<recipe>.json for another recipe)")  # fmt: skip
     parser.add_argument(
         "--adapter-dir",
         default=None,
@@ -272,7 +335,11 @@ def main() -> None:
         args.held_out = 1
     args.procs = args.procs if args.procs is not None else (2 if args.fast else 8)
     args.minutes = args.minutes if args.minutes is not None else (0.1 if args.fast else 5.0)
-    out = Path(args.out)
+    results = Path(__file__).parent / "results"
+    out = Path(
+        args.out or results / ("gpu_train.json" if args.recipe == DEFAULT_RECIPE else f"gpu_train_{args.recipe}.json")
+    )
+    args.out = str(out)
     args.adapter_dir = args.adapter_dir or str(out.with_name(out.stem + "_adapter"))
     for name in ("procs", "grad_accum", "warmup", "held_out", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -353,9 +353,7 @@ def main() -> None:
 
             reference = TailReferenceStore(base, runs / "teacher_tail_only", context=1)  # = "tail only (no memory)"
         recall = spec.get("recall", {})
-        recall_cfg = {"recall_rate": recall["rate"], "recall_windows": recall["windows"],
-                      "recall_tail": min(recall["tail"], 32 if args.fast else 1 << 30)} if recall else {}  # fmt: skip
-        cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps, **recall_cfg,
+        cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps, **recall_train_config(spec, args.fast),
                              seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
                              grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
                              distant_weight=distant, autocast_bf16=args.bf16, save_every=5,
@@ -399,6 +397,16 @@ def main() -> None:
     data["rows"] = [r for r in data["rows"] if r["recipe"] not in {x["recipe"] for x in rows}] + rows
     write_json(out_path, data)
     print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
+
+
+def recall_train_config(spec: dict, fast: bool) -> dict:
+    """The :class:`~beacon_llm.training.FitTrainConfig` fields of a recipe's recall samples (none without them; a tiny
+    model's tail is at most 32 tokens)."""
+    recall = spec.get("recall")
+    if not recall:
+        return {}
+    return {"recall_rate": recall["rate"], "recall_windows": recall["windows"],
+            "recall_tail": min(recall["tail"], 32 if fast else 1 << 30)}  # fmt: skip
 
 
 def fresh_beacons(args, shipped, fresh, pos: str | None):

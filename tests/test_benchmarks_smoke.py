@@ -118,3 +118,23 @@ def test_swap_value_changes_every_digit_of_the_planted_fact_and_keeps_the_labels
     assert swapped.input_ids[upto:] == sample.input_ids[upto:] and swapped.labels == sample.labels
     with pytest.raises(ValueError, match="is not in the first 5 tokens"):
         protocol.swap_value(sample, tok, 5)
+
+
+def test_gpu_train_takes_the_recipes_that_start_from_the_shipped_adapter(monkeypatch):
+    names = _benchmark_module("gpu_train", monkeypatch).gpu_recipes()
+    assert {"kl_r32_overlap64_8k", "recall_kl_r32_overlap64", "recall_only_r4_overlap64"} <= set(names)
+    # a parent run, gates, another start or another placement need training_ablations.py itself
+    assert not {"kl_r32_overlap64_8k_long", "gates_r32_overlap64_8k", "kl_r32_fresh", "ce_r32"} & set(names)
+
+
+def test_gpu_train_recall_recipe_adds_the_recall_protocol(tmp_path):
+    out = tmp_path / "recall.json"
+    cmd = ["benchmarks/gpu_train.py", "--fast", "--threads", "1", "--recipe", "recall_kl_r32_overlap64", "--out"]
+    proc = subprocess.run([sys.executable, *cmd, str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["recipe"] == "recall_kl_r32_overlap64" and data["tokens_this_run"] > 0
+    readings = {row["reading"] for row in data["recall"]["rows"]}
+    assert {"shipped adapter (the start)", "trained, float32 as trained", "trained, float32 as trained, value swapped",
+            "truncation", "tail only", "full attention"} <= readings  # fmt: skip
+    assert (tmp_path / "recall_adapter" / "beacon_model.safetensors").is_file()
