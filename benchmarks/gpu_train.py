@@ -37,8 +37,6 @@ from _results import write_json
 DEFAULT_RECIPE = "kl_r32_overlap64_8k"
 PROTOCOLS = {"8k": (8192, 4096), "2k": (2048, 1024)}  # name -> (seq_len, positions) of the held-out slices
 CALIBRATION_STEPS = 3  # timed steps (the first one warms up) before the step count is fixed
-RECALL_WINDOWS = (1, 8)  # condensed windows before the tail in the recall protocol's rows (recipes with recall samples)
-RECALL_PER_BOOK = 10  # recall samples per held-out book and window count (recall_protocol.py's default)
 
 
 def gpu_recipes() -> list[str]:
@@ -279,15 +277,13 @@ def _recall_rows(args: argparse.Namespace, bm, models: list[tuple[str, object]])
     """``recall_protocol.py`` on the GPU: facts planted in the first 1 and 8 windows of held-out Oz and KJV text,
     condensed at the recipe's largest ratio, 512 raw tokens after them; each model's beacons with the fact and with its
     digits swapped (beacons that carry the fact do worse swapped), and the plain baselines at the same budget once."""
-    from recall_protocol import BOOKS, recall_samples, score
+    from recall_protocol import FAST, PER_BOOK, TAIL, WINDOWS, held_out_texts, recall_samples, score
     from training_ablations import RECIPES
 
-    import beacon_llm
-
-    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
-    texts = [book[:20000]] if args.fast else [book, (BOOKS / "kjv_bible_excerpt.txt").read_text()]
-    ratio = 4 if args.fast else int(RECIPES[args.recipe]["ratios"][-1])
-    tail, per_book, windows_list = (16, 2, (2,)) if args.fast else (512, RECALL_PER_BOOK, RECALL_WINDOWS)
+    texts = held_out_texts(args.fast)
+    ratio = _train_shape(args, RECIPES[args.recipe])[2][-1]
+    tail, per_book, windows_list = (FAST["tail"], FAST["per_book"], FAST["windows"]) if args.fast else (
+        TAIL, PER_BOOK, WINDOWS)  # fmt: skip
     out: dict = {"ratio": ratio, "tail": tail, "samples_per_book": per_book, "rows": []}
     for windows in windows_list:
         samples = recall_samples(bm.tokenizer, bm.config, texts, per_book, windows, tail, ratio, seed=2026)

@@ -36,6 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BOOKS = ROOT / "benchmarks" / "data" / "books"
 METHODS = ("beacons", "beacons, value swapped", "truncation", "tail only", "full attention")
+WINDOWS, TAIL, PER_BOOK = (1, 8), 512, 10  # the protocol: condensed windows, raw tokens after them, samples per book
+FAST = {"windows": (2,), "tail": 16, "per_book": 2, "ratio": 4}  # the tiny model's (smoke runs)
+
+
+def held_out_texts(fast: bool) -> list[str]:
+    """The protocol's held-out books: the bundled Oz and the KJV excerpt (a part of Oz for the tiny model)."""
+    import beacon_llm
+
+    book = beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)
+    return [book[:20000]] if fast else [book, (BOOKS / "kjv_bible_excerpt.txt").read_text()]
 
 
 def recall_samples(
@@ -122,9 +132,11 @@ def score(method: str, bm, samples, tok) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true")
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, 8], help="condensed windows before the tail")
-    parser.add_argument("--tail", type=int, default=512, help="raw tokens between the condensed part and the question")
-    parser.add_argument("--n", type=int, default=10, help="samples per book and window count")
+    parser.add_argument(
+        "--windows", type=int, nargs="+", default=list(WINDOWS), help="condensed windows before the tail"
+    )
+    parser.add_argument("--tail", type=int, default=TAIL, help="raw tokens between the condensed part and the question")
+    parser.add_argument("--n", type=int, default=PER_BOOK, help="samples per book and window count")
     parser.add_argument("--ratio", type=int, default=32)
     parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
     parser.add_argument("--label", default=None, help="row name of the beacons (default: the adapter folder)")
@@ -148,14 +160,14 @@ def main() -> None:
         cfg = beacon_llm.BeaconConfig(window=64, ratios=(4,), ratio_mix="fit-0", fit_overlap=64)
         bm = tiny_beacon_model(cfg, max_position_embeddings=1024)
         tok = tiny_tokenizer()
-        texts = [beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)[:20000]]
-        args.windows, args.tail, args.n, args.ratio, args.positive_control = [2], 16, 2, 4, True
+        args.windows, args.tail, args.n = list(FAST["windows"]), FAST["tail"], FAST["per_book"]
+        args.ratio, args.positive_control = FAST["ratio"], True
         label = "tiny"
     else:
         bm = beacon_llm.load(adapter=args.adapter, dtype="float32", shared=False, beacon_ratio_mix="fit-0")
         tok = bm.tokenizer
-        texts = [beacon_llm.read_document(beacon_llm.BUNDLED_BOOK), (BOOKS / "kjv_bible_excerpt.txt").read_text()]
         label = args.label or (Path(args.adapter).name if args.adapter else "shipped adapter")
+    texts = held_out_texts(args.fast)
     out_path = Path(args.out) if args.out else RESULTS / f"recall_protocol{'_fast' if args.fast else ''}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() and not args.fast else {"rows": []}
     data["protocol"] = {"tail": args.tail, "samples_per_book": args.n,
