@@ -144,6 +144,41 @@ def make_condensed_recall(
     return Sample(ids, labels, kind), windows
 
 
+SPAN_TASK = "span"
+CONDENSED_TASKS = (*RECALL_TASKS, SPAN_TASK)  # what a fit-regime training sample can ask of the condensed windows
+
+
+def make_condensed_spans(
+    filler_ids: Sequence[int], *, window: int, windows: int, tail: int, keep_raw: int, rng: np.random.Generator,
+    raw_head: int = 0, pairs: int = 4, cue: int = 16, span: int = 32,
+) -> tuple[Sample, int]:  # fmt: skip
+    """Verbatim recall of the condensed text: ``windows`` windows of ``filler_ids`` to condense (more when the pairs
+    need them; the count is returned with the sample), ``tail`` raw tokens after them, then ``pairs`` times a cue
+    (``cue`` tokens copied from the condensed part) and the ``span`` tokens that follow it there; only the spans are
+    labelled. Every span lies where only the beacons hold it (after the first ``raw_head``, before the last
+    ``keep_raw`` read again raw), the pairs do not overlap and come in a random order. A pass key asked for as "The
+    pass key is" is such a cue and span; these give the condensed windows ``pairs * span`` labelled tokens instead of
+    a value's five (the autoencoding objective of compression work, asked the way a model reads: continue the quoted
+    text)."""
+    if pairs < 1 or cue < 1 or span < 1:
+        raise ValueError(f"pairs={pairs}, cue={cue} and span={span} must be >= 1")
+    piece = cue + span
+    windows = max(windows, -(-(raw_head + pairs * piece + keep_raw) // window))  # the fewest that hold the pairs
+    room = windows * window - keep_raw - raw_head  # where only the beacons hold the text
+    total = windows * window + tail
+    if len(filler_ids) < total:
+        raise ValueError(f"filler text has {len(filler_ids)} tokens, {total} are needed")
+    start = int(rng.integers(0, len(filler_ids) - total + 1))
+    body = list(filler_ids[start : start + total])
+    cuts = np.sort(rng.integers(0, room - pairs * piece + 1, pairs))  # the free tokens, spread over the gaps
+    starts = [raw_head + int(c) + k * piece for k, c in enumerate(cuts)]  # non-overlapping, in text order
+    ids, labels = list(body), [IGNORE] * len(body)
+    for s in rng.permutation(starts):
+        ids += body[s : s + piece]
+        labels += [IGNORE] * cue + body[s + cue : s + piece]
+    return Sample(ids, labels, SPAN_TASK), windows
+
+
 class SampleStream:
     """Endless, seeded samples: text slices of ``seq_len`` tokens (LM loss on every token) mixed with generated
     tasks at ``task_rate``. Its whole state is the numpy generator, so training resumes exactly."""

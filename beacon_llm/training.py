@@ -30,7 +30,16 @@ from torch import nn
 from .layers import GATE_NAME, clamp_memory_gates_, is_beacon_parameter
 from .model import BeaconModel
 from .serialization import load_beacon_weights, save_adapter
-from .tasks import IGNORE, RECALL_TASKS, Sample, SampleStream, make_condensed_recall
+from .tasks import (
+    CONDENSED_TASKS,
+    IGNORE,
+    RECALL_TASKS,
+    SPAN_TASK,
+    Sample,
+    SampleStream,
+    make_condensed_recall,
+    make_condensed_spans,
+)
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -271,6 +280,9 @@ class FitTrainConfig:
     ``recall_rate`` (0..1) of the samples are facts to carry instead (:func:`beacon_llm.tasks.make_condensed_recall`):
     a pass key or needle planted in 1..``recall_windows`` condensed windows of training text, up to ``recall_tail``
     raw tokens after them, then the question; the loss is ``recall_weight`` x cross-entropy of the asked value.
+    ``"span"`` in ``recall_tasks`` asks for the condensed text itself instead (:func:`beacon_llm.tasks.
+    make_condensed_spans`): ``span_pairs`` cues of ``span_cue`` tokens, each followed by the ``span_tokens`` it
+    precedes in the condensed windows, all labelled.
     """
 
     output_dir: str
@@ -296,6 +308,9 @@ class FitTrainConfig:
     recall_tail: int = 1024
     recall_weight: float = 1.0
     recall_tasks: tuple[str, ...] = RECALL_TASKS
+    span_pairs: int = 4
+    span_cue: int = 16
+    span_tokens: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recall_rate <= 1.0:  # also rejects NaN
@@ -306,12 +321,13 @@ class FitTrainConfig:
                     f"recall_windows={self.recall_windows} must be >= 1, recall_tail={self.recall_tail} >= 0 and "
                     f"recall_weight={self.recall_weight} > 0"
                 )
-            unknown = set(self.recall_tasks) - set(RECALL_TASKS)
+            unknown = set(self.recall_tasks) - set(CONDENSED_TASKS)
             if not self.recall_tasks or unknown:
-                raise ValueError(f"recall_tasks={self.recall_tasks} must be a non-empty subset of {RECALL_TASKS}")
+                raise ValueError(f"recall_tasks={self.recall_tasks} must be a non-empty subset of {CONDENSED_TASKS}")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise ValueError(f"gate_lr={self.gate_lr} must be > 0 (or None: the gates train at lr)")
-        for name in ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk"):
+        for name in ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk", "span_pairs", "span_cue",
+                     "span_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.positions >= self.seq_len:
@@ -393,8 +409,9 @@ def recall_loss(bm: BeaconModel, sample: Sample, plan: Any) -> tuple[torch.Tenso
     logits = bm.model.lm_head(out.hidden[[i - 1 for i in at]]).float()  # (A, V): the states that predict the value
     target = torch.tensor([labels[i] for i in at], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits, target)
-    exact = float(bool((logits.detach().argmax(-1) == target).all()))
-    return nll, {"nll": float(nll.detach()), "exact": exact, "tokens": float(len(at))}
+    hits = logits.detach().argmax(-1) == target  # (A,)
+    return nll, {"nll": float(nll.detach()), "exact": float(bool(hits.all())), "token_acc": float(hits.float().mean()),
+                 "tokens": float(len(at))}  # fmt: skip
 
 
 def draw_recall_sample(
@@ -412,9 +429,15 @@ def draw_recall_sample(
     tail = int(rng.integers(0, cfg.recall_tail + 1))
     kind = cfg.recall_tasks[int(rng.integers(len(cfg.recall_tasks)))]
     filler = stream.token_texts[int(rng.integers(len(stream.token_texts)))]
-    sample, windows = make_condensed_recall(kind, filler, stream.tokenizer, window=config.window, windows=windows,
-                                            tail=tail, keep_raw=config.fit_overlap, raw_head=config.sink_size,
-                                            rng=rng)  # fmt: skip
+    if kind == SPAN_TASK:
+        sample, windows = make_condensed_spans(filler, window=config.window, windows=windows, tail=tail,
+                                               keep_raw=config.fit_overlap, raw_head=config.sink_size, rng=rng,
+                                               pairs=cfg.span_pairs, cue=cfg.span_cue,
+                                               span=cfg.span_tokens)  # fmt: skip
+    else:
+        sample, windows = make_condensed_recall(kind, filler, stream.tokenizer, window=config.window,
+                                                windows=windows, tail=tail, keep_raw=config.fit_overlap,
+                                                raw_head=config.sink_size, rng=rng)  # fmt: skip
     ratio = cfg.ratios[int(rng.integers(len(cfg.ratios)))]
     return sample, condensing_plan(config, len(sample.input_ids), windows, ratio)
 
@@ -501,6 +524,7 @@ def train_fit(
                     record["loss"] += cfg.recall_weight * float(loss.detach()) / cfg.grad_accum
                     record["recall_nll"] = record.get("recall_nll", 0.0) + parts["nll"]
                     record["recall_exact"] = record.get("recall_exact", 0.0) + parts["exact"]
+                    record["recall_token_acc"] = record.get("recall_token_acc", 0.0) + parts["token_acc"]
                     record["recall_samples"] = record.get("recall_samples", 0.0) + 1
                     n_tok += len(recall.input_ids)
                     state.samples += 1
@@ -530,7 +554,7 @@ def train_fit(
             for key in ("nll", "kl"):  # means over the step's text samples
                 record[key] /= max(n_text, 1)
             if "recall_samples" in record:  # means over its recall samples
-                for key in ("recall_nll", "recall_exact"):
+                for key in ("recall_nll", "recall_exact", "recall_token_acc"):
                     record[key] /= record["recall_samples"]
             stop = bool(grad_sync(params)) if grad_sync is not None else False
             if cfg.max_grad_norm:

@@ -51,7 +51,8 @@ INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS,
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
 # [, gates: memory gates added at "init" and trained at "lr", "only" = the rest of the adapter frozen]
 # [, recall: the share of samples that are facts planted in the condensed windows ("rate"), up to "windows" condensed
-# windows and "tail" raw tokens before the question: FitTrainConfig's recall_*][, pos: the placement of fresh beacons,
+# windows and "tail" raw tokens before the question, "tasks" what they ask (default: pass key and needle; "span" the
+# condensed text itself): FitTrainConfig's recall_*][, pos: the placement of fresh beacons,
 # "append" or the shipped "interleave"])
 _LONG_READ = {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "overlap": 64,
               "protocol": (8192, 4096)}  # fmt: skip
@@ -138,6 +139,17 @@ RECIPES: dict[str, dict] = {
         "lr": 3e-4,
         "overlap": 64,
         "recall": {"rate": 1.0, "windows": 2, "tail": 512},
+    },
+    # the same question with dense labels: the condensed text itself, asked for by 4 quoted cues of 16 tokens, each
+    # followed by the 32 tokens it precedes there (tasks.make_condensed_spans), one window at ratio 4
+    "span_only_r4_overlap64": {
+        "init": "shipped",
+        "ratios": (4,),
+        "kl": 0.0,
+        "ce": 0.0,
+        "lr": 3e-4,
+        "overlap": 64,
+        "recall": {"rate": 1.0, "windows": 1, "tail": 64, "tasks": ("span",)},
     },
 }
 
@@ -378,7 +390,9 @@ def main() -> None:
                 "last_kl": own[-1]["kl"]} if own else {}),
             **({"gates": {**gates, **gate_summary(bm)}} if gates else {}),
             **({"recall": recall, "recall_nll_first": _recall_mean(own[:10], "recall_nll"),
-                "recall_nll_last": _recall_mean(own[-10:], "recall_nll")} if recall and own else {}),
+                "recall_nll_last": _recall_mean(own[-10:], "recall_nll"),
+                "recall_token_acc_first": _recall_mean(own[:10], "recall_token_acc"),
+                "recall_token_acc_last": _recall_mean(own[-10:], "recall_token_acc")} if recall and own else {}),
             **{k: round(v, 4) for k, v in scores.items()},
         })  # fmt: skip
     for row in rows:
@@ -406,7 +420,8 @@ def recall_train_config(spec: dict, fast: bool) -> dict:
     if not recall:
         return {}
     return {"recall_rate": recall["rate"], "recall_windows": recall["windows"],
-            "recall_tail": min(recall["tail"], 32 if fast else 1 << 30)}  # fmt: skip
+            "recall_tail": min(recall["tail"], 32 if fast else 1 << 30),
+            **({"recall_tasks": tuple(recall["tasks"])} if "tasks" in recall else {})}  # fmt: skip
 
 
 def fresh_beacons(args, shipped, fresh, pos: str | None):
