@@ -326,8 +326,8 @@ class FitTrainConfig:
                 raise ValueError(f"recall_tasks={self.recall_tasks} must be a non-empty subset of {CONDENSED_TASKS}")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise ValueError(f"gate_lr={self.gate_lr} must be > 0 (or None: the gates train at lr)")
-        for name in ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk", "span_pairs", "span_cue",
-                     "span_tokens"):
+        positive = ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk", "span_pairs", "span_cue")
+        for name in (*positive, "span_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.positions >= self.seq_len:

@@ -13,9 +13,14 @@ mod 10) and is scored on the original value: beacons that carry the fact score w
 beacons that only learned what answers look like score the same as with the fact. ``--positive-control`` adds both
 with the fact in the overlap (the last condensed tokens, read again raw): what the scores look like when the cache
 does hold the fact.
+``--spans`` asks for the condensed text itself instead (the training task ``span``: 4 cues of 16 tokens quoted from
+the condensed part, each followed by the 32 tokens after it there, scored teacher-forced; ``token_acc`` is the share
+of those tokens that are the argmax): ``tail only`` is then what the model guesses without the memory, ``full
+attention`` what copying from the raw text gives.
 
     python benchmarks/recall_protocol.py                                  # shipped adapter, 1 and 8 windows
     python benchmarks/recall_protocol.py --adapter runs/ablations/X/final --label X --methods beacons
+    python benchmarks/recall_protocol.py --spans --ratio 4 --windows 1 --tail 64   # the condensed text itself
     python benchmarks/recall_protocol.py --fast                           # tiny model (CI smoke run)
 """
 
@@ -50,23 +55,31 @@ def held_out_texts(fast: bool) -> list[str]:
 
 def recall_samples(
     tok, config, texts: list[str], n_per_book: int, windows: int, tail: int, ratio: int, seed: int,
-    in_overlap: bool = False,
+    in_overlap: bool = False, spans: bool = False,
 ):  # fmt: skip
     """Held-out (sample, plan) pairs: pass keys and needles alternating, ``n_per_book`` per text. ``in_overlap``: the
-    fact in the last ``fit_overlap`` condensed tokens instead, which are read again raw after the beacons."""
+    fact in the last ``fit_overlap`` condensed tokens instead, which are read again raw after the beacons. ``spans``:
+    the condensed text itself asked for instead (:func:`beacon_llm.tasks.make_condensed_spans`, the training task's
+    default sizes)."""
     from beacon_llm.schedule import condensing_plan
-    from beacon_llm.tasks import RECALL_TASKS, make_condensed_recall
+    from beacon_llm.tasks import RECALL_TASKS, make_condensed_recall, make_condensed_spans
 
+    if spans and in_overlap:
+        raise ValueError("the span task asks for text outside the overlap; in_overlap applies to facts only")
     rng = np.random.default_rng([seed, windows, tail])
     head = windows * config.window - config.fit_overlap if in_overlap else config.sink_size
     out = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for i in range(n_per_book):
-            sample, used = make_condensed_recall(RECALL_TASKS[i % len(RECALL_TASKS)], ids, tok, window=config.window,
-                                                 windows=windows, tail=tail,
-                                                 keep_raw=0 if in_overlap else config.fit_overlap, raw_head=head,
-                                                 rng=rng)  # fmt: skip
+            if spans:
+                sample, used = make_condensed_spans(ids, window=config.window, windows=windows, tail=tail,
+                                                    keep_raw=config.fit_overlap, raw_head=head, rng=rng)  # fmt: skip
+            else:
+                sample, used = make_condensed_recall(RECALL_TASKS[i % len(RECALL_TASKS)], ids, tok,
+                                                     window=config.window, windows=windows, tail=tail,
+                                                     keep_raw=0 if in_overlap else config.fit_overlap, raw_head=head,
+                                                     rng=rng)  # fmt: skip
             if in_overlap and used != windows:
                 raise ValueError(f"the fact is longer than the overlap ({config.fit_overlap} tokens)")
             out.append((sample, condensing_plan(config, len(sample.input_ids), used, ratio)))
@@ -101,14 +114,15 @@ def plain_value_scores(model, sample, cut: int) -> dict[str, float]:
     picked = logits[[i - 1 - cut for i in at]]  # (A, V)
     target = torch.tensor([sample.labels[i] for i in at])
     nll = float(torch.nn.functional.cross_entropy(picked, target))
-    return {"nll": nll, "exact": float(bool((picked.argmax(-1) == target).all()))}
+    hits = picked.argmax(-1) == target  # (A,)
+    return {"nll": nll, "exact": float(bool(hits.all())), "token_acc": float(hits.float().mean())}
 
 
 def score(method: str, bm, samples, tok) -> dict:
     """Mean value NLL, exact count and the KV entries before the tail, over ``samples``, for one method."""
     from beacon_llm.training import recall_loss
 
-    nll, exact, entries = [], 0, []
+    nll, exact, acc, entries = [], 0, [], []
     used = float(np.mean([plan.condensed_windows for _, plan in samples]))
     for sample, plan in samples:
         budget = plan.entries(plan.raw_from)  # the beacon cache's entries once the condensed windows close
@@ -123,9 +137,11 @@ def score(method: str, bm, samples, tok) -> dict:
             budget = plan.raw_from - cut
         nll.append(parts["nll"])
         exact += int(parts["exact"])
+        acc.append(parts["token_acc"])
         entries.append(budget)
     return {"value_nll": round(float(np.mean(nll)), 4), "exact": exact, "samples": len(samples),
-            "exact_share": round(exact / len(samples), 4), "kv_entries_before_tail": int(np.mean(entries)),
+            "exact_share": round(exact / len(samples), 4), "token_acc": round(float(np.mean(acc)), 4),
+            "kv_entries_before_tail": int(np.mean(entries)),
             "condensed_windows": used}  # fmt: skip
 
 
@@ -140,7 +156,12 @@ def main() -> None:
     parser.add_argument("--ratio", type=int, default=32)
     parser.add_argument("--adapter", default=None, help="beacon adapter folder (default: the shipped one)")
     parser.add_argument("--label", default=None, help="row name of the beacons (default: the adapter folder)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="default: all that apply")
+    parser.add_argument(
+        "--spans", action="store_true",
+        help="ask for the condensed text itself (4 quoted cues, the 32 tokens after each) instead of a fact; writes "
+        "recall_protocol_spans.json",
+    )  # fmt: skip
     parser.add_argument(
         "--positive-control",
         action="store_true",
@@ -150,6 +171,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.spans and (args.positive_control or "beacons, value swapped" in (args.methods or ())):
+        parser.error("--spans asks for text, not a value: no value-swapped reading and no --positive-control")
+    args.methods = args.methods or [m for m in METHODS if not (args.spans and m == "beacons, value swapped")]
     torch.set_num_threads(args.threads)
 
     import beacon_llm
@@ -161,22 +185,25 @@ def main() -> None:
         bm = tiny_beacon_model(cfg, max_position_embeddings=1024)
         tok = tiny_tokenizer()
         args.windows, args.tail, args.n = list(FAST["windows"]), FAST["tail"], FAST["per_book"]
-        args.ratio, args.positive_control = FAST["ratio"], True
+        args.ratio, args.positive_control = FAST["ratio"], not args.spans
         label = "tiny"
     else:
         bm = beacon_llm.load(adapter=args.adapter, dtype="float32", shared=False, beacon_ratio_mix="fit-0")
         tok = bm.tokenizer
         label = args.label or (Path(args.adapter).name if args.adapter else "shipped adapter")
     texts = held_out_texts(args.fast)
-    out_path = Path(args.out) if args.out else RESULTS / f"recall_protocol{'_fast' if args.fast else ''}.json"
+    name = "recall_protocol" + ("_spans" if args.spans else "") + ("_fast" if args.fast else "")
+    out_path = Path(args.out) if args.out else RESULTS / f"{name}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() and not args.fast else {"rows": []}
-    data["protocol"] = {"tail": args.tail, "samples_per_book": args.n,
-                        "books": "Oz (bundled) + KJV excerpt" if not args.fast else "tiny",
-                        "fit_overlap": bm.config.fit_overlap, "tasks": "pass key / needle alternating"}  # fmt: skip
+    tasks = "4 cues of 16 tokens, the next 32 each" if args.spans else "pass key / needle alternating"
+    data["protocol"] = {"samples_per_book": args.n, "books": "Oz (bundled) + KJV excerpt" if not args.fast else "tiny",
+                        "fit_overlap": bm.config.fit_overlap, "tasks": tasks,
+                        "tail": "per row (raw tokens between the condensed part and the question)"}  # fmt: skip
     rows = []
     t0 = time.perf_counter()
     for windows in args.windows:
-        samples = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed)
+        samples = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed,
+                                 spans=args.spans)  # fmt: skip
         for method in args.methods:
             name = method.replace("beacons", f"beacons ({label})") if method.startswith("beacons") else method
             row = {"method": name, "windows": windows, **score(method, bm, samples, tok)}
@@ -192,12 +219,16 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for row in rows:
-        row["ratio"] = args.ratio
-    keys = {(r["method"], r["windows"], r["ratio"]) for r in rows}
+        row["ratio"], row["tail"] = args.ratio, args.tail
+
+    def key(r: dict) -> tuple:
+        return r["method"], r["windows"], r["ratio"], r.get("tail", TAIL)  # rows without one were read with TAIL
+
+    keys = {key(r) for r in rows}
     if out_path.is_file() and not args.fast:  # re-read: another run may have added rows meanwhile
         data["rows"] = json.loads(out_path.read_text())["rows"]
-    data["rows"] = [r for r in data["rows"] if (r["method"], r["windows"], r["ratio"]) not in keys] + rows
-    data["rows"].sort(key=lambda r: (r["ratio"], r["windows"], r["method"]))
+    data["rows"] = [r for r in data["rows"] if key(r) not in keys] + rows
+    data["rows"].sort(key=lambda r: (r["ratio"], r.get("tail", TAIL), r["windows"], r["method"]))
     write_json(out_path, data)
     print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
 

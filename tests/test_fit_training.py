@@ -11,7 +11,7 @@ from beacon_llm import BeaconConfig
 from beacon_llm.distill import TailReferenceStore, TeacherStore, distance_gain, distance_weights, topk_kl
 from beacon_llm.layers import is_beacon_parameter
 from beacon_llm.schedule import condensing_plan, fit_plan
-from beacon_llm.tasks import IGNORE, SampleStream, make_condensed_recall
+from beacon_llm.tasks import IGNORE, SampleStream, make_condensed_recall, make_condensed_spans
 from beacon_llm.testing import tiny_beacon_model, tiny_tokenizer
 from beacon_llm.training import FitTrainConfig, draw_recall_sample, evaluate_fit, recall_loss, tail_loss, train_fit
 
@@ -238,6 +238,73 @@ def test_condensed_recall_plants_the_fact_inside_the_condensed_part_and_labels_o
 
 
 @pytest.mark.parametrize(
+    "windows, keep_raw, raw_head, pairs, cue, span, used",
+    [(1, 0, 0, 2, 4, 8, 1),    # 24 of 32 tokens asked for
+     (1, 8, 4, 2, 4, 8, 2),    # 4 + 24 + 8 > 32: one more window
+     (3, 16, 0, 3, 2, 6, 3),   # room to spare: the windows asked for
+     (2, 8, 8, 5, 4, 8, 3)],   # 8 + 60 + 8 > 64
+)  # fmt: skip
+def test_condensed_spans_ask_for_text_only_the_beacons_hold_and_label_only_the_spans(
+    windows, keep_raw, raw_head, pairs, cue, span, used
+):
+    filler = list(range(1000, 1400))  # every token distinct: a copied piece names where it came from
+    for seed in range(5):
+        sample, got = make_condensed_spans(filler, window=32, windows=windows, tail=10, keep_raw=keep_raw,
+                                           raw_head=raw_head, pairs=pairs, cue=cue, span=span,
+                                           rng=np.random.default_rng(seed))  # fmt: skip
+        assert got == used and sample.kind == "span"
+        body = used * 32 + 10
+        ids, labels = sample.input_ids, sample.labels
+        assert ids[:body] == filler[ids[0] - 1000 : ids[0] - 1000 + body]  # a slice of the text, then the pairs
+        assert labels[:body] == [IGNORE] * body and len(ids) == body + pairs * (cue + span)
+        starts = []
+        for k in range(pairs):
+            piece = ids[body + k * (cue + span) : body + (k + 1) * (cue + span)]
+            at = ids.index(piece[0])
+            assert ids[at : at + cue + span] == piece  # cue and span as the condensed text has them
+            assert raw_head <= at and at + cue + span <= used * 32 - keep_raw  # outside sink and overlap
+            assert labels[body + k * (cue + span) :][: cue + span] == [IGNORE] * cue + piece[cue:]
+            starts.append(at)
+        starts.sort()
+        assert all(b - a >= cue + span for a, b in zip(starts, starts[1:]))  # no two pairs overlap
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"pairs": 0}, "pairs=0"), ({"span": 0}, "span=0"), ({"windows": 20}, "filler text has 400 tokens")],
+)
+def test_condensed_spans_reject_impossible_requests(kwargs, message):
+    args = {"window": 32, "windows": 1, "tail": 0, "keep_raw": 0, "rng": np.random.default_rng(0), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        make_condensed_spans(list(range(1000, 1400)), **args)
+
+
+def test_span_training_draws_span_samples_and_lowers_their_loss(tmp_path):
+    """``recall_tasks=("span",)`` draws span samples (labels after the condensed windows) and trains on them."""
+    bm = tiny_beacon_model(CFG, max_position_embeddings=512)
+    tok = tiny_tokenizer()
+    stream = SampleStream([TEXT], tok, 128, seed=1)
+    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=6, seq_len=128, positions=64, ratios=(4,),
+                         grad_accum=2, lr=3e-3, warmup_steps=0, save_every=6, kl_weight=0.0, recall_rate=1.0,
+                         recall_windows=2, recall_tail=8, recall_tasks=("span",), span_pairs=2, span_cue=3,
+                         span_tokens=5)  # fmt: skip
+    held = [draw_recall_sample(replace(cfg, seed=99), bm, stream, i) for i in range(3)]
+    for sample, plan in held:
+        at = [i for i, label in enumerate(sample.labels) if label != IGNORE]
+        assert sample.kind == "span" and len(at) == 10 and at[0] >= plan.raw_from
+        assert plan.condensed_windows * CFG.window >= 2 * 8 + CFG.fit_overlap
+
+    def span_nll() -> float:
+        with torch.no_grad():
+            return sum(recall_loss(bm, s, p)[1]["nll"] for s, p in held) / len(held)
+
+    before = span_nll()
+    state = train_fit(bm, stream, cfg, teacher=None)
+    assert all(0.0 <= h["recall_token_acc"] <= 1.0 and h["recall_samples"] == 2 for h in state.history)
+    assert span_nll() < before
+
+
+@pytest.mark.parametrize(
     "length, windows, ratio",
     [(32, 2, 4), (100, 0, 4), (100, 1, 0)],  # nothing raw left / no window / no ratio
 )
@@ -258,6 +325,8 @@ def test_condensing_plan_condenses_exactly_the_windows_asked_for():
      ({"recall_rate": 0.5, "recall_tail": -1}, "recall_tail=-1"),
      ({"recall_rate": 0.5, "recall_weight": 0.0}, "recall_weight=0.0"),
      ({"recall_rate": 0.5, "recall_tasks": ("kv",)}, "recall_tasks="),
+     ({"recall_rate": 0.5, "recall_tasks": ("span",), "span_pairs": 0}, "span_pairs=0"),
+     ({"recall_rate": 0.5, "span_tokens": 0}, "span_tokens=0"),
      ({"recall_rate": 0.5, "kl_weight": 0.0}, "not both 0")],
 )  # fmt: skip
 def test_fit_config_validates_recall(fields, message):
