@@ -276,24 +276,33 @@ def _score_and_write(args, bm, start, teacher, state, run: dict, device: str) ->
 def _recall_rows(args: argparse.Namespace, bm, models: list[tuple[str, object]]) -> dict:
     """``recall_protocol.py`` on the GPU: facts planted in the first 1 and 8 windows of held-out Oz and KJV text,
     condensed at the recipe's largest ratio, 512 raw tokens after them; each model's beacons with the fact and with its
-    digits swapped (beacons that carry the fact do worse swapped), and the plain baselines at the same budget once."""
+    digits swapped (beacons that carry the fact do worse swapped), and the plain baselines at the same budget once.
+    A recipe that trains on the span task also gets the protocol's ``--spans`` rows (``task``: "span")."""
     from recall_protocol import FAST, PER_BOOK, TAIL, WINDOWS, held_out_texts, recall_samples, score
     from training_ablations import RECIPES
 
+    from beacon_llm.tasks import SPAN_TASK
+
     texts = held_out_texts(args.fast)
-    ratio = _train_shape(args, RECIPES[args.recipe])[2][-1]
+    spec = RECIPES[args.recipe]
+    ratio = _train_shape(args, spec)[2][-1]
     tail, per_book, windows_list = (FAST["tail"], FAST["per_book"], FAST["windows"]) if args.fast else (
         TAIL, PER_BOOK, WINDOWS)  # fmt: skip
+    tasks = ("fact", SPAN_TASK) if SPAN_TASK in spec["recall"].get("tasks", ()) else ("fact",)
     out: dict = {"ratio": ratio, "tail": tail, "samples_per_book": per_book, "rows": []}
-    for windows in windows_list:
-        samples = recall_samples(bm.tokenizer, bm.config, texts, per_book, windows, tail, ratio, seed=2026)
-        runs = [(label, method, model) for label, model in models for method in ("beacons", "beacons, value swapped")]
-        runs += [(method, method, bm) for method in ("truncation", "tail only", "full attention")]
-        for label, method, model in runs:
-            name = label + (", value swapped" if method == "beacons, value swapped" else "")
-            row = {"reading": name, "windows": windows, **score(method, model, samples, bm.tokenizer)}
-            out["rows"].append(row)
-            print(json.dumps({"protocol": "recall", **row}), flush=True)
+    for task in tasks:
+        methods = ("beacons",) if task == SPAN_TASK else ("beacons", "beacons, value swapped")
+        for windows in windows_list:
+            samples = recall_samples(bm.tokenizer, bm.config, texts, per_book, windows, tail, ratio, seed=2026,
+                                     spans=task == SPAN_TASK)  # fmt: skip
+            runs = [(label, method, model) for label, model in models for method in methods]
+            runs += [(method, method, bm) for method in ("truncation", "tail only", "full attention")]
+            for label, method, model in runs:
+                name = label + (", value swapped" if method == "beacons, value swapped" else "")
+                row = {"reading": name, "task": task, "windows": windows,
+                       **score(method, model, samples, bm.tokenizer)}  # fmt: skip
+                out["rows"].append(row)
+                print(json.dumps({"protocol": "recall", **row}), flush=True)
     return out
 
 

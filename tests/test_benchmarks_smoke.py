@@ -127,14 +127,23 @@ def test_gpu_train_takes_the_recipes_that_start_from_the_shipped_adapter(monkeyp
     assert not {"kl_r32_overlap64_8k_long", "gates_r32_overlap64_8k", "kl_r32_fresh", "ce_r32"} & set(names)
 
 
-def test_gpu_train_recall_recipe_adds_the_recall_protocol(tmp_path):
+@pytest.mark.parametrize(
+    ("recipe", "tasks"), [("recall_kl_r32_overlap64", {"fact"}), ("span_only_r4_overlap64", {"fact", "span"})]
+)
+def test_gpu_train_recall_recipe_adds_the_recall_protocol(recipe, tasks, tmp_path):
     out = tmp_path / "recall.json"
-    cmd = ["benchmarks/gpu_train.py", "--fast", "--threads", "1", "--recipe", "recall_kl_r32_overlap64", "--out"]
+    cmd = ["benchmarks/gpu_train.py", "--fast", "--threads", "1", "--recipe", recipe, "--out"]
     proc = subprocess.run([sys.executable, *cmd, str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["recipe"] == "recall_kl_r32_overlap64" and data["tokens_this_run"] > 0
-    readings = {row["reading"] for row in data["recall"]["rows"]}
+    assert data["recipe"] == recipe and data["tokens_this_run"] > 0
+    rows = data["recall"]["rows"]
+    readings = {row["reading"] for row in rows if row["task"] == "fact"}
     assert {"shipped adapter (the start)", "trained, float32 as trained", "trained, float32 as trained, value swapped",
             "truncation", "tail only", "full attention"} <= readings  # fmt: skip
+    assert {row["task"] for row in rows} == tasks
+    if "span" in tasks:  # the condensed text itself: no digits to swap
+        spans = {row["reading"] for row in rows if row["task"] == "span"}
+        assert {"trained, float32 as trained", "tail only", "full attention"} <= spans
+        assert not any("swapped" in name for name in spans)
     assert (tmp_path / "recall_adapter" / "beacon_model.safetensors").is_file()
