@@ -146,11 +146,12 @@ def make_condensed_recall(
 
 SPAN_TASK = "span"
 CONDENSED_TASKS = (*RECALL_TASKS, SPAN_TASK)  # what a fit-regime training sample can ask of the condensed windows
+SPAN_PAIRS, SPAN_CUE, SPAN_TOKENS = 4, 16, 32  # the span task's default shape: pairs of (cue, span) tokens
 
 
 def make_condensed_spans(
     filler_ids: Sequence[int], *, window: int, windows: int, tail: int, keep_raw: int, rng: np.random.Generator,
-    raw_head: int = 0, pairs: int = 4, cue: int = 16, span: int = 32,
+    raw_head: int = 0, pairs: int = SPAN_PAIRS, cue: int = SPAN_CUE, span: int = SPAN_TOKENS,
 ) -> tuple[Sample, int]:  # fmt: skip
     """Verbatim recall of the condensed text: ``windows`` windows of ``filler_ids`` to condense (more when the pairs
     need them; the count is returned with the sample), ``tail`` raw tokens after them, then ``pairs`` times a cue

@@ -34,7 +34,10 @@ from .tasks import (
     CONDENSED_TASKS,
     IGNORE,
     RECALL_TASKS,
+    SPAN_CUE,
+    SPAN_PAIRS,
     SPAN_TASK,
+    SPAN_TOKENS,
     Sample,
     SampleStream,
     make_condensed_recall,
@@ -308,9 +311,9 @@ class FitTrainConfig:
     recall_tail: int = 1024
     recall_weight: float = 1.0
     recall_tasks: tuple[str, ...] = RECALL_TASKS
-    span_pairs: int = 4
-    span_cue: int = 16
-    span_tokens: int = 32
+    span_pairs: int = SPAN_PAIRS
+    span_cue: int = SPAN_CUE
+    span_tokens: int = SPAN_TOKENS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recall_rate <= 1.0:  # also rejects NaN
@@ -326,8 +329,8 @@ class FitTrainConfig:
                 raise ValueError(f"recall_tasks={self.recall_tasks} must be a non-empty subset of {CONDENSED_TASKS}")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise ValueError(f"gate_lr={self.gate_lr} must be > 0 (or None: the gates train at lr)")
-        positive = ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk", "span_pairs", "span_cue")
-        for name in (*positive, "span_tokens"):
+        sizes = ("steps", "seq_len", "positions", "grad_accum", "save_every", "topk")
+        for name in (*sizes, "span_pairs", "span_cue", "span_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.positions >= self.seq_len:

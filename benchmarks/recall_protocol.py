@@ -13,10 +13,11 @@ mod 10) and is scored on the original value: beacons that carry the fact score w
 beacons that only learned what answers look like score the same as with the fact. ``--positive-control`` adds both
 with the fact in the overlap (the last condensed tokens, read again raw): what the scores look like when the cache
 does hold the fact.
-``--spans`` asks for the condensed text itself instead (the training task ``span``: 4 cues of 16 tokens quoted from
-the condensed part, each followed by the 32 tokens after it there, scored teacher-forced; ``token_acc`` is the share
-of those tokens that are the argmax): ``tail only`` is then what the model guesses without the memory, ``full
-attention`` what copying from the raw text gives.
+
+``--spans`` asks for the condensed text itself instead (the training task ``span`` in its default shape: 4 cues of
+16 tokens quoted from the condensed part, each followed by the 32 tokens after it there, scored teacher-forced;
+``token_acc`` is the share of those tokens that are the argmax): ``tail only`` is then what the model guesses
+without the memory, ``full attention`` what copying from the raw text gives.
 
     python benchmarks/recall_protocol.py                                  # shipped adapter, 1 and 8 windows
     python benchmarks/recall_protocol.py --adapter runs/ablations/X/final --label X --methods beacons
@@ -195,7 +196,10 @@ def main() -> None:
     name = "recall_protocol" + ("_spans" if args.spans else "") + ("_fast" if args.fast else "")
     out_path = Path(args.out) if args.out else RESULTS / f"{name}.json"
     data = json.loads(out_path.read_text()) if out_path.is_file() and not args.fast else {"rows": []}
-    tasks = "4 cues of 16 tokens, the next 32 each" if args.spans else "pass key / needle alternating"
+    from beacon_llm.tasks import SPAN_CUE, SPAN_PAIRS, SPAN_TOKENS
+
+    spans = f"{SPAN_PAIRS} cues of {SPAN_CUE} tokens, the next {SPAN_TOKENS} each"
+    tasks = spans if args.spans else "pass key / needle alternating"
     data["protocol"] = {"samples_per_book": args.n, "books": "Oz (bundled) + KJV excerpt" if not args.fast else "tiny",
                         "fit_overlap": bm.config.fit_overlap, "tasks": tasks,
                         "tail": "per row (raw tokens between the condensed part and the question)"}  # fmt: skip
