@@ -17,7 +17,9 @@ does hold the fact.
 ``--spans`` asks for the condensed text itself instead (the training task ``span`` in its default shape: 4 cues of
 16 tokens quoted from the condensed part, each followed by the 32 tokens after it there, scored teacher-forced;
 ``token_acc`` is the share of those tokens that are the argmax): ``tail only`` is then what the model guesses
-without the memory, ``full attention`` what copying from the raw text gives.
+without the memory, ``full attention`` what copying from the raw text gives, and the control ``beacons, other text``
+reads the same cues and spans after beacons of another sample's text (the overlap and tail unchanged): beacons that
+carry the text do worse there, beacons that only learned what a quoted continuation looks like do not.
 
     python benchmarks/recall_protocol.py                                  # shipped adapter, 1 and 8 windows
     python benchmarks/recall_protocol.py --adapter runs/ablations/X/final --label X --methods beacons
@@ -41,7 +43,8 @@ from _results import write_json
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BOOKS = ROOT / "benchmarks" / "data" / "books"
-METHODS = ("beacons", "beacons, value swapped", "truncation", "tail only", "full attention")
+METHODS = ("beacons", "beacons, value swapped", "beacons, other text", "truncation", "tail only", "full attention")
+SPAN_ONLY, FACT_ONLY = "beacons, other text", "beacons, value swapped"  # each task's own control
 WINDOWS, TAIL, PER_BOOK = (1, 8), 512, 10  # the protocol: condensed windows, raw tokens after them, samples per book
 FAST = {"windows": (2,), "tail": 16, "per_book": 2, "ratio": 4}  # the tiny model's (smoke runs)
 
@@ -119,16 +122,31 @@ def plain_value_scores(model, sample, cut: int) -> dict[str, float]:
     return {"nll": nll, "exact": float(bool(hits.all())), "token_acc": float(hits.float().mean())}
 
 
+def other_text(samples, k: int):
+    """Sample ``k`` with the part only its beacons hold (the condensed tokens before the overlap) taken from the next
+    sample instead: the span control (beacons that carry the text do worse on another text's memory)."""
+    sample, plan = samples[k]
+    other, other_plan = samples[(k + 1) % len(samples)]
+    cut = plan.raw_from - plan.overlap
+    if len(samples) < 2 or other_plan.raw_from - other_plan.overlap != cut:
+        raise ValueError("the other-text control needs at least 2 samples with the same condensed length")
+    return replace(sample, input_ids=other.input_ids[:cut] + sample.input_ids[cut:])
+
+
 def score(method: str, bm, samples, tok) -> dict:
     """Mean value NLL, exact count and the KV entries before the tail, over ``samples``, for one method."""
     from beacon_llm.training import recall_loss
 
     nll, exact, acc, entries = [], 0, [], []
     used = float(np.mean([plan.condensed_windows for _, plan in samples]))
-    for sample, plan in samples:
+    for k, (sample, plan) in enumerate(samples):
         budget = plan.entries(plan.raw_from)  # the beacon cache's entries once the condensed windows close
         if method.startswith("beacons"):
-            read = swap_value(sample, tok, plan.raw_from) if method == "beacons, value swapped" else sample
+            read = sample
+            if method == FACT_ONLY:
+                read = swap_value(sample, tok, plan.raw_from)
+            elif method == SPAN_ONLY:
+                read = other_text(samples, k)
             with torch.no_grad():
                 _, parts = recall_loss(bm, read, plan)
         else:
@@ -172,9 +190,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.spans and (args.positive_control or "beacons, value swapped" in (args.methods or ())):
+    if args.spans and (args.positive_control or FACT_ONLY in (args.methods or ())):
         parser.error("--spans asks for text, not a value: no value-swapped reading and no --positive-control")
-    args.methods = args.methods or [m for m in METHODS if not (args.spans and m == "beacons, value swapped")]
+    if not args.spans and SPAN_ONLY in (args.methods or ()):
+        parser.error(f"{SPAN_ONLY!r} is the control of --spans (facts have {FACT_ONLY!r})")
+    args.methods = args.methods or [m for m in METHODS if m != (FACT_ONLY if args.spans else SPAN_ONLY)]
     torch.set_num_threads(args.threads)
 
     import beacon_llm
