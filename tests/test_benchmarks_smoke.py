@@ -147,3 +147,27 @@ def test_gpu_train_recall_recipe_adds_the_recall_protocol(recipe, tasks, tmp_pat
         assert {"trained, float32 as trained", "tail only", "full attention"} <= spans
         assert not any("swapped" in name for name in spans)
     assert (tmp_path / "recall_adapter" / "beacon_model.safetensors").is_file()
+
+
+def test_other_text_control_swaps_only_what_the_beacons_alone_hold(monkeypatch):
+    """recall_protocol.py's span control: the condensed tokens before the overlap come from the next sample."""
+    import numpy as np
+
+    from beacon_llm import BeaconConfig
+    from beacon_llm.schedule import condensing_plan
+    from beacon_llm.tasks import make_condensed_spans
+
+    protocol = _benchmark_module("recall_protocol", monkeypatch)
+    cfg = BeaconConfig(window=32, ratios=(4,), ratio_mix="fit-0", fit_overlap=8)
+    samples = []
+    for seed in range(3):
+        sample, used = make_condensed_spans(list(range(1000, 1400)), window=32, windows=1, tail=5, keep_raw=8,
+                                            pairs=2, cue=3, span=4, rng=np.random.default_rng(seed))  # fmt: skip
+        samples.append((sample, condensing_plan(cfg, len(sample.input_ids), used, 4)))
+    for k, (sample, _) in enumerate(samples):
+        swapped = protocol.other_text(samples, k)
+        nxt = samples[(k + 1) % 3][0]
+        assert swapped.input_ids[:24] == nxt.input_ids[:24] != sample.input_ids[:24]
+        assert swapped.input_ids[24:] == sample.input_ids[24:] and swapped.labels == sample.labels
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        protocol.other_text(samples[:1], 0)
