@@ -43,9 +43,12 @@ FIRST_SITTING_TOKENS = 368_640
 # the shipped adapter + 1,351,680 tokens in the long-read shape (kl_r32_overlap64_8k, then its _long), exported
 LONG_READ = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-long-read-3.5m"
 LONG_READ_TOKENS = 3_481_600
-INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ}
+# the shipped adapter + 147,317 tokens of span samples at ratio 4 (span_only_r4_overlap64, checkpoint 100), exported
+SPAN_R4 = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-r4-2.28m"
+SPAN_R4_TOKENS = 2_277_237
+INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4}
 INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "long_read": LONG_READ_TOKENS,
-               "fresh": 0}  # fmt: skip
+               "span_r4": SPAN_R4_TOKENS, "fresh": 0}  # fmt: skip
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
@@ -152,6 +155,8 @@ RECIPES: dict[str, dict] = {
         "recall": {"rate": 1.0, "windows": 1, "tail": 64, "tasks": ("span",)},
     },
 }
+# the next sitting of the span task from a clone: the same recipe from the committed export of its checkpoint 100
+RECIPES["span_only_r4_overlap64_from_export"] = {**RECIPES["span_only_r4_overlap64"], "init": "span_r4"}
 
 
 def held_out_samples(tok, seq_len: int, n_per_book: int, seed: int) -> list[list[int]]:
