@@ -59,6 +59,7 @@ INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS,
 # "append" or the shipped "interleave"])
 _LONG_READ = {"init": "shipped", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4, "overlap": 64,
               "protocol": (8192, 4096)}  # fmt: skip
+_ONLY_R4 = {"init": "shipped", "ratios": (4,), "kl": 0.0, "ce": 0.0, "lr": 3e-4, "overlap": 64}  # task samples only
 RECIPES: dict[str, dict] = {
     "ce_r32": {"init": "first_sitting", "ratios": (32,), "kl": 0.0, "ce": 1.0, "lr": 1e-4},
     "kl_r32": {"init": "first_sitting", "ratios": (32,), "kl": 1.0, "ce": 0.0, "lr": 1e-4},
@@ -134,26 +135,10 @@ RECIPES: dict[str, dict] = {
         "pos": "append",
     },
     # can beacons carry a fact at all when they condense little? Recall samples only, ratio 4, lr 3e-4
-    "recall_only_r4_overlap64": {
-        "init": "shipped",
-        "ratios": (4,),
-        "kl": 0.0,
-        "ce": 0.0,
-        "lr": 3e-4,
-        "overlap": 64,
-        "recall": {"rate": 1.0, "windows": 2, "tail": 512},
-    },
+    "recall_only_r4_overlap64": {**_ONLY_R4, "recall": {"rate": 1.0, "windows": 2, "tail": 512}},
     # the same question with dense labels: the condensed text itself, asked for by 4 quoted cues of 16 tokens, each
     # followed by the 32 tokens it precedes there (tasks.make_condensed_spans), one window at ratio 4
-    "span_only_r4_overlap64": {
-        "init": "shipped",
-        "ratios": (4,),
-        "kl": 0.0,
-        "ce": 0.0,
-        "lr": 3e-4,
-        "overlap": 64,
-        "recall": {"rate": 1.0, "windows": 1, "tail": 64, "tasks": ("span",)},
-    },
+    "span_only_r4_overlap64": {**_ONLY_R4, "recall": {"rate": 1.0, "windows": 1, "tail": 64, "tasks": ("span",)}},
 }
 # the next sitting of the span task from a clone: the same recipe from the committed export of its checkpoint 100
 RECIPES["span_only_r4_overlap64_from_export"] = {**RECIPES["span_only_r4_overlap64"], "init": "span_r4"}

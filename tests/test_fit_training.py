@@ -281,13 +281,8 @@ def test_condensed_spans_reject_impossible_requests(kwargs, message):
 
 def test_span_training_draws_span_samples_and_lowers_their_loss(tmp_path):
     """``recall_tasks=("span",)`` draws span samples (labels after the condensed windows) and trains on them."""
-    bm = tiny_beacon_model(CFG, max_position_embeddings=512)
-    tok = tiny_tokenizer()
-    stream = SampleStream([TEXT], tok, 128, seed=1)
-    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=6, seq_len=128, positions=64, ratios=(4,),
-                         grad_accum=2, lr=3e-3, warmup_steps=0, save_every=6, kl_weight=0.0, recall_rate=1.0,
-                         recall_windows=2, recall_tail=8, recall_tasks=("span",), span_pairs=2, span_cue=3,
-                         span_tokens=5)  # fmt: skip
+    bm, stream, cfg = _recall_run(tmp_path, steps=6, save_every=6, recall_windows=2, recall_tail=8,
+                                  recall_tasks=("span",), span_pairs=2, span_cue=3, span_tokens=5)  # fmt: skip
     held = [draw_recall_sample(replace(cfg, seed=99), bm, stream, i) for i in range(3)]
     for sample, plan in held:
         at = [i for i, label in enumerate(sample.labels) if label != IGNORE]
@@ -334,13 +329,18 @@ def test_fit_config_validates_recall(fields, message):
         FitTrainConfig(output_dir="x", seq_len=128, positions=64, **fields)
 
 
-def test_recall_training_draws_by_sample_index_lowers_the_value_loss_and_needs_no_teacher(tmp_path):
+def _recall_run(tmp_path, **fields):
+    """A tiny model, its text stream and a recall-only training config (``fields`` override it)."""
     bm = tiny_beacon_model(CFG, max_position_embeddings=512)
-    tok = tiny_tokenizer()
-    stream = SampleStream([TEXT], tok, 128, seed=1)
-    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=8, seq_len=128, positions=64, ratios=(4,),
-                         grad_accum=2, lr=3e-3, warmup_steps=0, save_every=4, kl_weight=0.0, recall_rate=1.0,
-                         recall_windows=3, recall_tail=16)  # fmt: skip
+    stream = SampleStream([TEXT], tiny_tokenizer(), 128, seed=1)
+    cfg = FitTrainConfig(**{"output_dir": str(tmp_path / "run"), "seq_len": 128, "positions": 64, "ratios": (4,),
+                            "grad_accum": 2, "lr": 3e-3, "warmup_steps": 0, "kl_weight": 0.0, "recall_rate": 1.0,
+                            **fields})  # fmt: skip
+    return bm, stream, cfg
+
+
+def test_recall_training_draws_by_sample_index_lowers_the_value_loss_and_needs_no_teacher(tmp_path):
+    bm, stream, cfg = _recall_run(tmp_path, steps=8, save_every=4, recall_windows=3, recall_tail=16)
     first = [draw_recall_sample(cfg, bm, stream, i) for i in range(4)]
     again = [draw_recall_sample(cfg, bm, stream, i) for i in range(4)]
     assert [s.input_ids for s, _ in first] == [s.input_ids for s, _ in again]  # a resumed run draws the same
