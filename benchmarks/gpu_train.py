@@ -277,8 +277,19 @@ def _recall_rows(args: argparse.Namespace, bm, models: list[tuple[str, object]])
     """``recall_protocol.py`` on the GPU: facts planted in the first 1 and 8 windows of held-out Oz and KJV text,
     condensed at the recipe's largest ratio, 512 raw tokens after them; each model's beacons with the fact and with its
     digits swapped (beacons that carry the fact do worse swapped), and the plain baselines at the same budget once.
-    A recipe that trains on the span task also gets the protocol's ``--spans`` rows (``task``: "span")."""
-    from recall_protocol import FAST, PER_BOOK, TAIL, WINDOWS, held_out_texts, recall_samples, score
+    A recipe that trains on the span task also gets the protocol's ``--spans`` rows (``task``: "span"; the control
+    reads another text's beacons)."""
+    from recall_protocol import (
+        FACT_ONLY,
+        FAST,
+        PER_BOOK,
+        SPAN_ONLY,
+        TAIL,
+        WINDOWS,
+        held_out_texts,
+        recall_samples,
+        score,
+    )
     from training_ablations import RECIPES
 
     from beacon_llm.tasks import SPAN_TASK
@@ -291,14 +302,14 @@ def _recall_rows(args: argparse.Namespace, bm, models: list[tuple[str, object]])
     tasks = ("fact", SPAN_TASK) if SPAN_TASK in spec["recall"].get("tasks", ()) else ("fact",)
     out: dict = {"ratio": ratio, "tail": tail, "samples_per_book": per_book, "rows": []}
     for task in tasks:
-        methods = ("beacons",) if task == SPAN_TASK else ("beacons", "beacons, value swapped")
+        methods = ("beacons", SPAN_ONLY if task == SPAN_TASK else FACT_ONLY)  # with the task's own control
         for windows in windows_list:
             samples = recall_samples(bm.tokenizer, bm.config, texts, per_book, windows, tail, ratio, seed=2026,
                                      spans=task == SPAN_TASK)  # fmt: skip
             runs = [(label, method, model) for label, model in models for method in methods]
             runs += [(method, method, bm) for method in ("truncation", "tail only", "full attention")]
             for label, method, model in runs:
-                name = label + (", value swapped" if method == "beacons, value swapped" else "")
+                name = label + method[len("beacons") :] if method.startswith("beacons") else label
                 row = {"reading": name, "task": task, "windows": windows,
                        **score(method, model, samples, bm.tokenizer)}  # fmt: skip
                 out["rows"].append(row)

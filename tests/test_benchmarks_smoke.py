@@ -144,7 +144,8 @@ def test_gpu_train_recall_recipe_adds_the_recall_protocol(recipe, tasks, tmp_pat
     assert {row["task"] for row in rows} == tasks
     if "span" in tasks:  # the condensed text itself: no digits to swap
         spans = {row["reading"] for row in rows if row["task"] == "span"}
-        assert {"trained, float32 as trained", "tail only", "full attention"} <= spans
+        assert {"trained, float32 as trained", "trained, float32 as trained, other text", "tail only",
+                "full attention"} <= spans  # fmt: skip
         assert not any("swapped" in name for name in spans)
     assert (tmp_path / "recall_adapter" / "beacon_model.safetensors").is_file()
 
