@@ -410,11 +410,17 @@ def recall_loss(bm: BeaconModel, sample: Sample, plan: Any) -> tuple[torch.Tenso
     cache.set_fit_plan(plan)
     out = bm.forward(ids, cache, return_token_logprobs=False, return_hidden=True)
     logits = bm.model.lm_head(out.hidden[[i - 1 for i in at]]).float()  # (A, V): the states that predict the value
-    target = torch.tensor([labels[i] for i in at], device=logits.device)
+    return labelled_scores(logits, torch.tensor([labels[i] for i in at], device=logits.device))
+
+
+def labelled_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The labelled tokens' mean cross-entropy (with graph) from the ``logits`` (A, V) that predict ``target`` (A,),
+    and its parts: ``nll``, ``exact`` (1.0 when every token is the argmax: greedy decoding after the same prefix
+    writes them all), ``token_acc`` (the share that is) and ``tokens``."""
     nll = torch.nn.functional.cross_entropy(logits, target)
     hits = logits.detach().argmax(-1) == target  # (A,)
     return nll, {"nll": float(nll.detach()), "exact": float(bool(hits.all())), "token_acc": float(hits.float().mean()),
-                 "tokens": float(len(at))}  # fmt: skip
+                 "tokens": float(len(target))}  # fmt: skip
 
 
 def draw_recall_sample(

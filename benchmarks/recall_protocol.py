@@ -110,16 +110,13 @@ def swap_value(sample, tok, upto: int):
 
 @torch.no_grad()
 def plain_value_scores(model, sample, cut: int) -> dict[str, float]:
-    """The plain model over ``sample`` from token ``cut`` on: NLL per value token and exact (all argmax)."""
+    """The plain model over ``sample`` from token ``cut`` on, scored as the beacons are (``labelled_scores``)."""
     from beacon_llm.tasks import IGNORE
+    from beacon_llm.training import labelled_scores
 
     at = [i for i, label in enumerate(sample.labels) if label != IGNORE]
     logits = model(input_ids=torch.tensor([sample.input_ids[cut:]])).logits[0].float()  # (T, V)
-    picked = logits[[i - 1 - cut for i in at]]  # (A, V)
-    target = torch.tensor([sample.labels[i] for i in at])
-    nll = float(torch.nn.functional.cross_entropy(picked, target))
-    hits = picked.argmax(-1) == target  # (A,)
-    return {"nll": nll, "exact": float(bool(hits.all())), "token_acc": float(hits.float().mean())}
+    return labelled_scores(logits[[i - 1 - cut for i in at]], torch.tensor([sample.labels[i] for i in at]))[1]
 
 
 def other_text(samples, k: int):
