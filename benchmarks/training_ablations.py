@@ -43,9 +43,9 @@ FIRST_SITTING_TOKENS = 368_640
 # the shipped adapter + 1,351,680 tokens in the long-read shape (kl_r32_overlap64_8k, then its _long), exported
 LONG_READ = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-long-read-3.5m"
 LONG_READ_TOKENS = 3_481_600
-# the shipped adapter + 147,317 tokens of span samples at ratio 4 (span_only_r4_overlap64, checkpoint 100), exported
-SPAN_R4 = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-r4-2.28m"
-SPAN_R4_TOKENS = 2_277_237
+# the shipped adapter + 589,366 tokens of span samples at ratio 4 (span_only_r4_overlap64 in bf16, 400 steps), exported
+SPAN_R4 = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-r4-2.72m"
+SPAN_R4_TOKENS = 2_719_286
 INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4}
 INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "long_read": LONG_READ_TOKENS,
                "span_r4": SPAN_R4_TOKENS, "fresh": 0}  # fmt: skip
@@ -139,9 +139,26 @@ RECIPES: dict[str, dict] = {
     # the same question with dense labels: the condensed text itself, asked for by 4 quoted cues of 16 tokens, each
     # followed by the 32 tokens it precedes there (tasks.make_condensed_spans), one window at ratio 4
     "span_only_r4_overlap64": {**_ONLY_R4, "recall": {"rate": 1.0, "windows": 1, "tail": 64, "tasks": ("span",)}},
+    # span_only_r4_overlap64 trained on towards the default reading: every ratio the default condenses at or below,
+    # half the samples spans, half KL on text (so the text the beacons condense stays readable); its --steps count
+    # the parent's too, and the learning rate decays linearly from where that count puts it
+    "span_kl_mixed_overlap64": {
+        "init": "shipped",
+        "ratios": (4, 8, 16, 32),
+        "kl": 1.0,
+        "ce": 0.0,
+        "lr": 3e-4,
+        "overlap": 64,
+        "recall": {"rate": 0.5, "windows": 1, "tail": 64, "tasks": ("span",)},
+        "continues": "span_only_r4_overlap64",
+    },
 }
-# the next sitting of the span task from a clone: the same recipe from the committed export of its checkpoint 100
+# the next sitting from a clone: the same recipes from the committed export of span_only_r4_overlap64's 400 steps
 RECIPES["span_only_r4_overlap64_from_export"] = {**RECIPES["span_only_r4_overlap64"], "init": "span_r4"}
+RECIPES["span_kl_mixed_overlap64_from_export"] = {
+    **{k: v for k, v in RECIPES["span_kl_mixed_overlap64"].items() if k != "continues"},
+    "init": "span_r4",
+}
 
 
 def held_out_samples(tok, seq_len: int, n_per_book: int, seed: int) -> list[list[int]]:
