@@ -1,4 +1,5 @@
-"""Writing a benchmark's results file: the one way every script in this folder saves its JSON.
+"""Writing a benchmark's results file: the one way every script in this folder saves its JSON (and the one way they
+summarise paired differences).
 
 The file is written under a unique temporary name next to it and renamed over it, so a reader (or a second run that
 merges rows into the same file) never sees a partial file.
@@ -7,8 +8,10 @@ merges rows into the same file) never sees a partial file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +27,14 @@ def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float | None]:
+    """The mean of ``values`` (paired differences) and its standard error (sample standard deviation / sqrt(n));
+    None for a single value."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to average")
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+    return mean, se

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from _results import write_json
+from _results import mean_and_standard_error, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,11 +87,9 @@ def paired_difference(per_span: list[dict], baseline: str, tokens_per_span: int)
     if any(baseline not in span for span in per_span):
         return None
     diffs = [(span["beacons"] - span[baseline]) / tokens_per_span for span in per_span]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = round(math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n), 5) if n > 1 else None  # one span: none
-    return {"mean_nats_per_token": round(mean, 5), "standard_error": se,
-            "spans_won": sum(d < 0 for d in diffs), "spans": n}  # fmt: skip
+    mean, se = mean_and_standard_error(diffs)  # one span: no standard error
+    return {"mean_nats_per_token": round(mean, 5), "standard_error": None if se is None else round(se, 5),
+            "spans_won": sum(d < 0 for d in diffs), "spans": len(diffs)}  # fmt: skip
 
 
 def paired_rows(rows: list[dict]) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _results import write_json
+from _results import mean_and_standard_error, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -158,7 +158,17 @@ def score(method: str, bm, samples, tok) -> dict:
     return {"value_nll": round(float(np.mean(nll)), 4), "exact": exact, "samples": len(samples),
             "exact_share": round(exact / len(samples), 4), "token_acc": round(float(np.mean(acc)), 4),
             "kv_entries_before_tail": int(np.mean(entries)),
-            "condensed_windows": used}  # fmt: skip
+            "condensed_windows": used, "value_nll_each": [round(float(x), 4) for x in nll]}  # fmt: skip
+
+
+def paired(control: dict, beacons: dict) -> dict:
+    """The control against the beacons on the same samples: the mean per-sample difference of value NLL (control -
+    beacons; positive when the sample's own memory helps), its standard error, and in how many samples the control
+    is worse."""
+    diff = [c - b for c, b in zip(control["value_nll_each"], beacons["value_nll_each"], strict=True)]
+    mean, se = mean_and_standard_error(diff)
+    return {"mean_nll_diff": round(mean, 4), "standard_error": None if se is None else round(se, 4),
+            "control_worse": sum(d > 0 for d in diff), "samples": len(diff)}  # fmt: skip
 
 
 def main() -> None:
@@ -225,18 +235,25 @@ def main() -> None:
     for windows in args.windows:
         samples = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed,
                                  spans=args.spans)  # fmt: skip
+        own = None  # the beacons' row of these samples, for the controls' paired difference
         for method in args.methods:
             name = method.replace("beacons", f"beacons ({label})") if method.startswith("beacons") else method
             row = {"method": name, "windows": windows, **score(method, bm, samples, tok)}
             row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
+            own = row if method == "beacons" else own
+            if method in (FACT_ONLY, SPAN_ONLY) and own is not None:
+                row["paired_vs_beacons"] = paired(row, own)
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.positive_control:
             control = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed, True)
-            for method in ("beacons", "beacons, value swapped"):
+            for method in ("beacons", FACT_ONLY):
                 name = f"beacons ({label}), fact in the overlap" + method[len("beacons") :]
                 row = {"method": name, "windows": windows, **score(method, bm, control, tok)}
                 row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
+                own = row if method == "beacons" else own
+                if method == FACT_ONLY:
+                    row["paired_vs_beacons"] = paired(row, own)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for row in rows:

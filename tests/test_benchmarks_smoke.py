@@ -96,6 +96,26 @@ def test_paired_against_another_results_file(monkeypatch):
         perplexity.paired_against([row([5.0, 25.0])], [row([10.0, 20.0], starts=(0, 60))], "other")
 
 
+@pytest.mark.parametrize(
+    ("control", "beacons", "expected"),
+    [
+        # the own memory helps by 1 nat on one sample and 0 on the other: mean 0.5, standard error 0.5
+        ([3.0, 2.0], [2.0, 2.0], {"mean_nll_diff": 0.5, "standard_error": 0.5, "control_worse": 1, "samples": 2}),
+        # the control better everywhere by the same amount: negative, no spread
+        ([1.0, 1.0, 1.0], [1.5, 1.5, 1.5],
+         {"mean_nll_diff": -0.5, "standard_error": 0.0, "control_worse": 0, "samples": 3}),
+        # one sample: no standard error
+        ([2.0], [1.0], {"mean_nll_diff": 1.0, "standard_error": None, "control_worse": 1, "samples": 1}),
+    ],
+)  # fmt: skip
+def test_recall_control_paired_with_the_beacons_sample_by_sample(control, beacons, expected, monkeypatch):
+    """recall_protocol.py: a control row against the beacons' row on the same samples (control - beacons)."""
+    protocol = _benchmark_module("recall_protocol", monkeypatch)
+    assert protocol.paired({"value_nll_each": control}, {"value_nll_each": beacons}) == expected
+    with pytest.raises(ValueError):  # rows of different samples are not paired
+        protocol.paired({"value_nll_each": control + [1.0]}, {"value_nll_each": beacons})
+
+
 @pytest.mark.parametrize("kind", ["passkey", "needle"])
 def test_swap_value_changes_every_digit_of_the_planted_fact_and_keeps_the_labels(kind, monkeypatch):
     """recall_protocol.py's control: the fact's digits d -> d + 5 mod 10 before ``upto``, the asked value unchanged."""
