@@ -46,9 +46,12 @@ LONG_READ_TOKENS = 3_481_600
 # the shipped adapter + 589,366 tokens of span samples at ratio 4 (span_only_r4_overlap64 in bf16, 400 steps), exported
 SPAN_R4 = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-r4-2.72m"
 SPAN_R4_TOKENS = 2_719_286
-INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4}
+# SPAN_R4 + 449,442 tokens of span_kl_mixed_overlap64 (160 steps in bf16), exported
+SPAN_MIXED = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-mixed-3.17m"
+SPAN_MIXED_TOKENS = 3_168_728
+INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4, "span_mixed": SPAN_MIXED}
 INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "long_read": LONG_READ_TOKENS,
-               "span_r4": SPAN_R4_TOKENS, "fresh": 0}  # fmt: skip
+               "span_r4": SPAN_R4_TOKENS, "span_mixed": SPAN_MIXED_TOKENS, "fresh": 0}  # fmt: skip
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
@@ -153,11 +156,12 @@ RECIPES: dict[str, dict] = {
         "continues": "span_only_r4_overlap64",
     },
 }
-# the next sitting from a clone: the same recipes from the committed export of span_only_r4_overlap64's 400 steps
+# the next sitting from a clone: the same recipes from the committed exports of their last runs (400 steps of the
+# span task; 160 more of the mixed recipe); these start a new learning-rate decay from the recipe's lr
 RECIPES["span_only_r4_overlap64_from_export"] = {**RECIPES["span_only_r4_overlap64"], "init": "span_r4"}
 RECIPES["span_kl_mixed_overlap64_from_export"] = {
     **{k: v for k, v in RECIPES["span_kl_mixed_overlap64"].items() if k != "continues"},
-    "init": "span_r4",
+    "init": "span_mixed",
 }
 
 
