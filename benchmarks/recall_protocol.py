@@ -232,30 +232,26 @@ def main() -> None:
                         "tail": "per row (raw tokens between the condensed part and the question)"}  # fmt: skip
     rows = []
     t0 = time.perf_counter()
+
+    def score_rows(methods, samples, windows: int, prefix: str) -> None:
+        """One row per method on the same ``samples`` (``prefix`` names the beacons); each control is paired with
+        the beacons' row, whatever the order of the methods."""
+        batch = {m: {"method": m.replace("beacons", prefix) if m.startswith("beacons") else m, "windows": windows,
+                     **score(m, bm, samples, tok)} for m in methods}  # fmt: skip
+        for method, row in batch.items():
+            row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
+            if method in (FACT_ONLY, SPAN_ONLY) and "beacons" in batch:
+                row["paired_vs_beacons"] = paired(row, batch["beacons"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
     for windows in args.windows:
         samples = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed,
                                  spans=args.spans)  # fmt: skip
-        own = None  # the beacons' row of these samples, for the controls' paired difference
-        for method in args.methods:
-            name = method.replace("beacons", f"beacons ({label})") if method.startswith("beacons") else method
-            row = {"method": name, "windows": windows, **score(method, bm, samples, tok)}
-            row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
-            own = row if method == "beacons" else own
-            if method in (FACT_ONLY, SPAN_ONLY) and own is not None:
-                row["paired_vs_beacons"] = paired(row, own)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        score_rows(args.methods, samples, windows, f"beacons ({label})")
         if args.positive_control:
             control = recall_samples(tok, bm.config, texts, args.n, windows, args.tail, args.ratio, args.seed, True)
-            for method in ("beacons", FACT_ONLY):
-                name = f"beacons ({label}), fact in the overlap" + method[len("beacons") :]
-                row = {"method": name, "windows": windows, **score(method, bm, control, tok)}
-                row["value_ppl"] = round(math.exp(row["value_nll"]), 3)
-                own = row if method == "beacons" else own
-                if method == FACT_ONLY:
-                    row["paired_vs_beacons"] = paired(row, own)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            score_rows(("beacons", FACT_ONLY), control, windows, f"beacons ({label}), fact in the overlap")
     for row in rows:
         row["ratio"], row["tail"] = args.ratio, args.tail
 
