@@ -49,9 +49,14 @@ SPAN_R4_TOKENS = 2_719_286
 # SPAN_R4 + 449,442 tokens of span_kl_mixed_overlap64 (160 steps in bf16), exported
 SPAN_MIXED = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-mixed-3.17m"
 SPAN_MIXED_TOKENS = 3_168_728
-INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4, "span_mixed": SPAN_MIXED}
+# SPAN_MIXED + 977,854 tokens of span_kl_text_r32_from_mixed (its checkpoint 290 of 360 in bf16), exported
+SPAN_TEXT = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-text-4.15m"
+SPAN_TEXT_TOKENS = 4_146_582
+INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4, "span_mixed": SPAN_MIXED,
+                 "span_text": SPAN_TEXT}  # fmt: skip
 INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "long_read": LONG_READ_TOKENS,
-               "span_r4": SPAN_R4_TOKENS, "span_mixed": SPAN_MIXED_TOKENS, "fresh": 0}  # fmt: skip
+               "span_r4": SPAN_R4_TOKENS, "span_mixed": SPAN_MIXED_TOKENS, "span_text": SPAN_TEXT_TOKENS,
+               "fresh": 0}  # fmt: skip
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
@@ -163,6 +168,16 @@ RECIPES["span_kl_mixed_overlap64_from_export"] = {
     **{k: v for k, v in RECIPES["span_kl_mixed_overlap64"].items() if k != "continues"},
     "init": "span_mixed",
 }
+# the mixed export trained on towards the default's text: half the samples condensed at ratio 32 (the default's), a
+# quarter of them spans, the rest KL on text, at a third of the learning rate (its text KL was still falling)
+RECIPES["span_kl_text_r32_from_mixed"] = {
+    **RECIPES["span_kl_mixed_overlap64_from_export"],
+    "ratios": (8, 16, 32, 32),
+    "lr": 1e-4,
+    "recall": {"rate": 0.25, "windows": 1, "tail": 64, "tasks": ("span",)},
+}
+# the same from its export (checkpoint 290 of a 360-step run, lr then 2e-5): a new linear decay from 1e-4
+RECIPES["span_kl_text_r32_from_export"] = {**RECIPES["span_kl_text_r32_from_mixed"], "init": "span_text"}
 
 
 def held_out_samples(tok, seq_len: int, n_per_book: int, seed: int) -> list[list[int]]:
