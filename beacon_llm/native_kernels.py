@@ -15,7 +15,8 @@ themselves (flash-style, with the beacon or causal mask; ``benchmarks/read_atten
 per machine with the C compiler found on the path (``$CC``, ``cc`` or ``gcc``) into ``$BEACON_LLM_HOME/kernels`` and
 linked against the OpenMP runtime torch already loaded, so both share one thread pool. Where any of that is missing
 (no compiler, another CPU, another OpenMP runtime, ``BEACON_LLM_NATIVE_KERNELS=0``) the stock kernels are kept;
-:func:`unavailable` says why.
+:func:`unavailable` says why. With AMX tiles the stock kernels stay the default (:func:`preferred`);
+``BEACON_LLM_NATIVE_KERNELS=1`` uses the native ones there too, to measure them against the stock ones.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ SOURCES = tuple(
 )
 HEADERS = (_KERNELS / "bf16.h", _KERNELS / "exp_avx512.h")  # included by the sources: part of the build digest
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC")
-DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"
+DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"  # 0: never; 1: also with AMX; unset: where measured faster
+_ENV_OFF = ("0", "false", "no", "off")
+_ENV_ON = ("1", "true", "yes", "on")
 _BUILD_TIMEOUT_S = 300
 _MAX_PARTS = 64  # key parts per head in the attention kernel (its merge buffer)
 _KEYS_PER_PART = 512
@@ -510,11 +513,28 @@ class NativeKernels:
         return self.read_attention(query, key, value, attention_mask, scale, causal=is_causal), None
 
 
+def env_choice() -> str:
+    """``$BEACON_LLM_NATIVE_KERNELS`` read: "off" (0/false/no/off), "on" (1/true/yes/on: also on a CPU with AMX)
+    or "auto" (unset, empty or ``auto``); any other value is refused with the ones it takes."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in _ENV_OFF:
+        return "off"
+    if value in _ENV_ON:
+        return "on"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(
+        f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not a setting: use 0 (stock kernels only), 1 (the native "
+        f"kernels wherever they build, AMX CPUs included) or leave it unset (the native kernels without AMX)"
+    )
+
+
 def preferred() -> NativeKernels | None:
     """The native kernels where they are the ones measured faster than the stock kernels: a CPU with AVX512-BF16
-    and no AMX tiles (with AMX, oneDNN's packed products and torch's attention kernel are the ones measured fast),
-    where they build; else None."""
-    if _compat.avx512_bf16_cpu() and not _compat.amx_cpu():
+    and no AMX tiles, where they build; else None. With AMX, oneDNN's packed products and torch's attention kernel
+    stay the choice (the native kernels have not been measured there) unless ``BEACON_LLM_NATIVE_KERNELS=1``."""
+    choice = env_choice()  # a setting it does not take is refused on any CPU
+    if _compat.avx512_bf16_cpu() and (choice == "on" or not _compat.amx_cpu()):
         return kernels()
     return None
 
@@ -564,7 +584,7 @@ def _load_or_reason(kernel_dir: str) -> tuple[NativeKernels | None, str | None]:
 
 
 def _platform_reason() -> str | None:
-    if os.environ.get(DISABLE_ENV, "").strip() in ("0", "false", "no", "off"):
+    if env_choice() == "off":
         return f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is built for Linux on x86-64, this is {sys.platform} on {platform.machine()}"

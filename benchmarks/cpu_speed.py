@@ -425,6 +425,12 @@ def project_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {**out, "error": f"{type(e).__name__}: {e}", "stage": "load"}
     out["load_s"] = round(time.perf_counter() - t0, 2)
     out["loaded_dtype"] = str(bm.dtype).removeprefix("torch.")
+    try:  # which bf16 kernels read and decode here (BEACON_LLM_NATIVE_KERNELS); older checkouts have none
+        from beacon_llm import native_kernels
+
+        out["native_kernels"] = bm.dtype == torch.bfloat16 and native_kernels.preferred() is not None
+    except ImportError:
+        pass
     n, n_new = spec["context"], spec["decode_tokens"]
     ids = book_tokens(bm, n)
     with torch.no_grad():
@@ -502,7 +508,8 @@ def project_specs(args: argparse.Namespace, dtypes: list[str]) -> list[dict[str,
 
 def project_rows(spec: dict[str, Any], result: dict[str, Any], commit: str) -> list[dict[str, Any]]:
     common = {"engine": "beacon_llm", "dtype": spec["dtype"], "commit": commit, "threads": spec["threads"]}
-    extra = {k: result[k] for k in ("loaded_dtype", "load_s", "kv_entries", "error", "stage") if k in result}
+    kept = ("loaded_dtype", "native_kernels", "load_s", "kv_entries", "error", "stage")
+    extra = {k: result[k] for k in kept if k in result}
     rows = []
     for kind in ("prefill", "decode"):
         if not spec[kind]:

@@ -43,6 +43,7 @@ def test_fast_mode_writes_rows_machine_and_ratios(tmp_path):
         assert {"engine", "dtype", "kind", "context_tokens", "tok_s", "commit"} <= set(row)
         assert row["engine"] == "beacon_llm" and row["dtype"] == "float32"
         assert row["tok_s"] > 0 and row["kv_entries"] > 0 and "error" not in row
+        assert row["native_kernels"] is False  # float32: the stock kernels
     decode = next(r for r in data["rows"] if r["kind"] == "decode")
     assert decode["decode_generated"] == 8 and "after the first generated token" in decode["decode_timing"]
     assert data["ratios"] == {"decode_vs_anchor_f32": [], "prefill_vs_anchor_f32": []}  # no anchor in fast mode

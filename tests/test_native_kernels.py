@@ -201,6 +201,39 @@ def test_the_reasons_it_is_not_used(monkeypatch, tmp_path):
     assert native_kernels.unavailable() == "this CPU has no AVX512-BF16"
 
 
+@pytest.mark.parametrize(
+    "value,amx,used",
+    [
+        (None, False, True),
+        (None, True, False),  # with AMX the stock kernels are the ones measured fast
+        ("auto", True, False),
+        ("1", True, True),  # asked for: used with AMX too
+        (" On ", True, True),
+        ("0", False, False),
+        ("off", True, False),
+    ],
+)
+def test_the_setting_decides_where_they_are_preferred(monkeypatch, value, amx, used):
+    sentinel = object()
+    monkeypatch.setattr(native_kernels, "kernels", lambda: None if native_kernels.env_choice() == "off" else sentinel)
+    monkeypatch.setattr(native_kernels._compat, "avx512_bf16_cpu", lambda: True)
+    monkeypatch.setattr(native_kernels._compat, "amx_cpu", lambda: amx)
+    if value is None:
+        monkeypatch.delenv(native_kernels.DISABLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(native_kernels.DISABLE_ENV, value)
+    assert (native_kernels.preferred() is sentinel) is used
+
+
+def test_a_setting_it_does_not_know_is_refused_with_the_ones_it_takes(monkeypatch):
+    monkeypatch.setenv(native_kernels.DISABLE_ENV, "fast")
+    with pytest.raises(ValueError, match=r"BEACON_LLM_NATIVE_KERNELS='fast'.*use 0 .* 1 "):
+        native_kernels.unavailable()
+    monkeypatch.setattr(native_kernels._compat, "avx512_bf16_cpu", lambda: False)  # where they never run, too
+    with pytest.raises(ValueError, match="fast"):
+        native_kernels.preferred()
+
+
 @needs_native
 def test_without_a_compiler_it_says_so_and_builds_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("BEACON_LLM_HOME", str(tmp_path))  # a fresh kernel folder: nothing built yet
