@@ -52,11 +52,14 @@ SPAN_MIXED_TOKENS = 3_168_728
 # SPAN_MIXED + 977,854 tokens of span_kl_text_r32_from_mixed (its checkpoint 290 of 360 in bf16), exported
 SPAN_TEXT = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-text-4.15m"
 SPAN_TEXT_TOKENS = 4_146_582
+# SPAN_TEXT + 1,345,760 tokens of span_kl_text_r32_from_export (400 steps in bf16), exported
+SPAN_TEXT_5M = ROOT / "benchmarks" / "adapters" / "smollm2-135m-instruct-span-text-5.49m"
+SPAN_TEXT_5M_TOKENS = 5_492_342
 INIT_ADAPTERS = {"first_sitting": FIRST_SITTING, "long_read": LONG_READ, "span_r4": SPAN_R4, "span_mixed": SPAN_MIXED,
-                 "span_text": SPAN_TEXT}  # fmt: skip
+                 "span_text": SPAN_TEXT, "span_text_5m": SPAN_TEXT_5M}  # fmt: skip
 INIT_TOKENS = {"shipped": SHIPPED_TOKENS, "first_sitting": FIRST_SITTING_TOKENS, "long_read": LONG_READ_TOKENS,
                "span_r4": SPAN_R4_TOKENS, "span_mixed": SPAN_MIXED_TOKENS, "span_text": SPAN_TEXT_TOKENS,
-               "fresh": 0}  # fmt: skip
+               "span_text_5m": SPAN_TEXT_5M_TOKENS, "fresh": 0}  # fmt: skip
 # name -> (start from, ratios drawn per sample, KL weight, CE weight, learning rate[, distant: FitTrainConfig's
 # distant_weight, the KL weighted toward tail tokens the tail alone predicts badly][, overlap: the model's
 # fit_overlap in training and evaluation][, protocol: (seq_len, positions) the recipe trains and is scored in]
@@ -176,8 +179,11 @@ RECIPES["span_kl_text_r32_from_mixed"] = {
     "lr": 1e-4,
     "recall": {"rate": 0.25, "windows": 1, "tail": 64, "tasks": ("span",)},
 }
-# the same from its export (checkpoint 290 of a 360-step run, lr then 2e-5): a new linear decay from 1e-4
+# the same from its export (checkpoint 290 of a 360-step run, lr then 2e-5): a new linear decay from 1e-4 (the same
+# sample stream, so its first 290 steps read the parent's samples a second time)
 RECIPES["span_kl_text_r32_from_export"] = {**RECIPES["span_kl_text_r32_from_mixed"], "init": "span_text"}
+# the next sitting from that run's export: the same recipe on samples neither run drew (another stream seed)
+RECIPES["span_kl_text_r32_from_5m"] = {**RECIPES["span_kl_text_r32_from_mixed"], "init": "span_text_5m", "data_seed": 1}
 
 
 def held_out_samples(tok, seq_len: int, n_per_book: int, seed: int) -> list[list[int]]:
@@ -359,7 +365,8 @@ def main() -> None:
             bm = fresh_beacons(args, shipped, fresh, spec.get("pos"))
         texts = [(BOOKS / f"{name}.txt").read_text() for name in TRAIN_BOOKS] if not args.fast else [
             beacon_llm.read_document(beacon_llm.BUNDLED_BOOK)]  # fmt: skip
-        stream = SampleStream(texts, tok, args.seq_len, seed=0)
+        data_seed = int(spec.get("data_seed", 0))  # the text slices, the recall samples and the ratio draws
+        stream = SampleStream(texts, tok, args.seq_len, seed=data_seed)
         name = args.recipe + ("+bf16" if args.bf16 else "")
         protocol = tuple(spec.get("protocol", (2048, 1024)))
         if not args.fast and (args.seq_len, args.positions) != protocol:
@@ -394,7 +401,7 @@ def main() -> None:
         cfg = FitTrainConfig(output_dir=str(run_dir), steps=args.steps, **recall_train_config(spec, args.fast),
                              seq_len=args.seq_len, positions=args.positions, ratios=tuple(spec["ratios"]),
                              grad_accum=args.grad_accum, lr=spec["lr"], kl_weight=spec["kl"], ce_weight=spec["ce"],
-                             distant_weight=distant, autocast_bf16=args.bf16, save_every=5,
+                             distant_weight=distant, autocast_bf16=args.bf16, save_every=5, seed=data_seed,
                              gate_lr=gates["lr"] if gates else None,
                              gates_only=bool(gates and gates["only"]))  # fmt: skip
         state = train_fit(bm, stream, cfg, teacher if spec["kl"] > 0 else None, reference)
@@ -404,7 +411,7 @@ def main() -> None:
         rows.append({
             "recipe": name, "init": spec.get("continues") or spec["init"], "ratios": list(spec["ratios"]),
             "kl_weight": spec["kl"], "ce_weight": spec["ce"], "lr": spec["lr"], "distant_weight": distant,
-            "pos": bm.config.pos,
+            "pos": bm.config.pos, **({"data_seed": data_seed} if data_seed else {}),
             "tokens_trained": base_tokens + state.tokens, "tokens_this_recipe": state.tokens,
             "train_seconds": round(state.elapsed_s, 1), "bf16_autocast": args.bf16,
             "tok_per_s": round(state.tokens / max(state.elapsed_s, 1e-9), 1),
