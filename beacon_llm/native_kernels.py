@@ -49,7 +49,7 @@ SOURCES = tuple(
 )
 HEADERS = (_KERNELS / "bf16.h", _KERNELS / "exp_avx512.h")  # included by the sources: part of the build digest
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC")
-DISABLE_ENV = "BEACON_LLM_NATIVE_KERNELS"  # 0: never; 1: also with AMX; unset: where measured faster
+SETTING_ENV = "BEACON_LLM_NATIVE_KERNELS"  # 0: never; 1: also with AMX; unset: where measured faster
 _ENV_OFF = ("0", "false", "no", "off")
 _ENV_ON = ("1", "true", "yes", "on")
 _BUILD_TIMEOUT_S = 300
@@ -516,7 +516,7 @@ class NativeKernels:
 def env_choice() -> str:
     """``$BEACON_LLM_NATIVE_KERNELS`` read: "off" (0/false/no/off), "on" (1/true/yes/on: also on a CPU with AMX)
     or "auto" (unset, empty or ``auto``); any other value is refused with the ones it takes."""
-    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    value = os.environ.get(SETTING_ENV, "").strip().lower()
     if value in _ENV_OFF:
         return "off"
     if value in _ENV_ON:
@@ -524,7 +524,7 @@ def env_choice() -> str:
     if value in ("", "auto"):
         return "auto"
     raise ValueError(
-        f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not a setting: use 0 (stock kernels only), 1 (the native "
+        f"{SETTING_ENV}={os.environ[SETTING_ENV]!r} is not a setting: use 0 (stock kernels only), 1 (the native "
         f"kernels wherever they build, AMX CPUs included) or leave it unset (the native kernels without AMX)"
     )
 
@@ -585,7 +585,7 @@ def _load_or_reason(kernel_dir: str) -> tuple[NativeKernels | None, str | None]:
 
 def _platform_reason() -> str | None:
     if env_choice() == "off":
-        return f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+        return f"{SETTING_ENV}={os.environ[SETTING_ENV]}"
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is built for Linux on x86-64, this is {sys.platform} on {platform.machine()}"
     if not _compat.avx512_bf16_cpu():

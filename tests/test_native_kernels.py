@@ -190,10 +190,10 @@ def test_where_the_kernels_build_they_pass_their_self_check():
 
 
 def test_the_reasons_it_is_not_used(monkeypatch, tmp_path):
-    monkeypatch.setenv(native_kernels.DISABLE_ENV, "0")
-    assert native_kernels.unavailable() == f"{native_kernels.DISABLE_ENV}=0"
+    monkeypatch.setenv(native_kernels.SETTING_ENV, "0")
+    assert native_kernels.unavailable() == f"{native_kernels.SETTING_ENV}=0"
     assert native_kernels.kernels() is None
-    monkeypatch.delenv(native_kernels.DISABLE_ENV)
+    monkeypatch.delenv(native_kernels.SETTING_ENV)
     monkeypatch.setattr(native_kernels.platform, "machine", lambda: "aarch64")
     assert "x86-64" in native_kernels.unavailable()
     monkeypatch.undo()
@@ -219,14 +219,14 @@ def test_the_setting_decides_where_they_are_preferred(monkeypatch, value, amx, u
     monkeypatch.setattr(native_kernels._compat, "avx512_bf16_cpu", lambda: True)
     monkeypatch.setattr(native_kernels._compat, "amx_cpu", lambda: amx)
     if value is None:
-        monkeypatch.delenv(native_kernels.DISABLE_ENV, raising=False)
+        monkeypatch.delenv(native_kernels.SETTING_ENV, raising=False)
     else:
-        monkeypatch.setenv(native_kernels.DISABLE_ENV, value)
+        monkeypatch.setenv(native_kernels.SETTING_ENV, value)
     assert (native_kernels.preferred() is sentinel) is used
 
 
 def test_a_setting_it_does_not_know_is_refused_with_the_ones_it_takes(monkeypatch):
-    monkeypatch.setenv(native_kernels.DISABLE_ENV, "fast")
+    monkeypatch.setenv(native_kernels.SETTING_ENV, "fast")
     with pytest.raises(ValueError, match=r"BEACON_LLM_NATIVE_KERNELS='fast'.*use 0 .* 1 "):
         native_kernels.unavailable()
     monkeypatch.setattr(native_kernels._compat, "avx512_bf16_cpu", lambda: False)  # where they never run, too
