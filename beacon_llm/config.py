@@ -239,7 +239,8 @@ class BeaconConfig:
         """Read ``beacon_*`` keys of an official config.json (any era) or of :meth:`to_dict`.
 
         ``overrides`` are ``beacon_*`` keys applied on top (like the official ``Config.from_pretrained(**kw)``); one
-        that switches ``beacon_ratio_mix`` away from ``fit-N`` also drops a saved ``beacon_fit_overlap``.
+        that switches ``beacon_ratio_mix`` away from ``fit-N`` also drops a saved ``beacon_fit_overlap``, and a new
+        ``beacon_window`` takes a saved ``beacon_stride`` along when that stride equalled the saved window.
         Other keys are ignored. The era is detected from the key spelling: ``beacon_attend_previous`` or a list
         ``beacon_stride`` means v2 (Llama-2 checkpoint), otherwise v3 (Mistral / Qwen-2 checkpoints).
         """
@@ -247,6 +248,13 @@ class BeaconConfig:
         mix = overrides.get("beacon_ratio_mix")
         if isinstance(mix, str) and not mix.startswith("fit-") and "beacon_fit_overlap" not in overrides:
             d.pop("beacon_fit_overlap", None)  # a saved fit-N option does not follow the read into another mode
+        if "beacon_window" in overrides and "beacon_stride" not in overrides:
+            saved = d.get("beacon_stride")
+            saved = saved[0] if isinstance(saved, list) and len(saved) == 1 else saved
+            if saved == d.get("beacon_window"):  # a stride equal to the window follows a new window
+                if isinstance(d["beacon_stride"], list):  # the list spelling marks era v2: keep the era
+                    d.setdefault("beacon_era", "v2")
+                d.pop("beacon_stride")
         d = {**d, **overrides}
         if not any(k.startswith("beacon_") for k in d):
             raise ValueError("the config has no beacon_* keys: it is not an Activation Beacon config")

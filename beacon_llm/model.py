@@ -190,36 +190,59 @@ class BeaconModel:
             named = [(n, p) for n, p in self.model.named_parameters() if "beacon_" in n]
             found = (self.config, json.dumps(self.config.to_dict(), sort_keys=True), named)
             self.__dict__["_beacon_params"] = found
-        _, config_json, params = found
-        key = (config_json, tuple((id(p), p._version) for _, p in params))
-        memo = self.__dict__.get("_digest_memo")
+        return self._memo_digest("_digest_memo", found[1], found[2])
+
+    def base_weights_digest(self) -> str:
+        """sha256 of every base-model weight (bytes as stored), remembered like :meth:`weights_digest`: a model
+        retrained and saved under the same name, or edited in place, gets another digest."""
+        found = self.__dict__.get("_base_params")
+        if found is None:
+            found = [(n, p) for n, p in self.model.named_parameters() if "beacon_" not in n]
+            self.__dict__["_base_params"] = found
+        return self._memo_digest("_base_digest_memo", "", found)
+
+    def _memo_digest(self, slot: str, text: str, params: list[tuple[str, torch.nn.Parameter]]) -> str:
+        """sha256 of ``text`` and of ``params`` (names, dtypes, shapes, bytes), kept in ``slot`` until a parameter
+        is replaced or changed in place (its version counter moves)."""
+        key = (text, tuple((id(p), p._version) for _, p in params))
+        memo = self.__dict__.get(slot)
         if memo is not None and memo[0] == key:
             return memo[1]
-        h = hashlib.sha256(key[0].encode())
+        h = hashlib.sha256(text.encode())
         with torch.no_grad():
             for name, p in params:
                 t = p.detach().contiguous().cpu()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         digest = h.hexdigest()[:32]
-        self.__dict__["_digest_memo"] = (key, digest)
+        self.__dict__[slot] = (key, digest)
         return digest
 
+    def reading_kernels(self) -> str:
+        """Which attention kernels a read of this model runs (the implementation, ``+native`` where the native
+        kernels serve it): they round bf16 differently, so a condensed prefix is kept per choice."""
+        impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        with torch.no_grad():
+            like = torch.empty(0, dtype=self.dtype, device=self.model.device)
+            return impl + ("+native" if self._native_read(like) is not None else "")
+
     def identity(self) -> str:
-        """A stable hash of the base model's name and config and of the beacon weights and config: the key under
-        which condensed prefixes of this model are stored."""
+        """A stable hash of the base model (name, config and weights), of the beacon weights and config and of the
+        reading kernels: the key under which condensed prefixes of this model are stored."""
         h = hashlib.sha256()
         h.update(str(getattr(self.model.config, "_name_or_path", "")).encode())
         h.update(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
-        h.update(self.weights_digest().encode())
+        for part in self._fingerprint():
+            h.update(f"|{part}".encode())
         return h.hexdigest()[:32]
 
     def _fingerprint(self) -> tuple:
-        """What a cache must have been built by: the base shape, the dtype and the beacon weights and config."""
+        """What a cache must have been built by: the base shape, dtype and weights, the beacon weights and config,
+        and the reading kernels."""
         c = self.model.config
         attn = self.model.model.layers[0].self_attn
         shape = (c.model_type, self.num_layers, attn.head_dim, attn.k_proj.out_features, str(self.dtype))
-        return (*shape, self.weights_digest())
+        return (*shape, self.weights_digest(), self.base_weights_digest(), self.reading_kernels())
 
     # ------------------------------------------------------------------ input checks
     def _as_ids(self, input_ids: object, attention_mask: object = None) -> torch.Tensor:
@@ -253,6 +276,15 @@ class BeaconModel:
                     "check the tokenizer matches the model"
                 )
         return input_ids.to(device=self.device, dtype=torch.long)
+
+    def can_hold(self, cache: BeaconCache, planned: int) -> bool:
+        """Whether ``cache`` (read with its own ratio or plan) can go on to ``planned`` tokens within the positions:
+        the check a read makes before it starts."""
+        try:
+            self._check_capacity(cache, cache.state.n_seen, planned)
+        except ValueError:
+            return False
+        return True
 
     def _check_capacity(self, cache: BeaconCache, stream_total: int, planned: int) -> None:
         """Refuse, before anything is read, a context whose planned length does not fit the positions."""

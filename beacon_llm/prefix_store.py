@@ -65,7 +65,6 @@ class PrefixStore:
         if max_prefixes < 0:
             raise ValueError(f"max_prefixes={max_prefixes} must be >= 0")
         self.bm = bm
-        self._identity: str | None = None
         self.max_prefixes = max_prefixes
         self.cache_dir = cache_dir
         self.min_prefix = min_prefix
@@ -86,10 +85,9 @@ class PrefixStore:
         self._reading = {}
 
     def identity(self) -> str:
-        """A hash of the base model and the beacon weights and config (computed once)."""
-        if self._identity is None:
-            self._identity = self.bm.identity()
-        return self._identity
+        """A hash of the base model, the beacon weights and config and the reading kernels (the model remembers its
+        weights' digests until a weight changes, so a store follows weights trained or edited in place)."""
+        return self.bm.identity()
 
     @property
     def enabled(self) -> bool:
@@ -108,11 +106,15 @@ class PrefixStore:
     def lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]) -> tuple[BeaconCache | None, int]:
         """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
         Of two with the same prefix, the one with fewer condensed windows."""
+        model = self.bm._fingerprint()  # entries read before the weights (or kernels) changed are not this model's
         with self._lock:
             found = [
                 e
                 for e in self._entries.values()
-                if e.n_tokens <= len(ids) and prefix_hash(ids[: e.n_tokens]) == e.digest and usable(e.cache)
+                if e.n_tokens <= len(ids)
+                and e.cache.fingerprint == model
+                and prefix_hash(ids[: e.n_tokens]) == e.digest
+                and usable(e.cache)
             ]
             best = max(found, key=lambda e: (e.n_tokens, -condensed_windows(e.cache)), default=None)
             if best is not None:

@@ -353,6 +353,49 @@ def _cache_from(
         dtype=bm.dtype,
         max_entries=bm.max_positions,
     )
-    if cache.window_length != (0 if cache.win_k[0] is None else cache.win_k[0].shape[2]):
-        raise ValueError(f"cache file {path} is inconsistent (window layout vs tensors)")
+    problem = _layout_problem(cache, bm)
+    if problem is not None:
+        raise ValueError(f"cache file {path} is inconsistent ({problem}); read the document again")
     return cache, meta.get("extra", {})
+
+
+def _layout_problem(cache: BeaconCache, bm: BeaconModel) -> str | None:
+    """What in a loaded cache does not fit ``bm`` or itself (None: nothing): the scheduling state's types, every
+    layer's keys and values (present together, (1, KV heads, entries, head dim), one length per kind), the last
+    logits' size and a model fingerprint once anything was read."""
+    st = cache.state
+    counts = {"n_seen": st.n_seen, "n_steps": st.n_steps, "n_windows": st.n_windows, "n_sink": st.n_sink,
+              "remainder": st.remainder, "n_raw_memory": st.n_raw_memory}  # fmt: skip
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"state {name}={value!r} is not a count"
+    for name in ("window_ratio", "fixed_ratio"):
+        value = getattr(st, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"state {name}={value!r} is not a ratio"
+    for name in ("pending", "window_sizes"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in getattr(st, name)):
+            return f"state {name} holds something other than ints"
+    if st.n_seen and cache.fingerprint is None:
+        return "it holds read tokens but no model fingerprint"
+    attn = bm.model.model.layers[0].self_attn
+    n_kv, head_dim = attn.k_proj.out_features // attn.head_dim, attn.head_dim
+    for keys_name, values_name in (("mem_k", "mem_v"), ("win_k", "win_v")):
+        shapes = set()
+        for i, (k, v) in enumerate(zip(getattr(cache, keys_name), getattr(cache, values_name), strict=True)):
+            if (k is None) != (v is None):
+                return f"layer {i} has {keys_name if v is None else values_name} without its pair"
+            if k is not None:
+                if k.shape != v.shape or k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (1, n_kv, head_dim):
+                    return f"layer {i} {keys_name}/{values_name} shapes {tuple(k.shape)}/{tuple(v.shape)}"
+                shapes.add(k.shape[2])
+            else:
+                shapes.add(0)
+        if len(shapes) > 1:
+            return f"the layers' {keys_name} lengths differ ({sorted(shapes)})"
+    if cache.window_length != (0 if cache.win_k[0] is None else cache.win_k[0].shape[2]):
+        return "window layout vs tensors"
+    vocab = bm.model.get_output_embeddings().weight.shape[0]
+    if cache.last_logits is not None and cache.last_logits.shape[-1] != vocab:
+        return f"last logits of size {cache.last_logits.shape[-1]}, not the model's vocabulary of {vocab}"
+    return None

@@ -172,3 +172,25 @@ def test_official_mistral_style_config_without_beacon_pos_is_append():
 def test_from_dict_errors(d, message):
     with pytest.raises(ValueError, match=message):
         BeaconConfig.from_dict(d)
+
+
+V3_SAVED = {"beacon_window": 512, "beacon_stride": 512, "beacon_ratio": [32], "beacon_param": ["q", "k", "v"]}
+V2_SAVED = {"beacon_window": 32, "beacon_stride": [32], "beacon_ratio": [2], "beacon_attend_previous": True}
+V2_SHORT_STRIDE = {**V2_SAVED, "beacon_stride": [16]}
+
+
+@pytest.mark.parametrize(
+    ("saved", "overrides", "era", "window", "stride"),
+    [
+        (V3_SAVED, {"beacon_window": 1024}, "v3", 1024, 1024),  # a stride equal to the window follows it
+        (V3_SAVED, {"beacon_window": 256}, "v3", 256, 256),
+        (V2_SAVED, {"beacon_window": 64}, "v2", 64, 64),
+        ({k: v for k, v in V2_SAVED.items() if k != "beacon_attend_previous"}, {"beacon_window": 64}, "v2", 64, 64),
+        (V2_SHORT_STRIDE, {"beacon_window": 64}, "v2", 64, 16),  # a stride chosen below the window stays
+        (V3_SAVED, {"beacon_window": 1024, "beacon_stride": 1024}, "v3", 1024, 1024),
+        (V3_SAVED, {"beacon_ratio": [8]}, "v3", 512, 512),
+    ],
+)
+def test_a_new_window_takes_a_stride_equal_to_the_saved_window_along(saved, overrides, era, window, stride):
+    config = BeaconConfig.from_dict(saved, **overrides)
+    assert (config.era, config.window, config.stride) == (era, window, stride)

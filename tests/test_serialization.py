@@ -1,8 +1,10 @@
 import json
 import os
+import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import beacon_llm
@@ -146,3 +148,51 @@ def test_from_pretrained_accepts_torch_dtype_and_rejects_unknown_arguments(tmp_p
     assert loaded.dtype == torch.bfloat16
     with pytest.raises(TypeError, match=r"unknown arguments \['window'\]"):
         beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False, window=8)
+
+
+def _set_state(name, value):
+    return lambda tensors, meta: meta["state"].__setitem__(name, value)
+
+
+def _set_tensor(name, fn):
+    return lambda tensors, meta: tensors.__setitem__(name, fn(tensors[name]).contiguous())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda tensors, meta: tensors.pop("mem_k.1"), "layer 1 has mem_v without its pair"),
+        (lambda tensors, meta: tensors.pop("win_v.0"), "layer 0 has win_k without its pair"),
+        (_set_tensor("mem_k.0", lambda t: t[:, :, :5]), "layer 0 mem_k/mem_v shapes"),
+        (_set_tensor("mem_v.1", lambda t: t[..., :4]), "layer 1 mem_k/mem_v shapes"),
+        (_set_tensor("mem_k.1", lambda t: t[:, :, :5]), "layer 1 mem_k/mem_v shapes"),
+        (
+            lambda tensors, meta: [
+                tensors.__setitem__(f"mem_{x}.1", tensors[f"mem_{x}.1"][:, :, :5].contiguous()) for x in "kv"
+            ],
+            "the layers' mem_k lengths differ",
+        ),
+        (_set_tensor("last_logits", lambda t: t[:10]), "last logits of size 10"),
+        (_set_state("n_seen", "abc"), "n_seen='abc' is not a count"),
+        (_set_state("n_seen", -5), "n_seen=-5 is not a count"),
+        (_set_state("fixed_ratio", 1.5), "fixed_ratio=1.5 is not a ratio"),
+        (_set_state("pending", ["a"]), "pending holds something other than ints"),
+        (lambda tensors, meta: meta.__setitem__("fingerprint", None), "no model fingerprint"),
+    ],
+)
+def test_an_inconsistent_cache_file_is_refused_when_loaded(tmp_path, mutate, message):
+    bm = tiny_beacon_model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(250), cache)
+    good = str(tmp_path / "good.safetensors")
+    beacon_llm.save_cache(cache, good)
+    beacon_llm.load_cache(good, bm)
+    tensors = load_file(good)
+    with safe_open(good, framework="pt") as handle:
+        meta = json.loads(handle.metadata()["beacon_cache"])
+    mutate(tensors, meta)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata={"beacon_cache": json.dumps(meta)})
+    with pytest.raises(ValueError, match=re.escape(f"{bad} is inconsistent") + ".*" + re.escape(message)):
+        beacon_llm.load_cache(bad, bm)
