@@ -4,7 +4,7 @@ from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
 from .documents import BUNDLED_BOOK, DocumentError, read_document
 from .engine import BeaconEngine, Completion, ReadCancelled, Usage, check_timeout
-from .generation import GenerateOutput, check_sampling_options
+from .generation import GenerateOutput, check_sampling_options, normalize_stop
 from .layers import beacon_state_dict, is_beacon_parameter, mark_only_beacon_trainable
 from .loading import capacity_from_files, get_engine, load, unload
 from .model import BeaconModel, BeaconOutput
@@ -23,6 +23,7 @@ __all__ = [
     "check_timeout",
     "get_engine",
     "load",
+    "normalize_stop",
     "read_document",
     "BeaconCache",
     "BeaconConfig",

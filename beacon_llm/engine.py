@@ -23,7 +23,7 @@ import torch
 from . import prompts
 from .aio import iterate_in_thread
 from .cache import BeaconCache
-from .generation import Decoding, TokenSampler, _eos_ids, check_sampling_options
+from .generation import Decoding, TokenSampler, _eos_ids, check_sampling_options, normalize_stop
 from .model import BeaconModel
 from .prefix_store import PrefixStore, prefix_hash
 from .schedule import fit_plan, planned_read_length
@@ -225,11 +225,12 @@ class BeaconEngine:
         fresh = fit_plan(cfg, planned, positions) if cfg.is_fit else None
 
         def usable(stored: BeaconCache) -> bool:
-            """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed."""
+            """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed;
+            other modes: if its ratio (fixed at its first read) holds the prompt and the answer."""
             plan = stored.state.fit_plan
-            if fresh is None or plan is None:
-                return True
-            return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
+            if fresh is not None and plan is not None:
+                return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
+            return cfg.is_fit or self.bm.can_hold(stored, max(planned, needed))
 
         release = self.store.claim(ids, boundary, lambda: guard.check_reading(0, len(ids)))
         try:
@@ -327,7 +328,7 @@ class BeaconEngine:
         top_p: float | None = None,
         top_k: int | None = None,
         repetition_penalty: float | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         cancel: threading.Event | None = None,
         progress: Callable[[int, BeaconCache], None] | None = None,
@@ -345,9 +346,9 @@ class BeaconEngine:
         from ``started`` (a ``time.monotonic()`` value; default: now), checked as often: ``TimeoutError`` is raised.
         """
         check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                               repetition_penalty=repetition_penalty)  # fmt: skip
+                               repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
         guard = _Guard.start(cancel, timeout, started)
-        stops = [s for s in (stop or []) if s]
+        stops = normalize_stop(stop)
         cache, usage = self._read(ids, boundary, max_new_tokens, progress, guard)
         sampler = TokenSampler(
             do_sample=temperature > 0,

@@ -16,6 +16,8 @@ import torch
 
 from ._compat import logits_processors
 
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
 if TYPE_CHECKING:
     from .cache import BeaconCache
     from .model import BeaconModel
@@ -40,6 +42,7 @@ def check_sampling_options(
     top_p: Any = None,
     top_k: Any = None,
     repetition_penalty: Any = None,
+    seed: Any = None,
 ) -> None:
     """The one validation of generation options: constructors (LangChain, LlamaIndex, CLI) and every call check
     through here, so a value refused at construction is refused per call too."""
@@ -57,6 +60,33 @@ def check_sampling_options(
         or not repetition_penalty > 0
     ):
         raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0 = none), or None")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not _SEED_MIN <= seed <= _SEED_MAX):
+        raise ValueError(f"seed={seed!r} must be an int in [-2**63, 2**64 - 1] (torch's seed range), or None")
+
+
+def normalize_stop(stop: str | Sequence[str] | None) -> list[str]:
+    """Stop strings as a list, checked before anything is read: one string is one stop string (as in LangChain and
+    the OpenAI API, never split into characters); every entry must be a non-empty ``str``."""
+    if stop is None:
+        return []
+    if not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"stop={stop!r} must be a str or a list of str, or None")
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty str, got {s!r} in stop={stop!r}")
+    return stops
+
+
+def special_stop_ids(tokenizer: Any, stops: Sequence[str]) -> dict[int, str]:
+    """Stop strings that are exactly one special token (e.g. ``"<|im_start|>"``), by token id. The answer text is
+    decoded without special tokens, so such a stop is matched on its token instead of in the text."""
+    found = {}
+    for s in stops:
+        ids = tokenizer.encode(s, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids) == s and not tokenizer.decode(ids, skip_special_tokens=True):
+            found[int(ids[0])] = s
+    return found
 
 
 class TokenSampler:
@@ -73,15 +103,20 @@ class TokenSampler:
     ) -> None:
         self.do_sample = do_sample
         self.generator = generator
-        self.processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+        processors = logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
         self.needs_history = repetition_penalty not in (None, 1.0)
+        # the repetition penalty (first, as in transformers) looks at the history; the warpers ignore their input ids
+        self.penalty = processors[0] if self.needs_history else None
+        self.processors = processors[1:] if self.needs_history else processors
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         scores = logits.float()[None]  # (1, V)
+        if self.penalty is not None and history:  # an empty history: nothing to penalise yet
+            scores = self.penalty(torch.tensor([history], device=scores.device), scores)
         if self.processors:
-            context = torch.tensor([history if self.needs_history and history else history[-1:] or [0]])
+            context = torch.tensor([history[-1:] or [0]], device=scores.device)
             for proc in self.processors:
-                scores = proc(context.to(scores.device), scores)
+                scores = proc(context, scores)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
             return int(torch.multinomial(probs.cpu(), 1, generator=self.generator)[0, 0])
@@ -140,11 +175,13 @@ class Decoding:
         on_token: Callable[[int], None] | None = None,
         stop_now: Callable[[], bool] | None = None,
     ) -> None:
+        stops = normalize_stop(stops)
         if stops and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.bm, self.cache, self.logits, self.sampler = bm, cache, logits, sampler
         self.max_new_tokens, self.history, self.eos = max_new_tokens, list(history), eos
-        self.stops = [s for s in stops if s]
+        self.stops = stops
+        self.stop_ids = special_stop_ids(tokenizer, stops) if stops else {}
         self.tokenizer, self.stream_text, self.on_token, self.stop_now = tokenizer, stream_text, on_token, stop_now
         self.tokens: list[int] = []
         self.text: str | None = None
@@ -165,6 +202,9 @@ class Decoding:
                     self.on_token(token)
                 if token in self.eos:
                     self.finish = "eos"
+                    break
+                if token in self.stop_ids:  # a special token: never in the decoded text
+                    self.text, self.finish = self._decode(self.tokens[:-1]), "stop"
                     break
                 if watch_text:
                     text = self._decode(self.tokens)
@@ -222,7 +262,7 @@ def generate(
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
-    stop_strings: Sequence[str] | None = None,
+    stop_strings: str | Sequence[str] | None = None,
     tokenizer: Any = None,
     streamer: Any = None,
     generator: torch.Generator | None = None,
@@ -241,7 +281,7 @@ def generate(
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling (use do_sample=False for greedy)")
     tokenizer = tokenizer if tokenizer is not None else bm.tokenizer
-    stops = [s for s in (stop_strings or []) if s]
+    stops = normalize_stop(stop_strings)
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer: pass tokenizer=... or load the model with one")
     cache = cache if cache is not None else bm.new_cache()

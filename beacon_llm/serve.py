@@ -37,7 +37,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BeaconEngine, Completion, ReadCancelled, Usage
-from .generation import check_sampling_options
+from .generation import check_sampling_options, normalize_stop
 from .model import BeaconModel
 
 logger = logging.getLogger(__name__)
@@ -316,12 +316,14 @@ def _answer_options(body: Mapping[str, Any], req: GenerationRequest) -> None:
             _engine_check(name, name, body[name])
             setattr(req, name, body[name])
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
-        raise _bad(f"stop must be a string or a list of strings, got {json.dumps(body['stop'])[:80]}", param="stop")
-    if stop is not None and len(stop) > _MAX_STOP:
-        raise _bad(f"stop has {len(stop)} strings; at most {_MAX_STOP} are accepted", param="stop")
-    req.stop = stop or []
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise _bad(f"stop must be a string or a list of strings, got {json.dumps(stop)[:80]}", param="stop")
+    try:
+        req.stop = normalize_stop(stop)  # the engine's rule: non-empty strings
+    except ValueError as exc:
+        raise _bad(str(exc)[:200], param="stop") from None
+    if len(req.stop) > _MAX_STOP:
+        raise _bad(f"stop has {len(req.stop)} strings; at most {_MAX_STOP} are accepted", param="stop")
     seed = _expect(body, "seed", _is_int, "an integer")
     if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
         raise _bad(f"seed={seed} is out of range: use an integer in [-2**63, 2**64 - 1]", param="seed")

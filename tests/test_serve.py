@@ -246,6 +246,8 @@ BAD_REQUESTS = [
     ("negative temperature", "/v1/chat/completions", _chat(temperature=-1), 400, "temperature=-1 must be a number"),
     ("top_p > 1", "/v1/chat/completions", _chat(top_p=1.5), 400, "top_p=1.5 must be in (0, 1]"),
     ("stop not text", "/v1/chat/completions", _chat(stop=5), 400, "stop must be a string or a list of strings"),
+    ("stop entry not text", "/v1/chat/completions", _chat(stop=["a", 5]), 400, "stop strings must be non-empty"),
+    ("empty stop string", "/v1/chat/completions", _chat(stop=[""]), 400, "stop strings must be non-empty str, got ''"),
     ("seed not int", "/v1/chat/completions", _chat(seed="x"), 400, "seed must be an integer"),
     ("stream not bool", "/v1/chat/completions", _chat(stream="yes"), 400, "stream must be a boolean"),
     ("stream_options unknown", "/v1/chat/completions", _chat(stream=True, stream_options={"foo": True}), 400,

@@ -6,15 +6,19 @@ import threading
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 import beacon_llm
 
 CALL_OPTIONS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "repetition_penalty", "stop", "timeout"}
+# what LangChain itself passes with a call: run bookkeeping, and `stream` (its switch between _generate and _stream)
+_LANGCHAIN_KEYS = {"run_id", "tags", "metadata", "callbacks", "run_name", "stream"}
+# the fields that choose and load a model: meaningless next to an engine object, so refused with one
+_LOADING_FIELDS = ("model", "adapter", "beacon_overrides", "device", "dtype", "cache_dir")
 
 
 def check_options(
-    max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, timeout: Any
+    max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any, timeout: Any
 ) -> None:
     """The engine's one validation of generation options (ValueError), under LangChain's names, and the timeout."""
     try:
@@ -24,6 +28,7 @@ def check_options(
             top_p=top_p,
             top_k=top_k,
             repetition_penalty=repetition_penalty,
+            seed=seed,
         )
     except ValueError as exc:  # the engine's max_new_tokens is LangChain's max_tokens
         raise ValueError(str(exc).replace("max_new_tokens=", "max_tokens=", 1)) from None
@@ -69,9 +74,37 @@ class BeaconFields(BaseModel):
     _engine: Any = PrivateAttr(default=None)
     _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _normalize_stop(cls, stop: Any) -> list[str] | None:
+        """One string is one stop string; entries are checked as per call (``beacon_llm.normalize_stop``)."""
+        return beacon_llm.normalize_stop(stop) or None
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _check_seed(cls, seed: Any) -> Any:
+        """Checked as given (no coercion of "42" or True), with the message of a per-call seed."""
+        beacon_llm.check_sampling_options(seed=seed)
+        return seed
+
     def model_post_init(self, context: Any) -> None:
         super().model_post_init(context)
-        check_options(self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.timeout)
+        check_options(self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed,
+                      self.timeout)  # fmt: skip
+        if self.engine is not None and not isinstance(self.engine, (beacon_llm.BeaconEngine, beacon_llm.BeaconModel)):
+            raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(self.engine).__name__}")
+        if self.engine is not None:
+            given = {"model": self.model, "adapter": self.beacon, "beacon_overrides": self.beacon_overrides or None,
+                     "device": self.device, "dtype": self.dtype, "cache_dir": self.cache_dir}  # fmt: skip
+            if isinstance(self.engine, beacon_llm.BeaconModel):
+                given.pop("cache_dir")  # the engine made around the model persists there
+            conflicts = [name for name in _LOADING_FIELDS if given.get(name) is not None]
+            if conflicts:
+                raise ValueError(
+                    f"{', '.join(conflicts)} cannot be set together with engine=: the engine is already loaded (its "
+                    "model, adapter, beacon config, device, dtype and cache_dir are its own); pass either engine= or "
+                    "these options"
+                )
 
     # -------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -125,12 +158,21 @@ class BeaconFields(BaseModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        """LangChain's LLM-cache key (and trace parameters): whatever changes the answer. An engine object given is
+        keyed by its identity (a hash of its weights and beacon config), so two engines never share answers."""
         return {
             "model_name": self.model_name,
             "adapter": self.beacon,
+            "beacon_overrides": self.beacon_overrides,
+            "dtype": self.dtype,
+            "engine": self.get_engine().identity if self.engine is not None else None,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
-            "beacon_overrides": self.beacon_overrides,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "default_stop": self.stop,  # not "stop": LangChain puts the call's own stop under that key
         }
 
     def get_num_tokens(self, text: str) -> int:
@@ -157,19 +199,19 @@ class BeaconFields(BaseModel):
         """The engine's options for one call: the fields merged with per-call ``kwargs``, validated before anything
         is tokenised or read; ``started`` marks when the call's ``timeout`` begins."""
         started = time.monotonic()
-        unknown = set(kwargs) - CALL_OPTIONS - {"run_id", "tags", "metadata", "callbacks", "run_name"}
+        unknown = set(kwargs) - CALL_OPTIONS - _LANGCHAIN_KEYS
         if unknown:
             raise TypeError(f"unknown generation options {sorted(unknown)}; supported: {sorted(CALL_OPTIONS)}")
-        options = {name: kwargs.get(name, getattr(self, name)) for name in CALL_OPTIONS - {"stop", "seed"}}
+        options = {name: kwargs.get(name, getattr(self, name)) for name in CALL_OPTIONS - {"stop"}}
         check_options(**options)
-        stops = list(self.stop or []) + list(stop or []) + list(kwargs.get("stop") or [])
+        stops = [*(self.stop or []), *beacon_llm.normalize_stop(stop), *beacon_llm.normalize_stop(kwargs.get("stop"))]
         return {
             "max_new_tokens": options["max_tokens"],
             "temperature": options["temperature"],
             "top_p": options["top_p"],
             "top_k": options["top_k"],
             "repetition_penalty": options["repetition_penalty"],
-            "seed": kwargs.get("seed", self.seed),
+            "seed": options["seed"],
             "stop": stops or None,
             "timeout": options["timeout"],
             "started": started,

@@ -96,8 +96,9 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             ls_temperature=kwargs.get("temperature", self.temperature),
             ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
         )
-        if stop or self.stop:
-            params["ls_stop"] = list(stop or self.stop or [])
+        stops = [*(self.stop or []), *beacon_llm.normalize_stop(stop)]
+        if stops:
+            params["ls_stop"] = stops
         return params
 
     def _resolve_model_profile(self) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -52,11 +53,30 @@ class BeaconLLM(BeaconFields, LLM):
         yield from self.get_engine().stream(**(request or self._request(prompt, stop, kwargs)))
 
     async def _aevents(
-        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]
+        self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any], request: dict[str, Any] | None = None
     ) -> AsyncIterator[str | beacon_llm.Completion]:
-        request = await asyncio.to_thread(self._request, prompt, stop, kwargs)
+        if request is None:
+            request = await asyncio.to_thread(self._request, prompt, stop, kwargs)
         async for item in self.get_engine().astream(**request):
             yield item
+
+    def _batch_requests(
+        self, prompts: list[str], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Every prompt's request, checked and tokenised before any is read. Prompts that begin alike (the same book,
+        other questions) mark that beginning as their reusable prefix, so the first call condenses it once and the
+        others reuse it."""
+        requests = [self._request(prompt, stop, kwargs) for prompt in prompts]
+        shared = _common_prefix([r["ids"] for r in requests]) if len(requests) > 1 else 0
+        for request in requests:
+            if shared >= _MIN_SHARED and shared < len(request["ids"]):
+                request["boundary"] = shared
+        return requests
+
+    @staticmethod
+    def _started_now(request: dict[str, Any]) -> dict[str, Any]:
+        """The request with its ``timeout`` clock started now: each prompt of a batch gets its own full time."""
+        return {**request, "started": time.monotonic()}
 
     def _info(self, completion: beacon_llm.Completion) -> dict[str, Any]:
         return {"finish_reason": completion.finish_reason, "usage": usage_metadata(completion.usage)}
@@ -95,16 +115,33 @@ class BeaconLLM(BeaconFields, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        """One generation per prompt, each with its own finish reason and usage in ``generation_info``. Prompts of
-        one batch that begin alike (the same book, other questions) mark that beginning as their reusable prefix, so
-        the first call condenses it once and the others reuse it."""
-        requests = [self._request(prompt, stop, kwargs) for prompt in prompts]
-        shared = _common_prefix([r["ids"] for r in requests]) if len(requests) > 1 else 0
+        """One generation per prompt, each with its own finish reason and usage in ``generation_info``; a shared
+        beginning is read once (:meth:`_batch_requests`)."""
+        generations = []
+        for prompt, request in zip(prompts, self._batch_requests(prompts, stop, kwargs)):
+            completion = self._complete(prompt, stop, run_manager, kwargs, self._started_now(request))
+            generations.append([Generation(text=completion.text, generation_info=self._info(completion))])
+        return LLMResult(generations=generations)
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        """:meth:`_generate` for asyncio (finish reason and usage included); tokenising runs off the event loop."""
+        requests = await asyncio.to_thread(self._batch_requests, prompts, stop, kwargs)
         generations = []
         for prompt, request in zip(prompts, requests):
-            if shared >= _MIN_SHARED and shared < len(request["ids"]):
-                request["boundary"] = shared
-            completion = self._complete(prompt, stop, run_manager, kwargs, request)
+            completion = None
+            async for item in self._aevents(prompt, stop, kwargs, self._started_now(request)):
+                if isinstance(item, str):
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(item)
+                else:
+                    completion = item
+            assert completion is not None
             generations.append([Generation(text=completion.text, generation_info=self._info(completion))])
         return LLMResult(generations=generations)
 

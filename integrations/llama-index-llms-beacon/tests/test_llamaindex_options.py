@@ -174,8 +174,6 @@ def test_model_name_is_the_name_given_before_and_after_loading(engine, monkeypat
     assert llm.metadata.model_name == name
     assert llm.get_engine() is engine
     assert llm.metadata.model_name == name
-    if model is not None:
-        assert BeaconLLM(engine=engine, model=model).metadata.model_name == name
     assert BeaconLLM(engine=engine).metadata.model_name == "converted-model"  # an engine given as is: no path
 
 
@@ -231,7 +229,9 @@ def test_tool_messages_and_tool_arguments_are_refused(engine, spy):
 
 
 # ------------------------------------------------------------------ 5. one sampling validation
-BAD = [("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", -1), ("temperature", -0.5), ("max_new_tokens", 0)]
+BAD = [("top_p", 0), ("top_p", 1.5), ("top_k", 0), ("top_k", -1), ("temperature", -0.5), ("max_new_tokens", 0),
+       ("seed", "42"), ("seed", 1.5), ("seed", True), ("seed", 2**64), ("stop", [123]), ("stop", [None]),
+       ("stop", [""]), ("stop", ""), ("repetition_penalty", 0), ("repetition_penalty", -1.0)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "value"), BAD)
@@ -262,3 +262,71 @@ def test_top_k_is_an_option(engine, spy):
     llm.complete("Once")
     llm.chat(MSGS, top_k=3, max_tokens=2)
     assert [(s["top_k"], s["max_new_tokens"], s["temperature"]) for s in spy.streams] == [(5, 1, 0.7), (3, 2, 0.7)]
+
+
+def test_repetition_penalty_is_an_option(engine, spy):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1, repetition_penalty=1.3)
+    llm.complete("Once")
+    llm.chat(MSGS, repetition_penalty=2.0)
+    llm.complete("Once", repetition_penalty=None)
+    assert [s["repetition_penalty"] for s in spy.streams] == [1.3, 2.0, None]
+
+
+def test_max_new_tokens_and_max_tokens_that_differ_are_refused_before_reading(engine, spy):
+    llm = BeaconLLM(engine=engine, max_new_tokens=1)
+    for call in COMPLETE.values():
+        with pytest.raises(ValueError, match="max_new_tokens=3 and max_tokens=10 differ: pass one of them"):
+            call(llm, "Once", {"max_new_tokens": 3, "max_tokens": 10})
+    assert spy.reads == []
+    llm.complete("Once", max_new_tokens=2, max_tokens=2)
+    assert spy.streams[-1]["max_new_tokens"] == 2
+
+
+# ------------------------------------------------------------------ 6. stop strings and seeds
+def test_a_stop_given_as_one_string_is_one_stop_string(engine, spy):
+    llm = BeaconLLM(engine=engine, max_new_tokens=25)
+    full = llm.complete("Once upon").text
+    stop = full[0] + "\u2603"  # its first character is in the answer, the string never is
+    assert llm.complete("Once upon", stop=stop).text == full
+    assert BeaconLLM(engine=engine, max_new_tokens=25, stop=stop).complete("Once upon").text == full
+    assert spy.streams[-1]["stop"] == [stop]
+
+
+@pytest.mark.parametrize("seed", [None, 0, -1, 2**64 - 1])
+def test_seeds_torch_takes_are_passed_on(engine, spy, seed):
+    BeaconLLM(engine=engine, max_new_tokens=1, temperature=0.7, seed=seed).complete("Once")
+    BeaconLLM(engine=engine, max_new_tokens=1, temperature=0.7).complete("Once", seed=seed)
+    assert [s["seed"] for s in spy.streams] == [seed, seed]
+
+
+# ------------------------------------------------------------------ 7. an engine given as is
+LOADING = [
+    ("model", "tiny-org/tiny-llama"),
+    ("adapter", "/adapters/a"),
+    ("beacon_overrides", {"beacon_ratio": [8]}),
+    ("device", "meta"),
+    ("dtype", "bfloat16"),
+    ("cache_dir", "/tmp/unused"),
+]
+
+
+# cache_dir next to a BeaconModel is where the engine made around it persists (the next test)
+@pytest.mark.parametrize(
+    ("kind", "name", "value"),
+    [
+        (kind, *option)
+        for kind in ("engine", "model")
+        for option in LOADING
+        if (kind, option[0]) != ("model", "cache_dir")
+    ],
+)
+def test_loading_options_next_to_an_engine_are_refused(engine, kind, name, value):
+    given = engine if kind == "engine" else engine.bm
+    with pytest.raises(ValueError, match=f"{name} cannot be set together with engine="):
+        BeaconLLM(engine=given, **{name: value})
+
+
+def test_cache_dir_next_to_a_model_is_where_its_engine_persists(engine, tmp_path):
+    llm = BeaconLLM(engine=engine.bm, cache_dir=str(tmp_path), max_new_tokens=2)
+    llm.chat([ChatMessage(role="system", content="The keeper counted ships. " * 4), *MSGS])
+    assert llm.get_engine().cache_dir == tmp_path and list(tmp_path.glob("*.safetensors"))

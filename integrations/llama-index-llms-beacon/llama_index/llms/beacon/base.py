@@ -23,14 +23,16 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 import beacon_llm
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
-_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+# the fields that choose and load a model: meaningless next to an engine object, so refused with one
+_LOADING_FIELDS = ("model", "adapter", "beacon_overrides", "device", "dtype", "cache_dir")
 _TOOL_ARGS = {"tools", "tool_choice", "tool_required", "allow_parallel_tool_calls", "functions", "function_call"}
 _NO_TOOLS = (
     "BeaconLLM has no tool calling (metadata.is_function_calling_model is False); a ReActAgent describes the "
@@ -60,7 +62,10 @@ class BeaconLLM(CustomLLM):
     temperature: float = Field(default=0.0, description=">= 0; 0 = greedy")
     top_p: float | None = Field(default=None, description="nucleus filtering, in (0, 1]; None = none")
     top_k: int | None = Field(default=None, description="top-k filtering, a positive int; None = none")
-    seed: int | None = Field(default=None)
+    repetition_penalty: float | None = Field(
+        default=None, description="> 0; penalises tokens already in the answer (1.0 or None = none)"
+    )
+    seed: int | None = Field(default=None, description="sampling seed, an int in [-2**63, 2**64 - 1]")
     stop: list[str] | None = Field(default=None, description="stop strings (output is cut before them)")
 
     _engine: Any = PrivateAttr(default=None)
@@ -69,18 +74,43 @@ class BeaconLLM(CustomLLM):
 
     def __init__(self, engine: beacon_llm.BeaconEngine | beacon_llm.BeaconModel | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if engine is not None and not isinstance(engine, (beacon_llm.BeaconEngine, beacon_llm.BeaconModel)):
+            raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(engine).__name__}")
+        if engine is not None:
+            given = {name: getattr(self, name) for name in _LOADING_FIELDS}
+            if isinstance(engine, beacon_llm.BeaconModel):
+                given.pop("cache_dir")  # the engine made around the model persists there
+            conflicts = [name for name, value in given.items() if value not in (None, {})]
+            if conflicts:
+                raise ValueError(
+                    f"{', '.join(conflicts)} cannot be set together with engine=: the engine is already loaded (its "
+                    "model, adapter, beacon config, device, dtype and cache_dir are its own); pass either engine= or "
+                    "these options"
+                )
         if isinstance(engine, beacon_llm.BeaconModel):
             engine = beacon_llm.BeaconEngine(engine, cache_dir=self.cache_dir)
-        if engine is not None and not isinstance(engine, beacon_llm.BeaconEngine):
-            raise TypeError(f"engine must be a BeaconEngine or BeaconModel, got {type(engine).__name__}")
         self._engine = engine
         self._explicit_engine = engine is not None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _normalize_stop(cls, stop: Any) -> list[str] | None:
+        """One string is one stop string; entries are checked as per call (``beacon_llm.normalize_stop``)."""
+        return beacon_llm.normalize_stop(stop) or None
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _check_seed(cls, seed: Any) -> Any:
+        """Checked as given (no coercion of "42" or True), with the message of a per-call seed."""
+        beacon_llm.check_sampling_options(seed=seed)
+        return seed
 
     @model_validator(mode="after")
     def _check_sampling(self) -> BeaconLLM:
         """The same validation as every call (``beacon_llm.check_sampling_options``)."""
         beacon_llm.check_sampling_options(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                          top_p=self.top_p, top_k=self.top_k)  # fmt: skip
+                                          top_p=self.top_p, top_k=self.top_k,
+                                          repetition_penalty=self.repetition_penalty, seed=self.seed)  # fmt: skip
         return self
 
     @classmethod
@@ -126,8 +156,9 @@ class BeaconLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """``model_name`` is the name given (stable before and after loading); ``context_window`` the beacon
-        capacity (``capacity_from_files`` raises ValueError naming the cause when the files cannot be read)."""
+        """``model_name`` is the name given (stable before and after loading), or the model of an engine given as
+        is; ``context_window`` the beacon capacity (``capacity_from_files`` raises ValueError naming the cause when
+        the files cannot be read)."""
         if self._engine is not None:
             capacity = self._engine.capacity
         else:
@@ -141,10 +172,8 @@ class BeaconLLM(CustomLLM):
         )
 
     def _model_name(self) -> str:
-        if self.model:
-            return self.model
         if not self._explicit_engine:
-            return EMBEDDED_NAME
+            return self.model or EMBEDDED_NAME
         name = str(getattr(self._engine.bm.model.config, "_name_or_path", "") or "")  # an engine given as is
         if name and (os.path.isabs(name) or os.path.isdir(name)):
             name = os.path.basename(os.path.normpath(name))
@@ -164,15 +193,22 @@ class BeaconLLM(CustomLLM):
         unknown = set(kwargs) - set(_OPTIONS)
         if unknown:
             raise TypeError(f"unknown generation options {sorted(unknown)}; supported: {sorted(_OPTIONS)}")
+        if "max_new_tokens" in kwargs and "max_tokens" in kwargs and kwargs["max_new_tokens"] != kwargs["max_tokens"]:
+            raise ValueError(
+                f"max_new_tokens={kwargs['max_new_tokens']!r} and max_tokens={kwargs['max_tokens']!r} differ: "
+                "pass one of them"
+            )
         sampling = {
             "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
             "temperature": kwargs.get("temperature", self.temperature),
             "top_p": kwargs.get("top_p", self.top_p),
             "top_k": kwargs.get("top_k", self.top_k),
+            "repetition_penalty": kwargs.get("repetition_penalty", self.repetition_penalty),
+            "seed": kwargs.get("seed", self.seed),
         }
         beacon_llm.check_sampling_options(**sampling)
-        stops = list(self.stop or []) + list(kwargs.get("stop") or [])
-        return {**sampling, "seed": kwargs.get("seed", self.seed), "stop": stops or None}
+        stops = [*(self.stop or []), *beacon_llm.normalize_stop(kwargs.get("stop"))]
+        return {**sampling, "stop": stops or None}
 
     def _completion_request(self, prompt: str, formatted: bool, cached_prefix: str | None,
                             kwargs: dict[str, Any]) -> Callable[[], dict[str, Any]]:  # fmt: skip
