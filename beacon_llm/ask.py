@@ -19,7 +19,7 @@ def load_for_cli(args: argparse.Namespace) -> Any:
 
     from .loading import DEFAULT_ANSWER_RESERVE, inference_overrides, load
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     overrides: dict[str, Any] = {}
     if args.ratio:
@@ -28,7 +28,7 @@ def load_for_cli(args: argparse.Namespace) -> Any:
         overrides["beacon_ratio_mix"] = args.ratio_mix
     # default: read raw what fits the positions, condense only the oldest windows of the rest (at the largest ratio)
     overrides = inference_overrides(overrides, max(args.max_new_tokens, DEFAULT_ANSWER_RESERVE))
-    if args.window:
+    if args.window is not None:
         overrides["beacon_window"] = args.window
     try:
         return load(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, **overrides)

@@ -11,6 +11,46 @@ from pathlib import Path
 from .cli_errors import CliError
 
 EXIT_USAGE = 2
+# device_map strategies transformers accepts besides a device name
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be >= 1 (threads, window sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return value
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine has not got, before anything is read or loaded: raises :class:`CliError`
+    naming it and what to use instead."""
+    if device is None or device in DEVICE_MAP_STRATEGIES:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise CliError(f"--device={device!r} is not a device ({exc}); use e.g. cpu, cuda, cuda:1 or auto") from exc
+    if parsed.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is not None and not is_available():
+        if parsed.type == "cuda" and not torch.backends.cuda.is_built():
+            raise CliError(
+                f"--device={device!r}: this PyTorch ({torch.__version__}) was built without CUDA; use --device cpu, "
+                "or install a CUDA build of PyTorch"
+            )
+        raise CliError(f"--device={device!r}: no {parsed.type} device is available here; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise CliError(f"--device={device!r}: there are {count()} {parsed.type} devices (0..{count() - 1})")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,12 +66,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="weights dtype (auto: bfloat16 on a CPU with native bf16, else float32; a GPU: the checkpoint's)",
     )  # fmt: skip
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def _add_beacon_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("beacons")
-    g.add_argument("--window", type=int, default=None, help="beacon window (raw tokens per window)")
+    g.add_argument("--window", type=positive_int, default=None, help="beacon window (raw tokens per window)")
     g.add_argument(
         "--ratio", type=int, nargs="+", default=None, help="compression ratio(s); fit-N condenses at the largest"
     )
@@ -78,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", nargs="+", required=True, help=".txt / .md / .jsonl training files")
     tr.add_argument("--output-dir", required=True)
     tr.add_argument("--init-adapter", default=None, help="start from these beacons instead of fresh ones")
-    tr.add_argument("--window", type=int, default=1024)
+    tr.add_argument("--window", type=positive_int, default=1024)
     tr.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     tr.add_argument("--pos", default="interleave", choices=["interleave", "append"])
     tr.add_argument("--attn", default="full-coverage", choices=["full-coverage", "step-expansion", "segmentation"])
@@ -119,19 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _torch_setup(args: argparse.Namespace) -> None:
     import torch
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
+
+
+def _training_texts(paths: Sequence[str]) -> list[str]:
+    """The texts of the ``--data`` files (:func:`beacon_llm.tasks.read_corpus`; its errors name the file)."""
+    from .tasks import read_corpus
+
+    try:
+        return read_corpus(paths)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from exc
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import BeaconConfig, from_pretrained
+    from ._compat import load_tokenizer
     from .loading import resolve_model
-    from .tasks import SampleStream, read_corpus
+    from .tasks import SampleStream
     from .training import TrainConfig, train
 
     _torch_setup(args)
     try:
-        texts = read_corpus(args.data)
         cfg = BeaconConfig(
             window=args.window,
             ratios=tuple(args.ratios),
@@ -155,16 +205,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             gradient_checkpointing=not args.no_gradient_checkpointing,
             mixed_precision=args.mixed_precision,
         )
-    except (ValueError, FileNotFoundError) as exc:
+        texts = _training_texts(args.data)
+        path = resolve_model(args.model)
+    except ValueError as exc:
         raise CliError(str(exc)) from exc
-    path = resolve_model(args.model)
-    if args.init_adapter:
-        bm = from_pretrained(path, adapter=args.init_adapter, dtype=args.dtype, device_map=args.device)
-    else:
-        bm = from_pretrained(path, beacon_config=cfg, dtype=args.dtype, device_map=args.device)
-    if bm.tokenizer is None:
+    tokenizer = load_tokenizer(path)  # the data is tokenised before the model is loaded: bad data fails fast
+    if tokenizer is None:
         raise CliError(f"{path} has no tokenizer; training needs one")
-    stream = SampleStream(texts, bm.tokenizer, args.seq_len, task_rate=args.task_rate, seed=args.seed)
+    try:
+        stream = SampleStream(texts, tokenizer, args.seq_len, task_rate=args.task_rate, seed=args.seed)
+    except ValueError as exc:
+        raise CliError(f"{', '.join(args.data)}: {exc}") from exc
+    beacons = {"adapter": args.init_adapter} if args.init_adapter else {"beacon_config": cfg}
+    try:
+        bm = from_pretrained(path, **beacons, dtype=args.dtype, device_map=args.device, tokenizer=False)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"cannot load the model: {exc}") from exc
+    bm.tokenizer = tokenizer
     state = train(bm, stream, tcfg, resume=not args.fresh, stop_after=args.stop_after)
     print(
         f"trained to step {state.step}: {state.tokens} tokens in {state.elapsed_s:.0f} s; "
@@ -183,13 +240,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank={args.rank} must be >= 1")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"{output} is a file; give the folder to write the adapter to (new, or an adapter to replace)")
     try:
         overrides = {"beacon_ratio_mix": args.ratio_mix} if args.ratio_mix else {}
         bm = from_pretrained(resolve_model(args.model), adapter=args.adapter, tokenizer=False, **overrides)
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from exc
-    save_adapter(bm, args.output, dtype=getattr(torch, args.dtype), rank=args.rank)
-    size = sum(f.stat().st_size for f in Path(args.output).iterdir())
+    try:
+        save_adapter(bm, str(output), dtype=getattr(torch, args.dtype), rank=args.rank)
+    except OSError as exc:
+        raise CliError(f"cannot write the adapter to {output}: {exc}") from exc
+    size = sum(f.stat().st_size for f in output.iterdir())
     print(f"wrote {args.output} ({size / 2**20:.1f} MiB)")
     return 0
 
@@ -224,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         handlers.update(ask=cmd_ask, chat=cmd_chat)
     try:
+        check_device(getattr(args, "device", None))
         return handlers[args.command](args)
     except CliError as exc:
         print(f"beacon-llm: error: {exc}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import html
 import posixpath
 import re
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 from xml.etree import ElementTree
 
 SUPPORTED = (".txt", ".md", ".markdown", ".text", ".epub", ".pdf")
@@ -51,6 +53,68 @@ def _html_text(markup: str) -> str:
     return re.sub(r"\n\s*\n\s*\n+", "\n\n", text).strip()
 
 
+# byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's), and the first bytes of an XML declaration
+# written without one (XML 1.0 appendix F)
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_UNMARKED = ((b"<\x00?\x00", "utf-16-le"), (b"\x00<\x00?", "utf-16-be"))
+_XML_ENCODING = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z][A-Za-z0-9._-]*)["']""")
+
+
+def _chapter_encoding(data: bytes) -> str:
+    """The encoding of an (X)HTML chapter: its byte-order mark, else its XML declaration's, else UTF-8."""
+    for mark, encoding in _BOMS:
+        if data.startswith(mark):
+            return encoding
+    for start, encoding in _UNMARKED:
+        if data.startswith(start):
+            return encoding
+    declared = _XML_ENCODING.match(data)
+    if declared is None:
+        return "utf-8"
+    encoding = declared.group(1).decode("ascii")
+    try:
+        wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+    except LookupError:
+        return encoding  # the caller names it
+    # a declaration readable as ASCII is wrong about a 16/32-bit encoding (that text starts with a BOM or `<\0?\0`)
+    return "utf-8" if wide else encoding
+
+
+def _decode_chapter(data: bytes, name: str, path: Path) -> str:
+    """A chapter's text in its own encoding (:func:`_chapter_encoding`), decoded strictly: a chapter that does not
+    decode raises :class:`DocumentError` naming it instead of turning into replacement characters."""
+    encoding = _chapter_encoding(data)
+    try:
+        text = data.decode(encoding)
+    except LookupError as exc:
+        raise DocumentError(
+            f"{path}: chapter {name} declares an unknown encoding {encoding!r}; re-save the book as UTF-8"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise DocumentError(
+            f"{path}: chapter {name} is not valid {encoding} ({exc.reason} at byte {exc.start}); "
+            "re-save the book as UTF-8"
+        ) from exc
+    if "\x00" in text:
+        raise DocumentError(
+            f"{path}: chapter {name} contains NUL characters (UTF-16 without a byte-order mark?); re-save the book "
+            "as UTF-8"
+        )
+    return text
+
+
+def _chapter_path(base: str, href: str) -> str:
+    """The archive name of a manifest ``href`` (a URL relative to the package file in folder ``base``):
+    percent-decoded, without a fragment, ``.`` and ``..`` resolved."""
+    return posixpath.normpath(posixpath.join(base, unquote(href.split("#", 1)[0])))
+
+
 def _read_epub(path: Path) -> str:
     with zipfile.ZipFile(path) as zf:
         container = ElementTree.fromstring(zf.read("META-INF/container.xml"))
@@ -67,7 +131,8 @@ def _read_epub(path: Path) -> str:
         for ref in opf.findall(".//o:spine/o:itemref", ons):
             href = manifest.get(ref.attrib.get("idref", ""))
             if href:
-                chapters.append(_html_text(zf.read(posixpath.join(base, href)).decode("utf-8", "replace")))
+                name = _chapter_path(base, href)
+                chapters.append(_html_text(_decode_chapter(zf.read(name), name, path)))
     return "\n\n".join(c for c in chapters if c)
 
 
@@ -96,7 +161,11 @@ def read_document(path: str | Path) -> str:
         elif suffix == ".pdf":
             text = _read_pdf(p)
         else:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")  # without the byte-order mark some editors write
+            if "\x00" in text:
+                raise DocumentError(
+                    f"{p}: not UTF-8 text (it contains NUL characters: UTF-16 or a binary file?); convert it to UTF-8"
+                )
     except DocumentError:
         raise
     except UnicodeDecodeError as exc:

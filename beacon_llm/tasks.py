@@ -26,22 +26,38 @@ class Sample:
 
 
 def read_corpus(paths: Sequence[str | Path]) -> list[str]:
-    """Texts of ``.txt`` / ``.md`` files and of ``.jsonl`` files (field ``text``, one document per line)."""
+    """Texts of ``.jsonl`` files (field ``text``, one document per line) and of documents
+    (:func:`beacon_llm.documents.read_document`: ``.txt``, ``.md``, ``.epub``, ``.pdf``). Raises ``FileNotFoundError``
+    for a missing file and ``ValueError`` naming the file (and line) for one that is not UTF-8, not JSON Lines
+    of objects with a ``text`` field, or holds no text."""
+    from .documents import read_document
+
     texts: list[str] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"training data file {path} does not exist")
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+        if path.suffix != ".jsonl":
+            texts.append(read_document(path))
+            continue
+        found = 0
+        try:
+            with path.open(encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
-                    if line.strip():
+                    if not line.strip():
+                        continue
+                    try:
                         record = json.loads(line)
-                        if "text" not in record:
-                            raise ValueError(f"{path}:{n}: JSONL records need a 'text' field")
-                        texts.append(str(record["text"]))
-        else:
-            texts.append(path.read_text(encoding="utf-8"))
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{n}: not a JSON line ({exc}); write one JSON object a line") from exc
+                    if not isinstance(record, dict) or "text" not in record:
+                        raise ValueError(f"{path}:{n}: JSONL records need to be objects with a 'text' field")
+                    texts.append(str(record["text"]))
+                    found += bool(str(record["text"]).strip())
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason}); convert it to UTF-8") from exc
+        if not found:
+            raise ValueError(f"{path}: no training text in it; remove it from the training files")
     if not texts:
         raise ValueError("no training text found in the given files")
     return texts

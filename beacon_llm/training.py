@@ -29,7 +29,7 @@ from torch import nn
 
 from .layers import GATE_NAME, clamp_memory_gates_, is_beacon_parameter
 from .model import BeaconModel
-from .serialization import load_beacon_weights, save_adapter
+from .serialization import _write_atomically, load_beacon_weights, save_adapter
 from .tasks import (
     CONDENSED_TASKS,
     IGNORE,
@@ -47,6 +47,7 @@ from .tasks import (
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
 OPTIM_NAME = "optimizer.safetensors"
+HISTORY_NAME = "history.json"
 
 
 @dataclass
@@ -72,10 +73,24 @@ class TrainConfig:
         for name in ("steps", "seq_len", "grad_accum", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+        _check_optimizer_settings(self)
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay={self.weight_decay} must be a finite number >= 0 (0: no decay)")
+        if not 0.0 <= self.task_rate <= 1.0:  # also rejects NaN
+            raise ValueError(f"task_rate={self.task_rate} must be within [0, 1] (the share of generated task samples)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} must be 'no', 'bf16' or 'fp16'")
+
+
+def _check_optimizer_settings(cfg: TrainConfig | FitTrainConfig) -> None:
+    """The settings both configs share: ``lr`` a finite number > 0, ``max_grad_norm`` finite and >= 0 (0: no
+    clipping), ``warmup_steps`` >= 0. Each test is written so that NaN fails it."""
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"lr={cfg.lr} must be a finite number > 0 (e.g. 5e-5)")
+    if not (cfg.max_grad_norm >= 0 and math.isfinite(cfg.max_grad_norm)):
+        raise ValueError(f"max_grad_norm={cfg.max_grad_norm} must be a finite number >= 0 (0: no clipping)")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be >= 0")
 
 
 @dataclass
@@ -147,6 +162,13 @@ def save_checkpoint(
 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+def write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
+    """``out_dir/history.json``, written under a unique temporary name and renamed: a reader (or a run killed
+    while writing) never sees it half-written."""
+    text = json.dumps(history)
+    _write_atomically(str(out_dir / HISTORY_NAME), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -255,8 +277,7 @@ def train(
         bm.gradient_checkpointing = False
     if accelerator.is_main_process and state.step == cfg.steps:
         save_adapter(bm, str(out_dir / "final"))
-        with open(out_dir / "history.json", "w") as f:
-            json.dump(state.history, f)
+        write_history(out_dir, state.history)
     return state
 
 
@@ -335,9 +356,12 @@ class FitTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.positions >= self.seq_len:
             raise ValueError(f"positions={self.positions} must be below seq_len={self.seq_len}: nothing to condense")
-        if self.kl_weight < 0 or self.ce_weight < 0 or (self.kl_weight + self.ce_weight == 0 and self.recall_rate < 1):
+        _check_optimizer_settings(self)
+        weights_ok = self.kl_weight >= 0 and self.ce_weight >= 0 and math.isfinite(self.kl_weight + self.ce_weight)
+        if not weights_ok or (self.kl_weight + self.ce_weight == 0 and self.recall_rate < 1):
             raise ValueError(
-                "kl_weight and ce_weight must be >= 0, and not both 0 (unless every sample is a recall task)"
+                f"kl_weight={self.kl_weight} and ce_weight={self.ce_weight} must be finite and >= 0, and not both 0 "
+                "(unless every sample is a recall task)"
             )
         if not self.ratios or any(r <= 0 for r in self.ratios):
             raise ValueError(f"ratios={self.ratios} must be positive")
@@ -588,8 +612,7 @@ def train_fit(
         bar.close()
         bm.model.eval()
     save_adapter(bm, str(out_dir / "final"))
-    with open(out_dir / "history.json", "w") as f:
-        json.dump(state.history, f)
+    write_history(out_dir, state.history)
     return state
 
 

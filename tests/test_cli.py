@@ -122,3 +122,123 @@ def test_epub_is_read(run, tmp_path):
 
     assert read_document(path) == "Toto was a little black dog."
     assert run("ask", str(path), "Who is Toto?")[0] == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ask", "doc.txt", "q?", "--window", "0"], "argument --window: '0' must be a whole number >= 1"),
+        (["ask", "doc.txt", "q?", "--threads", "0"], "argument --threads: '0' must be a whole number >= 1"),
+        (["chat", "doc.txt", "--threads", "-1"], "argument --threads: '-1' must be a whole number >= 1"),
+        (["train", "--data", "a.txt", "--output-dir", "o", "--window", "-4"], "argument --window: '-4' must be"),
+        (["serve", "--window", "x"], "argument --window: 'x' must be a whole number >= 1"),
+    ],
+)
+def test_counts_below_1_are_refused_before_anything_is_read(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _doc(tmp_path)
+    monkeypatch.setattr("beacon_llm.loading.load", _not_called)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _not_called(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was refused")
+
+
+def _cuda(monkeypatch, built, available, count):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize(
+    "device, cuda, message",
+    [
+        (None, (False, False, 0), None),
+        ("cpu", (False, False, 0), None),
+        ("auto", (False, False, 0), None),
+        ("cuda:1", (True, True, 2), None),
+        ("cuda", (False, False, 0), r"--device='cuda': this PyTorch \(.*\) was built without CUDA; use --device cpu"),
+        ("cuda:0", (True, False, 0), "--device='cuda:0': no cuda device is available here; use --device cpu"),
+        ("cuda:3", (True, True, 2), r"--device='cuda:3': there are 2 cuda devices \(0..1\)"),
+        ("gpu", (True, True, 1), "--device='gpu' is not a device .*; use e.g. cpu, cuda, cuda:1 or auto"),
+    ],
+)
+def test_check_device(device, cuda, message, monkeypatch):
+    from beacon_llm.cli import check_device
+    from beacon_llm.cli_errors import CliError
+
+    _cuda(monkeypatch, *cuda)
+    if message is None:
+        check_device(device)
+    else:
+        with pytest.raises(CliError, match=message):
+            check_device(device)
+
+
+def test_a_missing_device_exits_2_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    _cuda(monkeypatch, False, False, 0)
+    monkeypatch.setattr("beacon_llm.loading.load", _not_called)
+    assert main(["ask", _doc(tmp_path), "q?", "--device", "cuda"]) == 2
+    assert "beacon-llm: error: --device='cuda': this PyTorch" in capsys.readouterr().err
+
+
+def test_export_to_a_file_exits_2_before_the_model_loads(tiny_dirs, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    monkeypatch.setattr(beacon_llm, "from_pretrained", _not_called)
+    assert main(["export", str(tiny_dirs / "adapter"), str(target), "--model", str(tiny_dirs / "base")]) == 2
+    assert f"beacon-llm: error: {target} is a file; give the folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def _train(tiny_dirs, tmp_path, data, *extra):
+    args = ["train", "--model", str(tiny_dirs / "base"), "--data", *data, "--output-dir", str(tmp_path / "run")]
+    return main(
+        [*args, "--steps", "1", "--seq-len", "64", "--grad-accum", "1", "--window", "16", "--ratios", "2", *extra]
+    )
+
+
+def test_train_runs_from_the_command_line(tiny_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BEACON_LLM_HOME", str(tmp_path / "home"))
+    data = _doc(tmp_path, "Dorothy lived in Kansas with Uncle Henry and Aunt Em. " * 8)
+    assert _train(tiny_dirs, tmp_path, [data], "--task-rate", "0") == 0
+    assert "trained to step 1" in capsys.readouterr().out
+    assert (tmp_path / "run" / "history.json").is_file() and (tmp_path / "run" / "final").is_dir()
+
+
+OK_TEXT = "Dorothy lived in Kansas with Uncle Henry and Aunt Em. " * 8
+
+
+@pytest.mark.parametrize(
+    "name, content, extra, message",
+    [
+        ("empty.txt", "", [], r"empty.txt: the document is empty"),
+        ("x.txt", "x", [], "x.txt: training texts are empty after tokenisation"),
+        ("ok.txt", OK_TEXT, ["--task-rate", "2"], r"task_rate=2.0 must be within \[0, 1\]"),
+        ("ok.txt", OK_TEXT, ["--task-rate", "nan"], r"task_rate=nan must be within \[0, 1\]"),
+        ("ok.txt", OK_TEXT, ["--lr", "nan"], "lr=nan must be a finite number > 0"),
+        ("ok.txt", OK_TEXT, ["--lr", "inf"], "lr=inf must be a finite number > 0"),
+        ("ok.txt", OK_TEXT, ["--warmup-steps", "-1"], "warmup_steps=-1 must be >= 0"),
+        ("bad.jsonl", '{"text": "a"}\n{not json\n', [], r"bad.jsonl:2: not a JSON line \(Expecting"),
+        ("num.jsonl", "5\n", [], "num.jsonl:1: JSONL records need to be objects with a 'text' field"),
+        ("list.jsonl", "[1, 2]\n", [], "list.jsonl:1: JSONL records need to be objects with a 'text' field"),
+        ("latin1.txt", b"caf\xe9 au lait", [], r"latin1.txt: not UTF-8 text \(invalid"),
+        ("latin1.jsonl", b'{"text": "caf\xe9"}\n', [], r"latin1.jsonl: not UTF-8 text \(invalid"),
+    ],
+)
+def test_bad_training_input_exits_2_naming_it_before_the_model_loads(
+    tiny_dirs, tmp_path, monkeypatch, capsys, name, content, extra, message
+):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    monkeypatch.setattr(beacon_llm, "from_pretrained", _not_called)
+    assert _train(tiny_dirs, tmp_path, [str(path)], *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("beacon-llm: error: ") and re.search(message, err), err
+    assert not (tmp_path / "run").exists()

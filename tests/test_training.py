@@ -1,5 +1,8 @@
 """Training on a tiny model: loss goes down, only beacons change, resume is bit-identical, data is seeded."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ import beacon_llm
 from beacon_llm import BeaconConfig
 from beacon_llm.tasks import IGNORE, SampleStream, make_task, read_corpus
 from beacon_llm.testing import tiny_base_model, tiny_beacon_model
-from beacon_llm.training import TrainConfig, train
+from beacon_llm.training import FitTrainConfig, TrainConfig, train, train_fit
 
 TEXT = "Dorothy lived in the midst of the great Kansas prairies, with Uncle Henry, who was a farmer. " * 40
 CFG = BeaconConfig(window=16, ratios=(2, 4, 8), ratio_mix="step-random")
@@ -87,7 +90,79 @@ def test_corpus_errors(tmp_path):
         read_corpus([tmp_path / "none.txt"])
     bad = tmp_path / "x.jsonl"
     bad.write_text('{"body": "no text field"}\n')
-    with pytest.raises(ValueError, match="x.jsonl:1: JSONL records need a 'text' field"):
+    with pytest.raises(ValueError, match="x.jsonl:1: JSONL records need to be objects with a 'text' field"):
         read_corpus([bad])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('\n{"text": "  "}\n')
+    with pytest.raises(ValueError, match="blank.jsonl: no training text in it"):
+        read_corpus([blank])
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffOnce upon a time.".encode())
+    assert read_corpus([bom]) == ["Once upon a time."]
     with pytest.raises(ValueError, match="steps=0"):
         TrainConfig(output_dir=str(tmp_path), steps=0)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"task_rate": 2.0}, r"task_rate=2.0 must be within \[0, 1\]"),
+        ({"task_rate": -0.1}, r"task_rate=-0.1 must be within \[0, 1\]"),
+        ({"task_rate": NAN}, r"task_rate=nan must be within \[0, 1\]"),
+        ({"lr": NAN}, "lr=nan must be a finite number > 0"),
+        ({"lr": INF}, "lr=inf must be a finite number > 0"),
+        ({"lr": 0.0}, "lr=0.0 must be a finite number > 0"),
+        ({"max_grad_norm": NAN}, "max_grad_norm=nan must be a finite number >= 0"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0 must be a finite number >= 0"),
+        ({"weight_decay": NAN}, "weight_decay=nan must be a finite number >= 0"),
+        ({"warmup_steps": -1}, "warmup_steps=-1 must be >= 0"),
+    ],
+)
+def test_train_config_refuses_out_of_range_and_nan_values(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(output_dir=str(tmp_path), **fields)
+
+
+@pytest.mark.parametrize("fields", [{}, {"task_rate": 0.0}, {"task_rate": 1.0}, {"max_grad_norm": 0.0}])
+def test_train_config_accepts_the_bounds(tmp_path, fields):
+    TrainConfig(output_dir=str(tmp_path), **fields)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"lr": NAN}, "lr=nan must be a finite number > 0"),
+        ({"lr": -1e-4}, "lr=-0.0001 must be a finite number > 0"),
+        ({"max_grad_norm": NAN}, "max_grad_norm=nan must be a finite number >= 0"),
+        ({"warmup_steps": -2}, "warmup_steps=-2 must be >= 0"),
+        ({"kl_weight": NAN}, "kl_weight=nan and ce_weight=0.0 must be finite and >= 0"),
+        ({"ce_weight": INF}, "kl_weight=1.0 and ce_weight=inf must be finite and >= 0"),
+    ],
+)
+def test_fit_train_config_refuses_nan_and_out_of_range_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        FitTrainConfig(output_dir="x", seq_len=128, positions=64, **fields)
+
+
+def _run_fit(out):
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(4, 8), ratio_mix="fit-0"), max_position_embeddings=256)
+    cfg = FitTrainConfig(output_dir=str(out), steps=1, seq_len=128, positions=64, ratios=(4,), grad_accum=1,
+                         kl_weight=0.0, ce_weight=1.0, save_every=1)  # fmt: skip
+    return train_fit(bm, SampleStream([TEXT], bm.tokenizer, 128, seed=1), cfg, teacher=None)
+
+
+@pytest.mark.parametrize("run", [lambda out: _run(out, steps=1)[1], _run_fit], ids=["train", "train_fit"])
+def test_history_is_replaced_by_rename_not_rewritten_in_place(tmp_path, run):
+    out = tmp_path / "run"
+    out.mkdir()
+    old = tmp_path / "old-history.json"
+    old.write_text('[{"step": 0}]')
+    os.link(old, out / "history.json")  # a reader holding the previous file keeps reading it whole
+    state = run(out)
+    assert old.read_text() == '[{"step": 0}]'
+    assert json.loads((out / "history.json").read_text()) == json.loads(json.dumps(state.history))
+    assert len(state.history) == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
