@@ -204,7 +204,7 @@ class BeaconModel:
     def _memo_digest(self, slot: str, text: str, params: list[tuple[str, torch.nn.Parameter]]) -> str:
         """sha256 of ``text`` and of ``params`` (names, dtypes, shapes, bytes), kept in ``slot`` until a parameter
         is replaced or changed in place (its version counter moves)."""
-        key = (text, tuple((id(p), p._version) for _, p in params))
+        key = (text, [p._version for _, p in params])  # the list is the model's own: the same objects each call
         memo = self.__dict__.get(slot)
         if memo is not None and memo[0] == key:
             return memo[1]
@@ -223,8 +223,8 @@ class BeaconModel:
         kernels serve it): they round bf16 differently, so a condensed prefix is kept per choice."""
         impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         with torch.no_grad():
-            like = torch.empty(0, dtype=self.dtype, device=self.model.device)
-            return impl + ("+native" if self._native_read(like) is not None else "")
+            native = self._native_read(self.model.model.embed_tokens.weight)  # a read runs in the weights' dtype
+        return impl + ("+native" if native is not None else "")
 
     def identity(self) -> str:
         """A stable hash of the base model (name, config and weights), of the beacon weights and config and of the
