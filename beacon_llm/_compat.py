@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -143,14 +145,30 @@ def load_base_config(path: str, **kwargs: Any) -> PretrainedConfig:
 def load_base_model(path: str, config: PretrainedConfig, **kwargs: Any) -> nn.Module:
     """The stock model of a checkpoint folder. Its beacon tensors are loaded separately (strictly), so the
     loader's report of them as "unexpected keys" is not shown."""
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+
+
+_quiet_lock = threading.Lock()
+_quiet_loads: list[int] = []  # the verbosity to restore, while loads are running (one entry per running load)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' log level at "error" while any load runs (its verbosity is one setting per process): the
+    first of overlapping loads saves the level, the last restores it."""
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    with _quiet_lock:
+        _quiet_loads.append(_quiet_loads[0] if _quiet_loads else hf_logging.get_verbosity())
+        hf_logging.set_verbosity_error()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+        yield
     finally:
-        hf_logging.set_verbosity(previous)
+        with _quiet_lock:
+            previous = _quiet_loads.pop()
+            if not _quiet_loads:
+                hf_logging.set_verbosity(previous)
 
 
 def load_tokenizer(path: str) -> object | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -159,7 +160,7 @@ def from_pretrained(
     transformers' default; ``torch_dtype`` is accepted as its older name. Remote code is never executed.
     """
     if torch_dtype is not None:
-        if dtype is not None and dtype != torch_dtype:
+        if dtype is not None and resolve_dtype(dtype, device_map) != resolve_dtype(torch_dtype, device_map):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
         dtype = torch_dtype
     unknown = sorted(k for k in beacon_overrides if not k.startswith("beacon_"))
@@ -169,12 +170,20 @@ def from_pretrained(
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         raw_config = json.load(f)
     has_beacon_config = any(k.startswith("beacon_") for k in raw_config)
+    if adapter is not None and beacon_config is not None:
+        raise ValueError(
+            "adapter= and beacon_config= were both given: an adapter carries its own beacon config; pass one of them "
+            "(change the adapter's settings with beacon_* overrides, e.g. beacon_ratio=[8])"
+        )
     if adapter is not None:
         adapter_folder = _resolve(adapter)
         with open(os.path.join(adapter_folder, CONFIG_NAME), encoding="utf-8") as f:
             bcfg = BeaconConfig.from_dict(json.load(f), **beacon_overrides)
     elif beacon_config is not None:
-        bcfg = beacon_config
+        bcfg = beacon_config  # with overrides applied on top, as on a checkpoint's config
+        if beacon_overrides:
+            given = {**beacon_config.to_dict(), "beacon_era": beacon_config.era}
+            bcfg = BeaconConfig.from_dict(given, **beacon_overrides)
     elif has_beacon_config:
         bcfg = BeaconConfig.from_dict(raw_config, **beacon_overrides)
     else:
@@ -196,7 +205,7 @@ def from_pretrained(
     bm = BeaconModel.attach(base, bcfg, tok)
     if adapter is not None:
         path = os.path.join(_resolve(adapter), ADAPTER_WEIGHTS_NAME)
-        load_beacon_weights(base, expand_adapter_tensors(base, load_file(path)), path)
+        load_beacon_weights(base, read_adapter_tensors(base, path), path)
     elif beacon_config is None:
         load_beacon_weights(base, _read_beacon_tensors(_weight_files(folder)), folder)
     base.eval()
@@ -217,13 +226,22 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: Any = None) -> torch.
         raise ValueError(f"dtype={dtype!r} is not one of {DTYPE_NAMES} (or a torch.dtype)")
     if dtype != "auto":
         return getattr(torch, dtype)
-    on_cpu = device is None or str(device) == "cpu"
+    on_cpu = device is None or (isinstance(device, (str, torch.device)) and _is_cpu(device))
     if not on_cpu:
         return "auto"
     return torch.bfloat16 if _compat.native_bf16_cpu() else torch.float32
 
 
+def _is_cpu(device: str | torch.device) -> bool:
+    """``"cpu"``, ``"cpu:0"`` or ``torch.device("cpu", 0)``; a placement mode such as ``"auto"`` is not a device."""
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, ValueError):
+        return False
+
+
 DELTA_A, DELTA_B = ".delta_a", ".delta_b"
+BASE_DIGEST_KEY = "beacon_delta_base_sha256"  # low-rank adapters: the base projections the deltas were taken over
 
 
 def _base_key(beacon_key: str) -> str:
@@ -257,6 +275,7 @@ def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = No
     meta = {"format": "pt", "base_model_type": str(c.model_type), "base_name_or_path": str(c._name_or_path)}
     if rank is not None:
         meta["beacon_delta_rank"] = str(rank)
+        meta[BASE_DIGEST_KEY] = _delta_base_digest(state, [k[: -len(DELTA_A)] for k in tensors if k.endswith(DELTA_A)])
     _write_atomically(os.path.join(folder, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=meta))
     _write_atomically(os.path.join(folder, CONFIG_NAME), bm.config.to_json_file)
 
@@ -273,6 +292,43 @@ def _write_atomically(path: str, write: Any) -> None:
             os.unlink(tmp)
 
 
+def _delta_base_digest(state: dict[str, torch.Tensor], keys: list[str]) -> str:
+    """sha256 of the base projections under the low-rank deltas ``keys``, as bf16 (the same for a base loaded in
+    float32 or bfloat16)."""
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        t = state[_base_key(key)].detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        h.update(f"{_base_key(key)}:{tuple(t.shape)}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def read_adapter_tensors(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """The full beacon weights of the adapter file ``path`` for ``model``: refused (``ValueError``) when it was
+    written for another model type, or, for a low-rank adapter, over other base weights."""
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata() or {}
+    made_for, model_type = meta.get("base_model_type"), str(getattr(model.config, "model_type", ""))
+    if made_for and model_type and made_for != model_type:
+        raise ValueError(
+            f"adapter {path} was trained on a {made_for} model ({meta.get('base_name_or_path') or 'unnamed'}), not "
+            f"on this {model_type} model; load it onto the base model it was trained on"
+        )
+    stored = load_file(path)
+    tensors = expand_adapter_tensors(model, stored)  # checks every delta's shapes against the base
+    wanted = meta.get(BASE_DIGEST_KEY)
+    if wanted is not None:
+        deltas = [k[: -len(DELTA_A)] for k in stored if k.endswith(DELTA_A)]
+        if _delta_base_digest(model.state_dict(), deltas) != wanted:
+            raise ValueError(
+                f"adapter {path} stores its beacon projections as low-rank deltas over the weights of "
+                f"{meta.get('base_name_or_path') or 'another model'}, and this model's weights differ; load it onto "
+                "that base model, or save the adapter without rank="
+            )
+    return tensors
+
+
 @torch.no_grad()
 def expand_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Turn low-rank delta pairs (see :func:`save_adapter`) back into full beacon weights over ``model``'s base."""
@@ -287,7 +343,13 @@ def expand_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -
         base = state.get(_base_key(key))
         if base is None:
             raise ValueError(f"adapter delta {key} has no base projection {_base_key(key)} in the model")
-        delta = tensors[key + DELTA_A].float() @ tensors[b_key].float()  # (out, in)
+        a, b = tensors[key + DELTA_A], tensors[b_key]  # (out, r), (r, in)
+        if a.dim() != 2 or b.dim() != 2 or (a.shape[0], b.shape[1]) != tuple(base.shape) or a.shape[1] != b.shape[0]:
+            raise ValueError(
+                f"adapter delta {key} has shapes {tuple(a.shape)} x {tuple(b.shape)}, which do not make the base "
+                f"projection's {tuple(base.shape)}: the adapter was made for a model of another size"
+            )
+        delta = a.float() @ b.float()  # (out, in)
         out[key] = (base.float().cpu() + delta).to(base.dtype)
     return out
 
@@ -297,7 +359,7 @@ def load_adapter(model: nn.Module, folder: str, tokenizer: object | None = None)
     bcfg = BeaconConfig.from_json_file(os.path.join(folder, CONFIG_NAME))
     bm = BeaconModel.attach(model, bcfg, tokenizer)
     path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
-    load_beacon_weights(model, expand_adapter_tensors(model, load_file(path)), path)
+    load_beacon_weights(model, read_adapter_tensors(model, path), path)
     return bm
 
 

@@ -196,3 +196,80 @@ def test_an_inconsistent_cache_file_is_refused_when_loaded(tmp_path, mutate, mes
     save_file(tensors, bad, metadata={"beacon_cache": json.dumps(meta)})
     with pytest.raises(ValueError, match=re.escape(f"{bad} is inconsistent") + ".*" + re.escape(message)):
         beacon_llm.load_cache(bad, bm)
+
+
+def _other_weights(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("k_proj.weight")).add_(0.01)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [
+        (lambda: _other_weights(tiny_base_model()), "low-rank deltas over the weights of"),
+        (lambda: tiny_base_model("mistral"), "was trained on a llama model"),
+        (lambda: tiny_base_model(hidden_size=64), "the adapter was made for a model of another size"),
+    ],
+)
+def test_a_low_rank_adapter_is_refused_by_another_base(tmp_path, base, message):
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(4,), param=("q", "k", "v", "o")))
+    beacon_llm.save_adapter(bm, str(tmp_path / "adapter"), rank=4)
+    beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "adapter"))  # its own base, in either dtype
+    beacon_llm.load_adapter(tiny_base_model().to(torch.bfloat16), str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=message):
+        beacon_llm.load_adapter(base(), str(tmp_path / "adapter"))
+
+
+def test_beacon_config_takes_overrides_and_is_refused_next_to_an_adapter(tmp_path):
+    tiny_base_model().save_pretrained(tmp_path / "base")
+    config = BeaconConfig(window=16, ratios=(2, 4), ratio_mix="adapt-16")
+    loaded = beacon_llm.from_pretrained(
+        str(tmp_path / "base"), beacon_config=config, tokenizer=False, beacon_ratio=[4], beacon_ratio_mix="fit-8"
+    )
+    assert (loaded.config.ratios, loaded.config.ratio_mix) == ((4,), "fit-8")
+    assert beacon_llm.from_pretrained(str(tmp_path / "base"), beacon_config=config, tokenizer=False).config == config
+    beacon_llm.save_adapter(tiny_beacon_model(), str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match="adapter= and beacon_config= were both given"):
+        beacon_llm.from_pretrained(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"), beacon_config=config)
+
+
+@pytest.mark.parametrize(("dtype", "torch_dtype"), [(torch.bfloat16, "bfloat16"), ("float32", torch.float32)])
+def test_dtype_and_torch_dtype_naming_one_type_agree(tmp_path, dtype, torch_dtype):
+    bm = tiny_beacon_model()
+    _write_checkpoint(bm, tmp_path / "ckpt")
+    loaded = beacon_llm.from_pretrained(str(tmp_path / "ckpt"), tokenizer=False, dtype=dtype, torch_dtype=torch_dtype)
+    assert loaded.dtype == (torch_dtype if isinstance(torch_dtype, torch.dtype) else getattr(torch, torch_dtype))
+
+
+@pytest.mark.parametrize("device", [None, "cpu", "cpu:0", torch.device("cpu"), torch.device("cpu", 0)])
+def test_auto_dtype_on_the_cpu_does_not_depend_on_how_the_cpu_is_named(device):
+    from beacon_llm.serialization import resolve_dtype
+
+    assert resolve_dtype("auto", device) == resolve_dtype("auto", None) != "auto"
+    assert resolve_dtype("auto", "balanced") == "auto"  # a placement mode, not the CPU
+
+
+def test_overlapping_loads_restore_the_transformers_log_level():
+    import threading
+
+    from transformers.utils import logging as hf_logging
+
+    from beacon_llm import _compat
+
+    before = hf_logging.get_verbosity()
+    first_in, second_out = threading.Event(), threading.Event()
+
+    def first():
+        with _compat._quiet_transformers():
+            first_in.set()
+            second_out.wait(5)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(5)
+    with _compat._quiet_transformers():
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+    second_out.set()
+    thread.join()
+    assert hf_logging.get_verbosity() == before
