@@ -8,6 +8,7 @@ conversation continues seamlessly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import torch
 from ._compat import logits_processors
 
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+MIN_SCALE = 1e-5  # the smallest temperature / repetition penalty: logits divided by less can overflow float32
 
 if TYPE_CHECKING:
     from .cache import BeaconCache
@@ -48,8 +50,13 @@ def check_sampling_options(
     through here, so a value refused at construction is refused per call too."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy)")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (temperature == 0 or MIN_SCALE <= temperature < math.inf)
+    ):
+        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 = greedy) and, if not 0, finite and "
+                         f">= {MIN_SCALE} (smaller ones overflow the scaled logits; use 0 for greedy)")  # fmt: skip
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1], or None for no nucleus filtering")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -57,9 +64,11 @@ def check_sampling_options(
     if repetition_penalty is not None and (
         isinstance(repetition_penalty, bool)
         or not isinstance(repetition_penalty, (int, float))
-        or not repetition_penalty > 0
+        or not MIN_SCALE <= repetition_penalty < math.inf
     ):
-        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0 = none), or None")
+        raise ValueError(
+            f"repetition_penalty={repetition_penalty!r} must be > 0 (1.0 = none), finite and >= {MIN_SCALE}, or None"
+        )
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not _SEED_MIN <= seed <= _SEED_MAX):
         raise ValueError(f"seed={seed!r} must be an int in [-2**63, 2**64 - 1] (torch's seed range), or None")
 
@@ -213,7 +222,7 @@ class Decoding:
                         self.text, self.finish = text[:cut], "stop"
                         break
                     if self.stream_text:
-                        safe = len(text) - hold
+                        safe = len(text.rstrip("\ufffd")) - hold  # an incomplete last character holds no room
                         while safe > len(emitted) and text[safe - 1] == "\ufffd":  # an incomplete character
                             safe -= 1
                         if safe > len(emitted):
@@ -236,7 +245,9 @@ class Decoding:
         return self
 
 
-def _eos_ids(bm: BeaconModel, eos_token_id: int | Sequence[int] | None) -> set[int]:
+def _eos_ids(bm: BeaconModel, eos_token_id: Any) -> set[int]:
+    """The end-of-sequence ids: ``eos_token_id`` (an int, numpy int, sequence of them or integer tensor of 0 or 1
+    dims; ``[]`` for none) or, when None, the model's generation config's, else its config's."""
     if eos_token_id is None:
         gen = getattr(bm.model, "generation_config", None)
         eos_token_id = getattr(gen, "eos_token_id", None)
@@ -244,9 +255,31 @@ def _eos_ids(bm: BeaconModel, eos_token_id: int | Sequence[int] | None) -> set[i
             eos_token_id = getattr(bm.model.config, "eos_token_id", None)
     if eos_token_id is None:
         return set()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(i) for i in eos_token_id}
+    value = list(eos_token_id) if isinstance(eos_token_id, (set, frozenset)) else eos_token_id
+    try:
+        ids = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is not None and ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        ids = None  # not token ids ([] alone may be float: it has none)
+    if ids is None or ids.dim() > 1:
+        raise ValueError(
+            f"eos_token_id={eos_token_id!r} must be a token id (an int), a list of them or a 0/1-dim integer tensor; "
+            "[] for none, None for the model's own"
+        )
+    return {int(i) for i in ids.reshape(-1).tolist()}
+
+
+def _check_generator(generator: Any) -> None:
+    """``generator`` must be None or a CPU ``torch.Generator`` (tokens are sampled on the CPU)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator={generator!r} must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None"
+        )
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"generator is on {generator.device}, tokens are sampled on the CPU: give a CPU torch.Generator() or None"
+        )
 
 
 def generate(
@@ -261,7 +294,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | torch.Tensor | None = None,
     stop_strings: str | Sequence[str] | None = None,
     tokenizer: Any = None,
     streamer: Any = None,
@@ -284,6 +317,9 @@ def generate(
     stops = normalize_stop(stop_strings)
     if stops and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer: pass tokenizer=... or load the model with one")
+    eos = _eos_ids(bm, eos_token_id)  # every option is checked before the cache reads anything
+    _check_generator(generator)
+    sampler = TokenSampler(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
     cache = cache if cache is not None else bm.new_cache()
     if not bm._enabled:
         raise RuntimeError("generate() is not available inside disabled(); call bm.model.generate for the base model")
@@ -303,10 +339,9 @@ def generate(
     if streamer is not None:
         streamer.put(prompt.cpu()[None])
     history = prompt.cpu().tolist()
-    sampler = TokenSampler(do_sample, temperature, top_k, top_p, repetition_penalty, generator)
     on_token = (lambda token: streamer.put(torch.tensor([token]))) if streamer is not None else None
-    decoding = Decoding(bm, cache, logits, sampler, max_new_tokens, history=history, eos=_eos_ids(bm, eos_token_id),
-                        stops=stops, tokenizer=tokenizer, on_token=on_token).run()  # fmt: skip
+    decoding = Decoding(bm, cache, logits, sampler, max_new_tokens, history=history, eos=eos, stops=stops,
+                        tokenizer=tokenizer, on_token=on_token).run()  # fmt: skip
     if streamer is not None:
         streamer.end()
     new_tokens, finish, text = decoding.tokens, decoding.finish, decoding.text

@@ -213,10 +213,10 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
     _only(body, "logit_bias", ({},), "no logit bias")
     for name in ("presence_penalty", "frequency_penalty"):
         _only(body, name, (0, 0.0), "use this server's repetition_penalty, e.g. 1.1, instead")
-    if body.get("tools"):
+    if body.get("tools") not in (None, []):
         raise _bad(f"tools are not supported: {_NO_TOOLS}; remove 'tools'", param="tools")
     _only(body, "tool_choice", ("none",), _NO_TOOLS)
-    if body.get("functions"):
+    if body.get("functions") not in (None, []):
         raise _bad(f"functions are not supported: {_NO_TOOLS}; remove 'functions'", param="functions")
     _only(body, "function_call", ("none",), _NO_TOOLS)
     _expect(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "a boolean")
@@ -355,7 +355,10 @@ def parse_request(body: Mapping[str, Any], *, chat: bool) -> GenerationRequest:
     unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
     if unknown:
         raise _bad(f"unknown field(s) {', '.join(map(repr, unknown))} in stream_options", param="stream_options")
+    if options and not req.stream:
+        raise _bad("stream_options is only for streamed answers: set stream=true or remove it", param="stream_options")
     req.include_usage = bool(_expect(options, "include_usage", lambda v: isinstance(v, bool), "a boolean"))
+    _expect(options, "include_obfuscation", lambda v: isinstance(v, bool), "a boolean")
     _answer_options(body, req)
     if chat:
         req.messages = _chat_messages(body.get("messages"))
@@ -386,7 +389,37 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         raise _bad(f"the request body is not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(data, dict):
         raise _bad(f"the request body must be a JSON object, got {_type_name(data)}")
+    where = _text_that_is_not_unicode(data)
+    if where is not None:
+        raise _bad(f"{where} holds a lone surrogate (e.g. \\ud800), which is not Unicode text; send valid text",
+                   param=where)  # fmt: skip
     return data
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_that_is_not_unicode(data: Any) -> str | None:
+    """Where (``messages[0].content``) the first string or key that UTF-8 cannot encode is, or None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str) and not _encodable(value):
+            return where or "the body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if not _encodable(path):
+                    return f"a field name in {where or 'the body'}"
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------- workers
@@ -813,6 +846,11 @@ def _checked_keys(keys: Iterable[str]) -> list[str]:
     for key in keys:
         if not isinstance(key, str) or not key.strip() or any(c.isspace() for c in key):
             raise ValueError("an API key must be a non-empty string without spaces; check --api-key / --api-keys-file")
+        if not (key.isascii() and key.isprintable()):
+            raise ValueError(
+                "an API key must be printable ASCII (HTTP clients cannot send other characters in a header); check "
+                "--api-key / --api-keys-file"
+            )
         out.append(key)
     return out
 
@@ -889,6 +927,34 @@ def create_app(
     return _build_app(server)
 
 
+class _InternalErrors:
+    """An unexpected exception as a 500 error object, sent from inside the application: Starlette's outermost error
+    handler would send it too, but re-raises it afterwards, and the server then closes the client's connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            logger.error("request %s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            if started:  # the answer has begun: nothing else can be sent on it
+                raise
+            answer = ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
+            await answer(scope, receive, send)
+
+
 def _build_app(server: _Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -909,10 +975,7 @@ def _build_app(server: _Server) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return ApiError(exc.status_code, hint.get(exc.status_code, str(exc.detail)), code=code).response()
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
+    app.add_middleware(_InternalErrors)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,68 @@ def test_generate_and_the_engine_share_one_decode_loop(stop):
     assert done.text == out.text and done.finish_reason == out.finish_reason
     expected = out.new_tokens[:-1] if out.finish_reason == "eos" else out.new_tokens
     assert done.token_ids == expected
+
+
+@pytest.mark.parametrize(
+    "eos, expected",
+    [
+        (2, {2}),
+        ([], set()),
+        ([2, 5], {2, 5}),
+        ((7,), {7}),
+        ({3, 4}, {3, 4}),
+        (np.int64(2), {2}),
+        ([np.int32(2), 9], {2, 9}),
+        (np.array([4, 6]), {4, 6}),
+        (torch.tensor(2), {2}),
+        (torch.tensor([2, 3]), {2, 3}),
+        (torch.tensor([], dtype=torch.long), set()),
+        ("2", ValueError),
+        (2.0, ValueError),
+        ([2, 2.5], ValueError),
+        (True, ValueError),
+        (torch.tensor([[2, 3]]), ValueError),
+        (torch.tensor(2.0), ValueError),
+        (object(), ValueError),
+    ],
+)
+def test_eos_ids(bm, eos, expected):
+    from beacon_llm.generation import _eos_ids
+
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=r"eos_token_id=.* must be a token id \(an int\), a list of them"):
+            _eos_ids(bm, eos)
+    else:
+        assert _eos_ids(bm, eos) == expected
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"eos_token_id": "2"}, "eos_token_id='2' must be a token id"),
+        ({"eos_token_id": 2.5}, "eos_token_id=2.5 must be a token id"),
+        ({"eos_token_id": [2, 2.5]}, r"eos_token_id=\[2, 2.5\] must be a token id"),
+        ({"do_sample": True, "generator": 42}, "generator=42 must be a torch.Generator"),
+        ({"generator": "seed"}, "generator='seed' must be a torch.Generator"),
+    ],
+)
+def test_bad_eos_or_generator_is_refused_before_the_prompt_is_read(bm, options, message):
+    """A refused call leaves the cache as it was, so a retry on it reads the prompt once."""
+    prompt = _ids(30, 8)
+    cache = bm.new_cache()
+    with pytest.raises(ValueError, match=message):
+        bm.generate(prompt, cache=cache, max_new_tokens=4, **options)
+    assert cache.n_seen == 0 and not cache.state.pending
+    retry = bm.generate(prompt, cache=cache, max_new_tokens=4, eos_token_id=[], return_dict_in_generate=True)
+    fresh = bm.generate(prompt, max_new_tokens=4, eos_token_id=[], return_dict_in_generate=True)
+    assert retry.new_tokens == fresh.new_tokens and cache.n_seen == 30 + 3
+
+
+@pytest.mark.parametrize("wrap", [np.int64, torch.tensor, lambda t: torch.tensor([t])], ids=["np", "0-d", "1-d"])
+def test_numpy_and_tensor_eos_stop_like_an_int(bm, wrap):
+    prompt = _ids(30, 2)
+    free = bm.generate(prompt, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True)
+    stop_at = free.new_tokens[3]
+    expected = bm.generate(prompt, max_new_tokens=8, eos_token_id=stop_at, return_dict_in_generate=True)
+    res = bm.generate(prompt, max_new_tokens=8, eos_token_id=wrap(stop_at), return_dict_in_generate=True)
+    assert res.finish_reason == expected.finish_reason == "eos" and res.new_tokens == expected.new_tokens

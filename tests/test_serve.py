@@ -267,6 +267,21 @@ BAD_REQUESTS = [
     ("echo", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo=true is not supported"),
     ("chat field on completions", "/v1/completions", {"model": MODEL, "prompt": "a", "messages": []}, 400,
      "unknown field(s) 'messages' for /v1/completions"),
+    ("lone surrogate in a message", "/v1/chat/completions",
+     json.dumps(_chat(messages=[{"role": "user", "content": "a\ud800"}])).encode(), 400,
+     "messages[0].content holds a lone surrogate"),
+    ("lone surrogate in a stop", "/v1/chat/completions", json.dumps(_chat(stop=["\udfff"])).encode(), 400,
+     "stop[0] holds a lone surrogate"),
+    ("lone surrogate in a prompt", "/v1/completions", json.dumps({"model": MODEL, "prompt": "\ud800"}).encode(), 400,
+     "prompt holds a lone surrogate"),
+    ("stream_options without stream", "/v1/chat/completions", _chat(stream_options={"include_usage": True}), 400,
+     "stream_options is only for streamed answers"),
+    ("include_obfuscation not bool", "/v1/chat/completions",
+     _chat(stream=True, stream_options={"include_obfuscation": "yes"}), 400, "include_obfuscation must be a boolean"),
+    ("tools as an object", "/v1/chat/completions", _chat(tools={}), 400, "tools are not supported"),
+    ("functions as a string", "/v1/chat/completions", _chat(functions=""), 400, "functions are not supported"),
+    ("temperature that overflows", "/v1/chat/completions", _chat(temperature=1e-40), 400,
+     "temperature=1e-40 must be a number >= 0"),
 ]  # fmt: skip
 
 
@@ -286,6 +301,27 @@ def test_bad_requests_get_clear_4xx_errors_and_the_server_keeps_answering(bm, tm
         assert not_allowed.status_code == 405 and "GET is not allowed" in not_allowed.json()["error"]["message"]
         assert client.post("/v1/nothing", json={}).status_code == 404
         assert ask(client, "A short document.", "Who?")["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def test_an_internal_error_is_a_500_object_and_the_connection_keeps_serving(bm, tmp_path, monkeypatch):
+    import beacon_llm.serve
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(beacon_llm.serve, "parse_request", broken)
+    with running(bm, tmp_path / "store") as client:
+        for _ in range(10):  # the server closed the connection after some 500s: the next request then failed
+            r = client.post("/v1/chat/completions", json=_chat())
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "internal error: RuntimeError"
+            assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", "tab\x07bell"])
+def test_api_keys_that_a_header_cannot_carry_are_refused(tmp_path, key):
+    with pytest.raises(ValueError, match="printable ASCII"):
+        read_api_keys([key], None)
 
 
 def test_api_keys_file(tmp_path):

@@ -148,3 +148,56 @@ def test_the_engine_refuses_a_bad_seed_or_stop_before_reading(bm, monkeypatch, b
         engine.complete([5, 6, 7], max_new_tokens=2, temperature=0.7, **bad)
     with pytest.raises(ValueError, match="stop strings must be non-empty str"):
         bm.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, stop_strings=[""])
+
+
+class ByteTable:
+    """A byte-level tokenizer over a few ids: '"' and the UTF-8 bytes of 晨 (e6 99 a8) and 艾 (e8 89 be), so a
+    character spans three tokens and a partial one decodes to U+FFFD."""
+
+    table = {120: b"x", 34: b'"', 10: b"\xe6", 11: b"\x99", 12: b"\xa8", 13: b"\xe8", 14: b"\x89", 15: b"\xbe"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return b"".join(self.table[i] for i in ids).decode("utf-8", errors="replace")
+
+    def encode(self, text, add_special_tokens=False):
+        inverse = {v: k for k, v in self.table.items()}
+        return [inverse[bytes([b])] for b in text.encode()]
+
+
+@pytest.mark.parametrize("stops", [["晨艾"], ["晨艾", "x"]])
+def test_streaming_sends_no_part_of_a_stop_string_behind_an_incomplete_character(bm, stops):
+    script = [34, 10, 11, 12, 13, 14, 15, 34]  # '"', 晨, 艾, '"'
+    cache = bm.new_cache()
+    logits = bm.forward([5, 6, 7], cache).last_logits
+    decoding = Decoding(bm, cache, logits, Scripted(script), 20, eos=set(), stops=stops, tokenizer=ByteTable(),
+                        stream_text=True)  # fmt: skip
+    deltas = list(decoding)
+    assert (decoding.finish, decoding.text) == ("stop", '"')
+    assert "".join(deltas) == '"'
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": 1e-40}, "temperature=1e-40 must be a number >= 0"),
+        ({"temperature": float("inf")}, "temperature=inf must be"),
+        ({"temperature": float("nan")}, "temperature=nan must be"),
+        ({"repetition_penalty": 1e-40}, "repetition_penalty=1e-40 must be > 0"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty=inf must be"),
+    ],
+)
+def test_scales_that_overflow_the_logits_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        check_sampling_options(**options)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"temperature": 1e-5}, {"temperature": 30.0},
+                                     {"repetition_penalty": 1e-5}, {"repetition_penalty": 1.2}])  # fmt: skip
+def test_small_and_large_finite_scales_are_accepted(options):
+    check_sampling_options(**options)
+
+
+def test_the_smallest_temperature_samples_without_overflow():
+    logits = torch.tensor([30.0, 29.0, -30.0])
+    sampler = TokenSampler(do_sample=True, temperature=1e-5, generator=torch.Generator().manual_seed(0))
+    assert sampler(logits, []) == 0
