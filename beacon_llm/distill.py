@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .digests import weights_sha256
+from .layers import is_beacon_parameter
 
 
 def _key(ids: list[int], start: int, k: int, model: str) -> str:
@@ -25,13 +29,31 @@ def _key(ids: list[int], start: int, k: int, model: str) -> str:
     return h.hexdigest()[:32]
 
 
+_DIGESTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], str]] = weakref.WeakKeyDictionary()
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 of the teacher's base weights (names, dtypes, shapes, bytes; ``beacon_*`` parameters left out: the
+    plain forward never reads them), computed once per model and again only when a weight is replaced or changed in
+    place (its storage or version counter moves)."""
+    params = [(n, p) for n, p in model.named_parameters() if not is_beacon_parameter(n)]
+    key = tuple((p.data_ptr(), p._version) for _, p in params)
+    memo = _DIGESTS.get(model)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    digest = weights_sha256(params)
+    _DIGESTS[model] = (key, digest)
+    return digest
+
+
 def _model_tag(model: nn.Module) -> str:
-    """Which teacher: its name, shape and weight dtype (targets of another teacher are never reused)."""
+    """Which teacher: its name, shape, weight dtype and weights digest (targets of another teacher, or of the same
+    one with other weights, are never reused)."""
     config = model.config
     dtype = next(model.parameters()).dtype
     return (
         f"{getattr(config, '_name_or_path', '')}|{config.model_type}|{config.num_hidden_layers}|"
-        f"{config.hidden_size}|{config.vocab_size}|{dtype}"
+        f"{config.hidden_size}|{config.vocab_size}|{dtype}|{_weights_digest(model)}"
     )
 
 

@@ -26,6 +26,7 @@ from .attention import StepTensors, layer_step, rope
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
 from .decode import DecodeLinears, decode_products, raw_token_step
+from .digests import weights_sha256
 from .generation import GenerateOutput, generate
 from .layers import attach_beacon_modules, attach_memory_gates, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
@@ -208,13 +209,7 @@ class BeaconModel:
         memo = self.__dict__.get(slot)
         if memo is not None and memo[0] == key:
             return memo[1]
-        h = hashlib.sha256(text.encode())
-        with torch.no_grad():
-            for name, p in params:
-                t = p.detach().contiguous().cpu()
-                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        digest = h.hexdigest()[:32]
+        digest = weights_sha256(params, text)
         self.__dict__[slot] = (key, digest)
         return digest
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -18,6 +17,7 @@ from torch import nn
 from . import _compat
 from .cache import BeaconCache
 from .config import CONFIG_NAME, BeaconConfig
+from .digests import weights_sha256
 from .layers import beacon_state_dict, is_beacon_parameter
 from .model import BeaconModel
 
@@ -295,12 +295,7 @@ def _write_atomically(path: str, write: Any) -> None:
 def _delta_base_digest(state: dict[str, torch.Tensor], keys: list[str]) -> str:
     """sha256 of the base projections under the low-rank deltas ``keys``, as bf16 (the same for a base loaded in
     float32 or bfloat16)."""
-    h = hashlib.sha256()
-    for key in sorted(keys):
-        t = state[_base_key(key)].detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
-        h.update(f"{_base_key(key)}:{tuple(t.shape)}".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()[:32]
+    return weights_sha256((_base_key(k), state[_base_key(k)].to(torch.bfloat16)) for k in sorted(keys))
 
 
 @torch.no_grad()

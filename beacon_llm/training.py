@@ -178,6 +178,32 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _resume_checkpoint(output_dir: Path, steps: int) -> Path | None:
+    """The latest checkpoint in ``output_dir`` to resume from (None: none), refused when it is past ``steps``:
+    resuming it would train nothing and write no final adapter for ``steps``."""
+    ckpt = latest_checkpoint(output_dir)
+    step = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+    if step > steps:
+        raise ValueError(
+            f"{ckpt} holds a run at step {step}, past steps={steps}: give a new output_dir for a new run, or "
+            f"steps >= {step} to continue that one"
+        )
+    return ckpt
+
+
+def _check_accelerator(accelerator: Any, cfg: TrainConfig) -> None:
+    """A caller's ``accelerator`` must accumulate and cast as ``cfg`` says: :func:`train` steps through it."""
+    accum = accelerator.gradient_accumulation_steps
+    precision = getattr(accelerator.mixed_precision, "value", accelerator.mixed_precision)
+    if accum != cfg.grad_accum or precision != cfg.mixed_precision:
+        raise ValueError(
+            f"the accelerator has gradient_accumulation_steps={accum} and mixed_precision={precision!r}, the config "
+            f"grad_accum={cfg.grad_accum} and mixed_precision={cfg.mixed_precision!r}: create it with "
+            f"Accelerator(gradient_accumulation_steps={cfg.grad_accum}, mixed_precision={cfg.mixed_precision!r}), "
+            "or pass accelerator=None"
+        )
+
+
 def train(
     bm: BeaconModel,
     stream: SampleStream,
@@ -190,18 +216,23 @@ def train(
 ) -> TrainState:
     """Train the beacons of ``bm`` on ``stream``; checkpoints go to ``cfg.output_dir/checkpoint-<step>``.
 
-    With ``resume`` the latest checkpoint there is loaded first (weights, optimiser moments, data position, step).
+    With ``resume`` the latest checkpoint there is loaded first (weights, optimiser moments, data position, step);
+    one past ``cfg.steps`` is refused.
     ``stop_after`` ends this run after that many optimiser steps (the schedule still spans ``cfg.steps``), for
     training in several sittings.
     Returns the final state (loss history included); the final adapter is written to ``cfg.output_dir/final``.
+    A caller's ``accelerator`` must have ``cfg``'s ``grad_accum`` and ``mixed_precision``.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    if accelerator is not None:
+        _check_accelerator(accelerator, cfg)
+    out_dir = Path(cfg.output_dir)
+    ckpt = _resume_checkpoint(out_dir, cfg.steps) if resume else None
     accelerator = accelerator or Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision
     )
-    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
     bm.gradient_checkpointing = cfg.gradient_checkpointing
@@ -209,7 +240,6 @@ def train(
     names = {id(p): n for n, p in bm.model.named_parameters() if is_beacon_parameter(n)}
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
-    ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
         _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)))
@@ -447,6 +477,38 @@ def labelled_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.T
                  "tokens": float(len(target))}  # fmt: skip
 
 
+def _recall_rng(cfg: FitTrainConfig, index: int) -> np.random.Generator | None:
+    """The generator of sample ``index``'s recall draws when that sample is a recall task, None when it is text: the
+    one decision, seeded by the index alone."""
+    if not cfg.recall_rate:
+        return None
+    rng = np.random.default_rng([cfg.seed, 13, index])
+    return rng if rng.random() < cfg.recall_rate else None
+
+
+def _long_text_share(stream: SampleStream, positions: int) -> float:
+    """The share of the stream's texts longer than ``positions`` tokens (only those have windows to condense);
+    refuses a stream with none, on which training would redraw forever."""
+    lengths = [len(ids) for ids in stream.token_texts]
+    longest = max(lengths)
+    if longest <= positions:
+        raise ValueError(
+            f"train_fit condenses texts longer than positions={positions} tokens, but the longest training text has "
+            f"{longest} tokens: give longer texts, or a positions below {longest}"
+        )
+    return sum(n > positions for n in lengths) / len(lengths)
+
+
+def _next_long_text(stream: SampleStream, positions: int, max_draws: int) -> Sample:
+    """The stream's next text longer than ``positions`` tokens (shorter ones are skipped), drawn at most
+    ``max_draws`` times."""
+    for _ in range(max_draws):
+        sample = next(stream)
+        if len(sample.input_ids) > positions:
+            return sample
+    raise RuntimeError(f"{max_draws} texts in a row had no more than positions={positions} tokens")
+
+
 def draw_recall_sample(
     cfg: FitTrainConfig, bm: BeaconModel, stream: SampleStream, index: int
 ) -> tuple[Sample | None, Any]:
@@ -454,8 +516,8 @@ def draw_recall_sample(
     so a resumed run draws the same ones), with its plan."""
     from .schedule import condensing_plan
 
-    rng = np.random.default_rng([cfg.seed, 13, index])
-    if not cfg.recall_rate or rng.random() >= cfg.recall_rate:
+    rng = _recall_rng(cfg, index)
+    if rng is None:
         return None, None
     config = bm.config
     windows = int(rng.integers(1, cfg.recall_windows + 1))
@@ -489,8 +551,10 @@ def train_fit(
     passes, before clipping; data-parallel training averages its processes' gradients there. It returns True to end
     training after this step (a wall-clock limit), which then saves the final adapter as usual.
 
-    Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, step, tokens, data position; the
-    optimiser restarts). Returns the state with the loss history; the final adapter goes to ``output_dir/final``.
+    Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, step, tokens, data position and
+    ratio draws; the optimiser restarts), refused past ``cfg.steps``. Texts of no more than ``positions`` tokens are
+    skipped; a stream with no longer one is refused. Returns the state with the loss history; the final adapter goes
+    to ``output_dir/final``.
     """
     from tqdm.auto import tqdm
 
@@ -512,7 +576,10 @@ def train_fit(
             f"train_fit reads text slices of seq_len={cfg.seq_len}: give a SampleStream with that seq_len and "
             f"task_rate=0 (got seq_len={stream.seq_len}, task_rate={stream.task_rate})"
         )
+    # every text sample is drawn from the long texts: at most max_draws tries miss them all with odds of e**-50
+    max_draws = math.ceil(50 / _long_text_share(stream, cfg.positions)) if cfg.recall_rate < 1 else 0
     out_dir = Path(cfg.output_dir)
+    ckpt = _resume_checkpoint(out_dir, cfg.steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
     groups: dict[bool, list[nn.Parameter]] = {False: [], True: []}  # is a gate -> parameters
@@ -528,16 +595,16 @@ def train_fit(
         [{"params": groups[g], "base_lr": base_lr[g]} for g in (False, True) if groups[g]], lr=cfg.lr, weight_decay=0.0
     )
     state = TrainState()
-    ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
         load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
         saved = json.loads((ckpt / STATE_NAME).read_text())
         state = TrainState(**saved["state"])
         stream.rng.bit_generator.state = saved["data_rng"]
         logger.info("resumed from %s (step %d)", ckpt, state.step)
-    draw = np.random.default_rng([cfg.seed, 7])
-    for _ in range(state.samples):  # the ratio draws continue where they stopped
-        draw.integers(len(cfg.ratios))
+    draw = np.random.default_rng([cfg.seed, 7])  # one ratio draw per text sample
+    for index in range(state.samples):  # the ratio draws continue where they stopped
+        if _recall_rng(cfg, index) is None:
+            draw.integers(len(cfg.ratios))
     bm.model.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc="training beacons (fit)", unit="step")
     try:
@@ -562,9 +629,7 @@ def train_fit(
                     n_tok += len(recall.input_ids)
                     state.samples += 1
                     continue
-                sample: Sample = next(stream)
-                while len(sample.input_ids) <= cfg.positions:  # a short text: nothing would be condensed
-                    sample = next(stream)
+                sample = _next_long_text(stream, cfg.positions, max_draws)
                 ratio = cfg.ratios[int(draw.integers(len(cfg.ratios)))]
                 plan = fit_plan(bm.config, len(sample.input_ids), cfg.positions, ratio=ratio)
                 targets = teacher.get(sample.input_ids, plan.raw_from) if cfg.kl_weight > 0 else None  # full precision

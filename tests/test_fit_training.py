@@ -371,3 +371,142 @@ def test_recall_loss_needs_the_value_after_the_condensed_windows():
     for labels in (early, [IGNORE] * n):
         with pytest.raises(ValueError, match="after its condensed windows"):
             recall_loss(bm, replace(sample, labels=labels), plan)
+
+
+# ---------------------------------------------------------------- fit training input and resume
+SHORT = "a short text of fifty characters, well under 64.."  # 49 tokens with the tiny tokenizer
+
+
+class _CountedStream(SampleStream):
+    """A SampleStream that counts its draws and fails past ``limit`` (so a training loop that would redraw forever
+    fails instead of hanging); ``only_short``: every draw is the first text, whatever ``token_texts`` holds."""
+
+    def __init__(self, texts, limit=2000, only_short=False):
+        super().__init__(texts, tiny_tokenizer(), 128, seed=1)
+        self.draws, self.limit, self.only_short = 0, limit, only_short
+
+    def __next__(self):
+        self.draws += 1
+        assert self.draws <= self.limit, f"{self.draws} draws: the training loop redraws without end"
+        sample = super().__next__()
+        if self.only_short:
+            ids = self.token_texts[0]
+            return replace(sample, input_ids=list(ids), labels=list(ids))
+        return sample
+
+
+@pytest.mark.parametrize(
+    "lengths, positions, share",
+    [
+        ([10, 80, 90, 20], 64, 0.5),
+        ([65], 64, 1.0),
+        ([64, 200, 30], 64, 1 / 3),
+        ([64, 30], 64, "the longest training text has 64 tokens"),  # a text of exactly positions tokens is short
+        ([5], 4096, "positions=4096 tokens, but the longest training text has 5 tokens"),
+    ],
+)
+def test_long_text_share(lengths, positions, share):
+    from types import SimpleNamespace
+
+    from beacon_llm.training import _long_text_share
+
+    stream = SimpleNamespace(token_texts=[[7] * n for n in lengths])
+    if isinstance(share, str):
+        with pytest.raises(ValueError, match=share):
+            _long_text_share(stream, positions)
+    else:
+        assert _long_text_share(stream, positions) == pytest.approx(share)
+
+
+def test_train_fit_refuses_a_corpus_without_a_text_longer_than_positions_before_training(tmp_path):
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    stream = _CountedStream([SHORT])
+    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=2, seq_len=128, positions=64, ratios=(4,),
+                         grad_accum=1, kl_weight=0.0, ce_weight=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="positions=64 tokens, but the longest training text has 49 tokens"):
+        train_fit(bm, stream, cfg, teacher=None)
+    assert stream.draws == 0 and not (tmp_path / "run").exists()
+    assert all(p.requires_grad for p in bm.model.parameters())  # not yet frozen for training
+
+
+def test_train_fit_redraws_short_texts_a_bounded_number_of_times(tmp_path):
+    """A stream that keeps giving short texts although it holds a long one ends training with an error: half the
+    texts are long, so 100 short draws in a row (odds 2**-100 for a fair stream) are the cap."""
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    stream = _CountedStream([SHORT, TEXT], limit=1000, only_short=True)
+    cfg = FitTrainConfig(output_dir=str(tmp_path / "run"), steps=2, seq_len=128, positions=64, ratios=(4,),
+                         grad_accum=1, kl_weight=0.0, ce_weight=1.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="100 texts in a row had no more than positions=64 tokens"):
+        train_fit(bm, stream, cfg, teacher=None)
+    assert stream.draws == 100
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-weights", "training"])
+def test_a_stopped_and_resumed_recall_run_draws_the_same_ratios_and_losses(tmp_path, monkeypatch, frozen):
+    """With recall samples among the text ones, a run stopped after step 3 and resumed draws the same compression
+    ratios as a straight run. Frozen weights (zeroed gradients): every step's loss depends on the draws alone and
+    all match. Training: the losses match through the first resumed step (train_fit restarts the optimiser)."""
+    import beacon_llm.schedule as schedule
+
+    ratios: list[int] = []
+    plain = schedule.fit_plan
+
+    def spy(config, length, positions, ratio=None, **kw):
+        ratios.append(ratio)
+        return plain(config, length, positions, ratio=ratio, **kw)
+
+    monkeypatch.setattr(schedule, "fit_plan", spy)
+
+    def run(out, stop_at=None):
+        calls: list[int] = []
+
+        def sync(params):
+            if frozen:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.zero_()
+            calls.append(1)
+            return len(calls) == stop_at
+
+        cfg = FitTrainConfig(output_dir=str(out), steps=6, seq_len=128, positions=64, ratios=(4, 8), grad_accum=2,
+                             lr=3e-3, warmup_steps=0, save_every=100, kl_weight=0.0, ce_weight=1.0, recall_rate=0.5,
+                             recall_windows=2, recall_tail=16)  # fmt: skip
+        bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+        state = train_fit(bm, SampleStream([TEXT], tiny_tokenizer(), 128, seed=1), cfg, teacher=None, grad_sync=sync)
+        return [h["loss"] for h in state.history]
+
+    straight = run(tmp_path / "straight")
+    straight_ratios = list(ratios)
+    ratios.clear()
+    run(tmp_path / "resumed", stop_at=3)
+    resumed = run(tmp_path / "resumed")
+    assert 0 < straight_ratios.count(4) < len(straight_ratios) < 12  # both ratios drawn, recall samples among them
+    assert ratios == straight_ratios
+    assert resumed == straight if frozen else resumed[:4] == straight[:4]
+
+
+def test_teacher_store_keys_targets_by_the_teachers_base_weights(tmp_path):
+    """Two teachers of one config with other weights keep their own targets; a base weight changed in place gets
+    new ones; the beacon parameters (which the plain forward never reads) do not count."""
+    from beacon_llm.testing import tiny_base_model
+
+    folder = tmp_path / "teacher"
+    ids = list(range(4, 68))
+    a, b = tiny_base_model(seed=0), tiny_base_model(seed=1)
+    got_a = TeacherStore(a, folder, k=8).get(ids, 32)
+    got_b = TeacherStore(b, folder, k=8).get(ids, 32)
+    assert torch.equal(got_b[1], TeacherStore(b, folder, k=8).compute(ids, 32)[1])
+    assert not torch.equal(got_a[1], got_b[1])
+    assert len(list(folder.glob("*.safetensors"))) == 2
+    with torch.no_grad():
+        b.lm_head.weight.mul_(2.0)
+    assert torch.equal(TeacherStore(b, folder, k=8).get(ids, 32)[1], TeacherStore(b, folder, k=8).compute(ids, 32)[1])
+    assert len(list(folder.glob("*.safetensors"))) == 3
+
+    bm = tiny_beacon_model(CFG, max_position_embeddings=256)
+    store = TeacherStore(bm.model, tmp_path / "own", k=8)
+    store.get(ids, 32)
+    with torch.no_grad():
+        next(p for n, p in bm.model.named_parameters() if is_beacon_parameter(n)).add_(1.0)
+    store.get(ids, 32)
+    assert len(list((tmp_path / "own").glob("*.safetensors"))) == 1

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -166,3 +167,69 @@ def test_history_is_replaced_by_rename_not_rewritten_in_place(tmp_path, run):
     assert json.loads((out / "history.json").read_text()) == json.loads(json.dumps(state.history))
     assert len(state.history) == 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "accum, precision, message",
+    [
+        (2, "no", None),
+        (1, "no", r"gradient_accumulation_steps=1 and mixed_precision='no', the config grad_accum=2"),
+        (2, "bf16", r"mixed_precision='bf16', the config grad_accum=2 and mixed_precision='no'"),
+        (8, "fp16", r"create it with Accelerator\(gradient_accumulation_steps=2, mixed_precision='no'\)"),
+    ],
+)
+def test_check_accelerator(tmp_path, accum, precision, message):
+    from types import SimpleNamespace
+
+    from beacon_llm.training import _check_accelerator
+
+    accelerator = SimpleNamespace(gradient_accumulation_steps=accum, mixed_precision=precision)
+    cfg = TrainConfig(output_dir=str(tmp_path), grad_accum=2, mixed_precision="no")
+    if message is None:
+        _check_accelerator(accelerator, cfg)
+    else:
+        with pytest.raises(ValueError, match=message):
+            _check_accelerator(accelerator, cfg)
+
+
+def test_train_refuses_an_accelerator_that_would_ignore_the_config_before_anything_changes(tmp_path):
+    """A caller's Accelerator steps the optimiser: one set for another accumulation (or precision) than the config
+    would silently train another schedule, so it is refused before the output folder or the model change."""
+    from types import SimpleNamespace
+
+    bm = tiny_beacon_model(CFG)
+    stream = SampleStream([TEXT], bm.tokenizer, 64, seed=1)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), steps=2, seq_len=64, grad_accum=4, gradient_checkpointing=False)
+    accelerator = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1 .* grad_accum=4"):
+        train(bm, stream, cfg, progress=False, resume=False, accelerator=accelerator)
+    assert not (tmp_path / "run").exists() and all(p.requires_grad for p in bm.model.parameters())
+
+
+def _run_fit_steps(out, steps):
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(4, 8), ratio_mix="fit-0"), max_position_embeddings=256)
+    cfg = FitTrainConfig(output_dir=str(out), steps=steps, seq_len=128, positions=64, ratios=(4,), grad_accum=1,
+                         kl_weight=0.0, ce_weight=1.0, save_every=100)  # fmt: skip
+    return bm, train_fit(bm, SampleStream([TEXT], bm.tokenizer, 128, seed=1), cfg, teacher=None)
+
+
+def _run_steps(out, steps):
+    bm = tiny_beacon_model(CFG)
+    cfg = TrainConfig(output_dir=str(out), steps=steps, seq_len=64, grad_accum=1, lr=1e-2, save_every=100,
+                      gradient_checkpointing=False)  # fmt: skip
+    return bm, train(bm, SampleStream([TEXT], bm.tokenizer, 64, seed=1), cfg, progress=False)
+
+
+@pytest.mark.parametrize("run", [_run_steps, _run_fit_steps], ids=["train", "train_fit"])
+def test_an_output_dir_with_a_checkpoint_past_steps_is_refused(tmp_path, run):
+    """Resuming a checkpoint past ``steps`` would train nothing and write no final adapter: refused, naming the
+    checkpoint's step, the steps asked for and the fix; ``steps`` at or beyond it continues as before."""
+    out = tmp_path / "run"
+    run(out, 3)
+    (out / "history.json").unlink()
+    shutil.rmtree(out / "final")
+    with pytest.raises(ValueError, match=r"checkpoint-3 holds a run at step 3, past steps=2: give a new output_dir"):
+        run(out, 2)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+    _, state = run(out, 3)  # a finished run asked again: nothing to train, its final adapter written again
+    assert state.step == 3 and (out / "final").is_dir()
