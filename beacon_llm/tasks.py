@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .documents import read_document
+
 IGNORE = -100
 TASKS = ("passkey", "needle", "kv")
 
@@ -30,8 +32,6 @@ def read_corpus(paths: Sequence[str | Path]) -> list[str]:
     (:func:`beacon_llm.documents.read_document`: ``.txt``, ``.md``, ``.epub``, ``.pdf``). Raises ``FileNotFoundError``
     for a missing file and ``ValueError`` naming the file (and line) for one that is not UTF-8, not JSON Lines
     of objects with a ``text`` field, or holds no text."""
-    from .documents import read_document
-
     texts: list[str] = []
     for p in paths:
         path = Path(p)
