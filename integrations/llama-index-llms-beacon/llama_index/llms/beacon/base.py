@@ -287,10 +287,37 @@ class BeaconLLM(CustomLLM):
                  **kwargs: Any) -> CompletionResponse:  # fmt: skip
         """Complete ``prompt``; ``cached_prefix`` (a beginning of the prompt, e.g. the documents) is condensed once
         and reused by later prompts that start with it."""
+        return self._last(self._complete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs)()))
+
+    @staticmethod
+    def _last(responses: CompletionResponseGen) -> CompletionResponse:
         last = None
-        for last in self._complete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs)()):
+        for last in responses:
             pass
         return last
+
+    # Prepared requests: a caller that builds the token ids itself (``BeaconQueryEngine`` keeps the documents' text
+    # literal) passes the prompt's text, which callbacks record, and the function that makes the request.
+    @llm_completion_callback()
+    def _complete_prepared(self, prompt: str, request: Callable[[], dict[str, Any]]) -> CompletionResponse:
+        return self._last(self._complete_stream(request()))
+
+    @llm_completion_callback()
+    def _stream_complete_prepared(self, prompt: str, request: Callable[[], dict[str, Any]]) -> CompletionResponseGen:
+        return self._complete_stream(request())
+
+    @llm_completion_callback()
+    async def _acomplete_prepared(self, prompt: str, request: Callable[[], dict[str, Any]]) -> CompletionResponse:
+        last = None
+        async for last in self._acomplete_stream(request):
+            pass
+        return last
+
+    @llm_completion_callback()
+    async def _astream_complete_prepared(
+        self, prompt: str, request: Callable[[], dict[str, Any]]
+    ) -> CompletionResponseAsyncGen:
+        return self._acomplete_stream(request)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,

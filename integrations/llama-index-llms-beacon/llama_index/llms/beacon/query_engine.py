@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
@@ -45,16 +46,21 @@ class BeaconQueryEngine(CustomQueryEngine):
         engine._nodes = [TextNode(text=d.get_content(), metadata=dict(d.metadata or {}), id_=d.doc_id)
                          for d in documents]  # fmt: skip
         if check_capacity:
-            engine._check_capacity("")
+            engine._check_capacity(len(engine._prompt_ids("")[0]))
         return engine
 
     def _prompt(self, question: str) -> tuple[str, str]:
+        """The prompt as text: (the documents and everything before the question, the rest)."""
         return self.llm.get_engine().document_prompt_text(self.documents_text, question, system=self.system_prompt)
 
-    def _check_capacity(self, question: str) -> None:
+    def _prompt_ids(self, question: str) -> tuple[list[int], int]:
+        """The prompt's token ids and where the question starts. The documents, question and system prompt are
+        tokenised literally: a document that spells a special token (``<|im_end|>``) cannot end its turn."""
+        return self.llm.get_engine().document_prompt(self.documents_text, question, system=self.system_prompt)
+
+    def _check_capacity(self, n_prompt: int) -> None:
         engine = self.llm.get_engine()
-        prefix, rest = self._prompt(question)
-        n = engine.count_tokens(prefix) + engine.count_tokens(rest) + self.llm.max_new_tokens
+        n = n_prompt + self.llm.max_new_tokens
         if n > engine.capacity:
             raise ValueError(
                 f"the documents need {n} tokens (with the question and {self.llm.max_new_tokens} output tokens), "
@@ -62,14 +68,26 @@ class BeaconQueryEngine(CustomQueryEngine):
                 "larger compression ratio (beacon_overrides={'beacon_ratio': [...]})"
             )
 
+    def _request(self, question: str) -> tuple[str, Callable[[], dict[str, Any]]]:
+        """The prompt's text (what LlamaIndex callbacks record) and the function that tokenises it and checks the
+        capacity (seconds for a book: the async queries run it off the event loop)."""
+        options = self.llm._options({})
+        prefix, rest = self._prompt(question)
+
+        def request() -> dict[str, Any]:
+            ids, boundary = self._prompt_ids(question)
+            self._check_capacity(len(ids))
+            return {"ids": ids, "boundary": boundary, **options}
+
+        return prefix + rest, request
+
     def _sources(self) -> list[NodeWithScore]:
         return [NodeWithScore(node=n, score=1.0) for n in self._nodes]
 
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
-        self._check_capacity(query_str)
-        prefix, rest = self._prompt(query_str)
+        prompt, request = self._request(query_str)
         if self.streaming:
-            stream = self.llm.stream_complete(prefix + rest, formatted=True, cached_prefix=prefix)
+            stream = self.llm._stream_complete_prepared(prompt, request)
 
             def deltas() -> Iterator[str]:
                 for r in stream:
@@ -77,14 +95,15 @@ class BeaconQueryEngine(CustomQueryEngine):
                         yield r.delta
 
             return StreamingResponse(response_gen=deltas(), source_nodes=self._sources())
-        out = self.llm.complete(prefix + rest, formatted=True, cached_prefix=prefix)
+        out = self.llm._complete_prepared(prompt, request)
         return Response(response=out.text, source_nodes=self._sources(), metadata=dict(out.additional_kwargs))
 
     async def acustom_query(self, query_str: str) -> Response | AsyncStreamingResponse:
-        self._check_capacity(query_str)
-        prefix, rest = self._prompt(query_str)
+        prompt, request = self._request(query_str)
+        prepared = await asyncio.to_thread(request)  # tokenising a book takes seconds; a capacity error raises here
+        request = lambda: prepared  # noqa: E731
         if self.streaming:
-            stream = await self.llm.astream_complete(prefix + rest, formatted=True, cached_prefix=prefix)
+            stream = await self.llm._astream_complete_prepared(prompt, request)
 
             async def deltas() -> AsyncIterator[str]:
                 async for r in stream:
@@ -92,7 +111,7 @@ class BeaconQueryEngine(CustomQueryEngine):
                         yield r.delta
 
             return AsyncStreamingResponse(response_gen=deltas(), source_nodes=self._sources())
-        out = await self.llm.acomplete(prefix + rest, formatted=True, cached_prefix=prefix)
+        out = await self.llm._acomplete_prepared(prompt, request)
         return Response(response=out.text, source_nodes=self._sources(), metadata=dict(out.additional_kwargs))
 
     def __repr__(self) -> str:
