@@ -136,11 +136,22 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
     return out
 
 
-def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor]):
+def _load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict[str, torch.Tensor], source: Path
+) -> None:
+    """Put the moments saved by :func:`_optimizer_tensors` back; a moment whose shape is not its parameter's (a
+    checkpoint of another model or config) raises ``ValueError`` naming ``source``."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             prefix = f"{names[id(p)]}::"
             state = {k[len(prefix) :]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
+            bad = {k: tuple(v.shape) for k, v in state.items() if v.dim() and v.shape != p.shape}
+            if bad:
+                raise ValueError(
+                    f"{source}: the optimiser moments {bad} of {names[id(p)]} do not fit its shape {tuple(p.shape)}; "
+                    "the checkpoint is of another model or config: resume with the same ones, or use another "
+                    "output_dir"
+                )
             if state:
                 optimizer.state[p] = state
 
@@ -242,7 +253,7 @@ def train(
     state = TrainState()
     if ckpt is not None:
         load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
-        _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)))
+        _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)), ckpt / OPTIM_NAME)
         saved = json.loads((ckpt / STATE_NAME).read_text())
         state = TrainState(**saved["state"])
         stream.rng.bit_generator.state = saved["data_rng"]
@@ -551,8 +562,8 @@ def train_fit(
     passes, before clipping; data-parallel training averages its processes' gradients there. It returns True to end
     training after this step (a wall-clock limit), which then saves the final adapter as usual.
 
-    Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, step, tokens, data position and
-    ratio draws; the optimiser restarts), refused past ``cfg.steps``. Texts of no more than ``positions`` tokens are
+    Resumes from the latest ``checkpoint-<step>`` in ``cfg.output_dir`` (weights, optimiser moments, step, tokens,
+    data position and ratio draws), refused past ``cfg.steps``. Texts of no more than ``positions`` tokens are
     skipped; a stream with no longer one is refused. Returns the state with the loss history; the final adapter goes
     to ``output_dir/final``.
     """
@@ -594,9 +605,14 @@ def train_fit(
     optimizer = torch.optim.AdamW(
         [{"params": groups[g], "base_lr": base_lr[g]} for g in (False, True) if groups[g]], lr=cfg.lr, weight_decay=0.0
     )
+    names = {id(p): n for n, p in bm.model.named_parameters() if p.requires_grad}
     state = TrainState()
     if ckpt is not None:
         load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
+        if (ckpt / OPTIM_NAME).exists():
+            _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)), ckpt / OPTIM_NAME)
+        else:
+            logger.warning("%s has no %s (an older checkpoint): the optimiser moments restart", ckpt, OPTIM_NAME)
         saved = json.loads((ckpt / STATE_NAME).read_text())
         state = TrainState(**saved["state"])
         stream.rng.bit_generator.state = saved["data_rng"]
@@ -670,7 +686,7 @@ def train_fit(
             shown = {"kl": f"{record['kl']:.3f}"} if cfg.distant_weight > 0 else {}  # the loss is the weighted KL
             bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{n_tok / dt:.0f}")
             if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop:
-                save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, None, None, stream, state)
+                save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, optimizer, names, stream, state)
             if stop:
                 break
     finally:
