@@ -30,8 +30,9 @@ async def iterate_in_thread(start: Callable[[threading.Event], Iterator[T]], nam
         return True
 
     def worker() -> None:
-        items = start(cancel)
+        items = None
         try:
+            items = start(cancel)  # may raise too (a bad keyword argument): re-raised on the event loop as well
             for item in items:
                 if not post(item, None):
                     return

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import prompts
@@ -168,8 +169,9 @@ class BeaconEngine:
 
     # ------------------------------------------------------------------ prefixes
     def stored_prefixes(self) -> list[tuple[int, BeaconCache]]:
-        """(prefix length, condensed cache) of the prefixes kept in memory, least recently used first."""
-        return [(e.n_tokens, e.cache) for e in self.store.stored()]
+        """(prefix length, condensed cache) of the prefixes kept in memory, least recently used first. Each cache is a
+        fork: reading more into it leaves the stored prefix as it was."""
+        return [(e.n_tokens, e.cache.fork()) for e in self.store.stored()]
 
     def clear(self) -> None:
         """Forget the prefixes kept in memory (files in ``cache_dir`` stay)."""
@@ -207,11 +209,21 @@ class BeaconEngine:
         progress: Callable[[int, BeaconCache], None] | None,
         guard: _Guard,
     ) -> tuple[BeaconCache, Usage]:
-        ids = [int(i) for i in ids]
+        ids = self._token_ids(ids)
         if not ids:
             raise ValueError("the prompt is empty")
         if boundary is None:
             boundary = self.store.shared_prefix(ids)
+        elif isinstance(boundary, bool) or not isinstance(boundary, (int, np.integer)) or not 0 <= boundary <= len(ids):
+            raise ValueError(
+                f"boundary={boundary!r} must be an index into the prompt's {len(ids)} tokens (0 to {len(ids)}): "
+                "where its reusable beginning (a document) ends, or None to guess it"
+            )
+        else:
+            boundary = int(boundary)
+        if isinstance(answer_reserve, bool) or not isinstance(answer_reserve, (int, np.integer)) or answer_reserve < 0:
+            raise ValueError(f"answer_reserve={answer_reserve!r} must be an int >= 0 (tokens kept free for the answer)")
+        answer_reserve = int(answer_reserve)
         cfg, positions = self.bm.config, self.bm.max_positions
         needed = len(ids) + answer_reserve
         if needed > self.capacity:
@@ -238,6 +250,21 @@ class BeaconEngine:
         finally:
             if release is not None:
                 release()
+
+    def _token_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        """The prompt's token ids as Python ints: a sequence of ints or an integer tensor of shape (L,) or (1, L)."""
+        if isinstance(ids, torch.Tensor):
+            return self.bm._as_ids(ids).tolist()
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"the prompt must be token ids, not text ({ids[:20]!r}); encode it with engine.encode()")
+        ids = list(ids)
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+        if bad is not None:
+            raise ValueError(
+                f"the prompt holds {bad!r} ({type(bad).__name__}), not a token id; pass a list of ints "
+                "(engine.encode() makes one)"
+            )
+        return [int(i) for i in ids]
 
     def _read_claimed(
         self,
@@ -267,6 +294,9 @@ class BeaconEngine:
         if progress is not None and start:
             progress(start, cache)  # tokens taken from a condensed prefix
         done = start
+        # the caller's boundary (a document's end) stays the most recently used entry: a window checkpoint of the
+        # question after it must not push the document out of a small store
+        kept = (ids[:start], cache.fork()) if boundary is not None and 0 < start == boundary else None
 
         def step(n_raw: int, stepped: BeaconCache) -> None:
             """After every window step: the caller's progress, then stop if cancelled or out of time."""
@@ -290,6 +320,10 @@ class BeaconEngine:
                 pos = mark
                 if mark != len(ids):  # only the caller's boundary (a document's end) is worth a disk copy
                     self.store.remember(ids[:mark], cache, persist=mark == boundary)
+                    if mark == boundary:
+                        kept = (ids[:mark], cache.fork())
+                    elif kept is not None:
+                        self.store.remember(*kept, persist=False)
             if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
                 raise RuntimeError("internal error: reused prefix carries no logits")
         return cache, usage
@@ -305,6 +339,9 @@ class BeaconEngine:
 
         Raises ``ValueError`` for a corrupt file or one made with another model or beacon config.
         """
+        if not self.max_prefixes:
+            raise ValueError("this engine keeps no prefixes in memory (max_prefixes=0); make it with max_prefixes >= 1 "
+                             "to import one")  # fmt: skip
         cache, extra = load_cache(str(path), self.bm)
         if extra.get("model") not in (None, self.identity):
             raise ValueError(

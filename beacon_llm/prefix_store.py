@@ -62,8 +62,11 @@ class PrefixStore:
         cache_dir: Path | None = None,
         min_prefix: int = 0,
     ) -> None:
-        if max_prefixes < 0:
-            raise ValueError(f"max_prefixes={max_prefixes} must be >= 0")
+        for name, value in (("max_prefixes", max_prefixes), ("min_prefix", min_prefix)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an int >= 0")
+        if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+            raise ValueError(f"cache_dir={str(cache_dir)!r} is a file, not a folder; pass a folder (it is created)")
         self.bm = bm
         self.max_prefixes = max_prefixes
         self.cache_dir = cache_dir
@@ -173,21 +176,29 @@ class PrefixStore:
         digest = prefix_hash(prefix)
         entry = StoredPrefix(len(prefix), digest, cache.fork())
         key = (entry.n_tokens, digest, plan_tag(cache))
-        if self.max_prefixes:
-            with self._lock:
-                self._entries[key] = entry
-                self._entries.move_to_end(key)
-                while len(self._entries) > self.max_prefixes:
-                    self._entries.popitem(last=False)
+        self._keep(key, entry)
         if persist and self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
             path = self._disk_path(entry.n_tokens, digest, key[2])
-            save_cache(entry.cache, str(path), extra={"n_tokens": len(prefix)})
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                save_cache(entry.cache, str(path), extra={"n_tokens": len(prefix)})
+            except OSError as exc:  # the read itself succeeded: answer it, from the copy kept in memory
+                logger.warning("could not write the condensed prefix to %s (%s); check that cache_dir is a writable "
+                               "folder with free space", path, exc)  # fmt: skip
 
     def add(self, n_tokens: int, digest: str, cache: BeaconCache) -> None:
-        """Keep an imported prefix (already keyed) in memory."""
+        """Keep an imported prefix (already keyed) in memory, within ``max_prefixes`` like a read one."""
+        self._keep((n_tokens, digest, plan_tag(cache)), StoredPrefix(n_tokens, digest, cache))
+
+    def _keep(self, key: tuple[int, str, str], entry: StoredPrefix) -> None:
+        """Store ``entry`` as the most recently used, dropping the least recently used beyond ``max_prefixes``."""
+        if not self.max_prefixes:
+            return
         with self._lock:
-            self._entries[(n_tokens, digest, plan_tag(cache))] = StoredPrefix(n_tokens, digest, cache)
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_prefixes:
+                self._entries.popitem(last=False)
 
     # ------------------------------------------------------------------ one read per prefix
     def claim(

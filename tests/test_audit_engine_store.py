@@ -1,0 +1,136 @@
+"""The engine and its prefix store: errors reach async callers, stored prefixes stay as read, the in-memory bound
+holds for imports, a document survives its question's checkpoint, unusable cache folders and bad prompts are clear."""
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from beacon_llm import BeaconEngine
+from beacon_llm.config import BeaconConfig
+from beacon_llm.testing import tiny_beacon_model
+
+DOC = "Dorothy lived in the midst of the great Kansas prairies. " * 3
+LONG_QUESTION = "Question: tell me, in detail, who lived there with the dog?"  # crosses a window boundary
+
+
+@pytest.fixture(scope="module")
+def bm():
+    return tiny_beacon_model(BeaconConfig(window=16, ratios=(2,), ratio_mix="sequence"))
+
+
+def _doc_prompt(engine, question="Who?"):
+    doc = engine.encode(DOC)
+    return doc + engine.encode(question), len(doc)
+
+
+def test_astream_raises_a_bad_keyword_argument_instead_of_hanging(bm):
+    engine = BeaconEngine(bm)
+
+    async def consume():
+        return [item async for item in engine.astream(engine.encode("hello"), max_tokens=3)]
+
+    with pytest.raises(TypeError, match="max_tokens"):
+        asyncio.run(asyncio.wait_for(consume(), 30))
+
+
+def test_reading_into_a_listed_prefix_leaves_the_stored_one_as_read(bm):
+    engine = BeaconEngine(bm)
+    ids, boundary = _doc_prompt(engine)
+    first = engine.complete(ids, boundary=boundary, max_new_tokens=6)
+    n_tokens, cache = engine.stored_prefixes()[-1]
+    assert n_tokens == boundary
+    bm.forward(engine.encode("more text the caller reads into the cache " * 2), cache)
+    assert [c.n_seen for n, c in engine.stored_prefixes()] == [n for n, _ in engine.stored_prefixes()]
+    again = engine.complete(ids, boundary=boundary, max_new_tokens=6)
+    assert again.usage.cache_read_tokens == boundary
+    assert again.token_ids == first.token_ids
+
+
+def test_imported_prefixes_keep_within_max_prefixes(bm, tmp_path):
+    engine = BeaconEngine(bm)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"doc{i}.safetensors")
+        engine.export_prefix(engine.encode(f"Document {i}: " + "abc def ghi " * 3), paths[-1])
+    small = BeaconEngine(bm, max_prefixes=2)
+    for path in paths:
+        small.import_prefix(path)
+    assert len(small.stored_prefixes()) == 2
+    with pytest.raises(ValueError, match="max_prefixes=0"):
+        BeaconEngine(bm, max_prefixes=0).import_prefix(paths[0])
+
+
+def test_a_long_question_does_not_push_its_document_out_of_a_one_prefix_store(bm):
+    engine = BeaconEngine(bm, max_prefixes=1)
+    doc = engine.encode(DOC)
+    for i in range(3):
+        ids = doc + engine.encode(f"{i} {LONG_QUESTION}")
+        completion = engine.complete(ids, boundary=len(doc), max_new_tokens=2)
+        assert completion.usage.cache_read_tokens == (len(doc) if i else 0)
+        assert [n for n, _ in engine.stored_prefixes()] == [len(doc)]
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(bm, tmp_path):
+    path = tmp_path / "not-a-folder"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="not-a-folder.*is a file"):
+        BeaconEngine(bm, cache_dir=path)
+
+
+def test_an_unwritable_cache_dir_still_answers_with_a_warning(bm, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    engine = BeaconEngine(bm, cache_dir=blocker / "cache")  # mkdir fails: its parent is a file
+    ids, boundary = _doc_prompt(engine)
+    with caplog.at_level(logging.WARNING, logger="beacon_llm.prefix_store"):
+        answer = engine.complete(ids, boundary=boundary, max_new_tokens=6)
+    assert "could not write the condensed prefix" in caplog.text
+    assert answer.token_ids == BeaconEngine(bm).complete(ids, boundary=boundary, max_new_tokens=6).token_ids
+    assert engine.complete(ids, boundary=boundary, max_new_tokens=6).usage.cache_read_tokens == boundary
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ([5.7, 6.2], r"holds 5\.7 \(float\)"),
+        ([True, 6], r"holds True \(bool\)"),
+        ("hello", "not text.*engine.encode"),
+    ],
+)
+def test_prompts_that_are_not_token_ids_are_refused(bm, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        BeaconEngine(bm).read(prompt)
+
+
+@pytest.mark.parametrize("boundary", [-5, 500, 3.5, "10", True])
+def test_a_boundary_outside_the_prompt_is_refused(bm, boundary):
+    engine = BeaconEngine(bm)
+    ids, _ = _doc_prompt(engine)
+    with pytest.raises(ValueError, match=f"boundary={boundary!r} must be an index into the prompt's {len(ids)}"):
+        engine.read(ids, boundary=boundary)
+    assert not engine.stored_prefixes()
+
+
+def test_numpy_and_tensor_prompts_and_boundaries_give_python_ints(bm):
+    engine = BeaconEngine(bm)
+    ids, boundary = _doc_prompt(engine)
+    _, usage = engine.read(torch.tensor([ids]), boundary=np.int64(boundary))
+    assert usage.read_tokens == len(ids) and type(usage.read_tokens) is int
+    assert [n for n, _ in engine.stored_prefixes()][-1] == boundary
+
+
+@pytest.mark.parametrize("reserve", [-50, 2.5, None])
+def test_a_negative_or_fractional_answer_reserve_is_refused(bm, reserve):
+    engine = BeaconEngine(bm)
+    with pytest.raises(ValueError, match=f"answer_reserve={reserve!r} must be an int >= 0"):
+        engine.read(engine.encode("hello"), answer_reserve=reserve)
+
+
+@pytest.mark.parametrize("option", ["max_prefixes", "min_prefix"])
+@pytest.mark.parametrize("value", [None, "4", 2.5, True, -1])
+def test_store_bounds_must_be_ints(bm, option, value):
+    with pytest.raises(ValueError, match=f"{option}={value!r} must be an int >= 0"):
+        BeaconEngine(bm, **{option: value})
