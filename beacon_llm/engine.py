@@ -412,7 +412,12 @@ class BeaconEngine:
     async def astream(self, ids: Sequence[int], **kwargs: Any) -> AsyncIterator[str | Completion]:
         """:meth:`stream` for asyncio: reading and generating run in a worker thread, never on the event loop.
         Leaving the loop early (or cancelling the task) stops the reading within one window step and the generation
-        at the next token."""
+        at the next token, so it takes no ``cancel`` event of its own."""
+        if "cancel" in kwargs:
+            raise TypeError(
+                "astream takes no cancel event: cancel its task or leave the async for loop to stop it "
+                "(stream(..., cancel=event) in a thread takes one)"
+            )
 
         def start(cancel: threading.Event) -> Iterator[str | Completion]:
             return self.stream(ids, cancel=cancel, **kwargs)

@@ -3,6 +3,7 @@ holds for imports, a document survives its question's checkpoint, unusable cache
 
 import asyncio
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -33,6 +34,18 @@ def test_astream_raises_a_bad_keyword_argument_instead_of_hanging(bm):
         return [item async for item in engine.astream(engine.encode("hello"), max_tokens=3)]
 
     with pytest.raises(TypeError, match="max_tokens"):
+        asyncio.run(asyncio.wait_for(consume(), 30))
+
+
+def test_astream_refuses_a_cancel_event_of_its_own(bm):
+    """astream cancels through its task; a caller's event would be ignored (or clash with its own), so it is refused
+    before reading."""
+    engine = BeaconEngine(bm)
+
+    async def consume():
+        return [item async for item in engine.astream(engine.encode("hello"), cancel=threading.Event())]
+
+    with pytest.raises(TypeError, match="astream takes no cancel event: cancel its task"):
         asyncio.run(asyncio.wait_for(consume(), 30))
 
 
