@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -32,15 +33,19 @@ def prefix_hash(ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:DIGEST_CHARS]
 
 
-def condensed_windows(cache: BeaconCache) -> int:
-    plan = cache.state.fit_plan
-    return 0 if plan is None else plan.condensed_windows
-
-
 def plan_tag(cache: BeaconCache) -> str:
-    """Part of a stored prefix's key: caches of one prefix read under different fit-N plans differ."""
-    plan = cache.state.fit_plan
-    return "" if plan is None else f"f{plan.condensed_windows}r{plan.ratio}"
+    """Part of a stored prefix's key: caches of one prefix read under different fit-N plans, or with different
+    fixed ratios (adapt-N, instance-random), differ."""
+    plan, fixed = cache.state.fit_plan, cache.state.fixed_ratio
+    if plan is not None:
+        return f"f{plan.condensed_windows}r{plan.ratio}"
+    return "" if fixed is None else f"a{fixed}"
+
+
+def tag_order(tag: str) -> tuple[int, ...]:
+    """Which of two caches of one prefix a read prefers, smaller first: fewer condensed windows (fit-N), or the
+    smaller fixed ratio (adapt-N), which is the ratio a fresh read picks whenever that cache can hold the read."""
+    return tuple(int(n) for n in re.findall(r"\d+", tag))
 
 
 @dataclass
@@ -108,7 +113,7 @@ class PrefixStore:
     # ------------------------------------------------------------------ finding
     def lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]) -> tuple[BeaconCache | None, int]:
         """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
-        Of two with the same prefix, the one with fewer condensed windows."""
+        Of two with the same prefix, the one :func:`tag_order` puts first."""
         model = self.bm._fingerprint()  # entries read before the weights (or kernels) changed are not this model's
         with self._lock:
             found = [
@@ -119,7 +124,7 @@ class PrefixStore:
                 and prefix_hash(ids[: e.n_tokens]) == e.digest
                 and usable(e.cache)
             ]
-            best = max(found, key=lambda e: (e.n_tokens, -condensed_windows(e.cache)), default=None)
+            best = min(found, key=lambda e: (-e.n_tokens, tag_order(plan_tag(e.cache))), default=None)
             if best is not None:
                 self._entries.move_to_end((best.n_tokens, best.digest, plan_tag(best.cache)))
         disk = self._lookup_disk(ids, best.n_tokens if best else 0, usable)
@@ -141,7 +146,7 @@ class PrefixStore:
             parts = path.stem.split("-")
             if len(parts) == 3 and parts[1].isdigit() and better_than < int(parts[1]) <= len(ids):
                 found.append((int(parts[1]), parts[2][:DIGEST_CHARS], parts[2][DIGEST_CHARS:], path))
-        for n, digest, tag, path in sorted(found, key=lambda f: (-f[0], f[2])):
+        for n, digest, tag, path in sorted(found, key=lambda f: (-f[0], tag_order(f[2]))):
             if prefix_hash(ids[:n]) != digest:
                 continue
             try:

@@ -147,3 +147,28 @@ def test_a_negative_or_fractional_answer_reserve_is_refused(bm, reserve):
 def test_store_bounds_must_be_ints(bm, option, value):
     with pytest.raises(ValueError, match=f"{option}={value!r} must be an int >= 0"):
         BeaconEngine(bm, **{option: value})
+
+
+@pytest.mark.parametrize("cache_dir", [False, True], ids=["memory", "disk"])
+def test_adapt_prefixes_of_two_ratios_are_both_kept_and_each_read_gets_a_fresh_reads_tokens(tmp_path, cache_dir):
+    """adapt-N fixes a ratio at a prompt's first read, from the answer length: a short answer reads at ratio 2, a
+    long one at 4. Both condensed prefixes are kept (the second no longer replaces the first), and a read prefers
+    the smaller ratio that holds it, so every answer is the one a fresh engine gives."""
+    adapt = tiny_beacon_model(max_position_embeddings=256)  # adapt-16, ratios (2, 4)
+    folder = tmp_path / "store" if cache_dir else None
+
+    def engine():
+        return BeaconEngine(adapt, cache_dir=folder, max_prefixes=0 if cache_dir else 8)
+
+    ids, boundary = engine().document_prompt("Dorothy lived in the midst of the great Kansas prairies. " * 6, "Who?")
+    fresh = {n: BeaconEngine(adapt, max_prefixes=0).complete(ids, max_new_tokens=n).token_ids for n in (4, 150)}
+    shared = engine()
+    for n in (4, 150, 4, 150):
+        got = (shared if not cache_dir else engine()).complete(ids, boundary=boundary, max_new_tokens=n)
+        assert got.token_ids == fresh[n]
+    if cache_dir:
+        assert sorted(p.stem.rsplit("a", 1)[-1] for p in folder.glob("*.safetensors")) == ["2", "4"]
+    else:
+        assert sorted((n, c.state.fixed_ratio) for n, c in shared.stored_prefixes() if n == boundary) == [
+            (boundary, 2), (boundary, 4)]  # fmt: skip
+        assert got.usage.cache_read_tokens >= boundary
