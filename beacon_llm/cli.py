@@ -11,6 +11,16 @@ from pathlib import Path
 from .cli_errors import CliError
 
 EXIT_USAGE = 2
+# ``beacon-llm train``'s beacon options for fresh beacons (on the command line None means not given: an adapter given
+# with --init-adapter keeps its own)
+TRAIN_BEACON_DEFAULTS: dict = {
+    "window": 1024,
+    "ratios": [2, 4, 8, 16, 32],
+    "pos": "interleave",
+    "attn": "full-coverage",
+    "param": ["q", "k", "v"],
+    "sink_size": 0,
+}
 # device_map strategies transformers accepts besides a device name
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -23,6 +33,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type of ``--port``: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a port number from 0 to 65535 (0: any free port)")
     return value
 
 
@@ -117,16 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tr)
     tr.add_argument("--data", nargs="+", required=True, help=".txt / .md / .jsonl training files")
     tr.add_argument("--output-dir", required=True)
-    tr.add_argument("--init-adapter", default=None, help="start from these beacons instead of fresh ones")
-    tr.add_argument("--window", type=positive_int, default=1024)
-    tr.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16, 32])
-    tr.add_argument("--pos", default="interleave", choices=["interleave", "append"])
-    tr.add_argument("--attn", default="full-coverage", choices=["full-coverage", "step-expansion", "segmentation"])
-    tr.add_argument("--no-attend-prev", action="store_true")
-    tr.add_argument("--param", nargs="+", default=["q", "k", "v"])
-    tr.add_argument("--sink-size", type=int, default=0)
+    tr.add_argument(
+        "--init-adapter",
+        default=None,
+        help="start from these beacons instead of fresh ones (their config, with the beacon options given here)",
+    )
+    g = tr.add_argument_group("beacons (the defaults are for fresh beacons; with --init-adapter, the adapter's own)")
+    d = TRAIN_BEACON_DEFAULTS
+    g.add_argument("--window", type=positive_int, default=None, help=f"default {d['window']}")
+    g.add_argument("--ratios", type=int, nargs="+", default=None, help=f"default {' '.join(map(str, d['ratios']))}")
+    g.add_argument("--pos", default=None, choices=["interleave", "append"], help=f"default {d['pos']}")
+    g.add_argument(
+        "--attn", default=None, choices=["full-coverage", "step-expansion", "segmentation"], help=f"default {d['attn']}"
+    )
+    g.add_argument("--no-attend-prev", action="store_true", help="beacons do not see earlier beacons of their window")
+    g.add_argument("--param", nargs="+", default=None, help=f"default {' '.join(d['param'])}")
+    g.add_argument("--sink-size", type=int, default=None, help=f"default {d['sink_size']}")
     tr.add_argument("--steps", type=int, default=100)
-    tr.add_argument("--stop-after", type=int, default=None, help="end this sitting after N steps (resume later)")
+    tr.add_argument(
+        "--stop-after", type=positive_int, default=None, help="end this sitting after N steps (resume later)"
+    )
     tr.add_argument("--seq-len", type=int, default=2048)
     tr.add_argument("--grad-accum", type=int, default=8)
     tr.add_argument("--lr", type=float, default=5e-5)
@@ -142,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     _add_beacon_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=port_number, default=8000, help="0: any free port (default 8000)")
     srv.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable); none = open")
     srv.add_argument("--api-keys-file", default=None, help="file of API keys, one per line (# comments)")
     srv.add_argument("--store-dir", default=None, help="condensed books, per key (default: $BEACON_LLM_HOME/serve)")
@@ -181,17 +212,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     _torch_setup(args)
-    try:
-        cfg = BeaconConfig(
-            window=args.window,
-            ratios=tuple(args.ratios),
-            ratio_mix="step-random",
-            pos=args.pos,
-            attn=args.attn,
-            attend_prev=not args.no_attend_prev,
-            param=tuple(args.param),
-            sink_size=args.sink_size,
+    if args.ratios is not None and not any(r > 0 for r in args.ratios):
+        raise CliError(
+            f"--ratios {' '.join(map(str, args.ratios))}: training needs a ratio > 0 (ratio 0 keeps raw keys and "
+            "values, so no beacon would be trained)"
         )
+    # the beacon options given on the command line; every window is read at a ratio drawn for it (step-random),
+    # fresh beacons or an adapter's (whose own mix may be an inference one, e.g. fit-N, that would condense nothing)
+    given = {
+        "beacon_window": args.window,
+        "beacon_ratio": args.ratios,
+        "beacon_pos": args.pos,
+        "beacon_attn": args.attn,
+        "beacon_attend_prev": False if args.no_attend_prev else None,
+        "beacon_param": args.param,
+        "beacon_sink_size": args.sink_size,
+    }
+    overrides = {key: value for key, value in given.items() if value is not None}
+    overrides["beacon_ratio_mix"] = "step-random"
+    try:
+        if args.init_adapter:
+            beacons: dict = {"adapter": args.init_adapter, **overrides}
+        else:
+            d = {
+                k: default if getattr(args, k) is None else getattr(args, k)
+                for k, default in TRAIN_BEACON_DEFAULTS.items()
+            }
+            cfg = BeaconConfig(
+                window=d["window"],
+                ratios=tuple(d["ratios"]),
+                ratio_mix="step-random",
+                pos=d["pos"],
+                attn=d["attn"],
+                attend_prev=not args.no_attend_prev,
+                param=tuple(d["param"]),
+                sink_size=d["sink_size"],
+            )
+            beacons = {"beacon_config": cfg}
         tcfg = TrainConfig(
             output_dir=args.output_dir,
             steps=args.steps,
@@ -216,7 +273,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         stream = SampleStream(texts, tokenizer, args.seq_len, task_rate=args.task_rate, seed=args.seed)
     except ValueError as exc:
         raise CliError(f"{', '.join(args.data)}: {exc}") from exc
-    beacons = {"adapter": args.init_adapter} if args.init_adapter else {"beacon_config": cfg}
     try:
         bm = from_pretrained(path, **beacons, dtype=args.dtype, device_map=args.device, tokenizer=False)
     except (ValueError, OSError) as exc:
@@ -264,6 +320,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(embedded_model_path(args.cache_dir))
     except RuntimeError as exc:
         raise CliError(str(exc)) from exc
+    except OSError as exc:  # a --cache-dir that cannot be made or written
+        raise CliError(f"cannot prepare the embedded model in {args.cache_dir or 'the cache'}: {exc}") from exc
     return 0
 
 

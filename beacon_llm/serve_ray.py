@@ -175,6 +175,15 @@ _INT_ARGS = {"num_replicas", "threads", "max_ongoing_requests", *ServeLimits.__d
 _BEACON_ARGS = {"ratio_mix": "beacon_ratio_mix", "window": "beacon_window", "ratio": "beacon_ratio"}
 
 
+def _number(name: str, value: Any, kind: type) -> Any:
+    """``value`` (a ``key=value`` argument's text) as an int or float; a ValueError naming the key otherwise."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name}={value!r} must be {what}") from None
+
+
 def build_app(args: Mapping[str, Any]) -> serve.Application:
     """The application builder for ``serve run beacon_llm.serve_ray:build_app key=value ...`` (or a Serve config
     file's ``args``): the keywords of :func:`application`, the fields of :class:`ServeLimits` (e.g.
@@ -184,17 +193,18 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     for name in list(args):
         value = args[name]
         if isinstance(value, str) and name in _INT_ARGS:
-            args[name] = int(value)
+            args[name] = _number(name, value, int)
         elif isinstance(value, str) and name in _FLOAT_ARGS:
-            args[name] = float(value)
+            args[name] = _number(name, value, float)
     overrides = dict(args.pop("beacon_overrides", None) or {})
     for name, key in _BEACON_ARGS.items():
         if name in args:
             value = args.pop(name)
             if name == "ratio":
-                value = [int(r) for r in str(value).split(",")] if isinstance(value, str) else list(value)
+                parts = str(value).split(",") if isinstance(value, str) else list(value)
+                value = [_number(name, r, int) for r in parts]
             elif name == "window":
-                value = int(value)
+                value = _number(name, value, int)
             overrides[key] = value
     keys = args.pop("api_keys", ())
     keys = keys.split(",") if isinstance(keys, str) else list(keys)

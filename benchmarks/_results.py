@@ -1,7 +1,7 @@
-"""Writing a benchmark's results file: the one way every script in this folder saves its JSON (and the one way they
-summarise paired differences).
+"""Writing a benchmark's results file: the one way every script in this folder saves its JSON and its plots (and the
+one way they summarise paired differences).
 
-The file is written under a unique temporary name next to it and renamed over it, so a reader (or a second run that
+A file is written under a unique temporary name next to it and renamed over it, so a reader (or a second run that
 merges rows into the same file) never sees a partial file.
 """
 
@@ -23,6 +23,20 @@ def write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure to ``path`` (parent folders created), atomically, as :func:`write_json` writes JSON;
+    the format follows the path's suffix. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _results import write_json
+from _results import save_figure, write_json
 
 
 def history(run: Path) -> list[dict]:
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON summary path")
     args = parser.parse_args()
+    if not args.fast and (args.run is None or args.png is None):
+        parser.error("give the run folder and the PNG to write (or --fast)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +49,7 @@ def main() -> None:
     loss = [h["loss"] for h in hist]
     k = 5
     smooth = [sum(loss[max(0, i - k + 1) : i + 1]) / len(loss[max(0, i - k + 1) : i + 1]) for i in range(len(loss))]
-    plt.figure(figsize=(6, 3.5))
+    fig = plt.figure(figsize=(6, 3.5))
     plt.plot(steps, loss, alpha=0.35, label="loss per step")
     plt.plot(steps, smooth, label=f"mean of {k} steps")
     plt.xlabel("optimiser step")
@@ -55,12 +57,13 @@ def main() -> None:
     plt.title("beacon training")
     plt.legend()
     plt.tight_layout()
-    plt.savefig(png, dpi=120)
+    save_figure(fig, png, dpi=120)
+    plt.close(fig)
     summary = {
         "steps": steps[-1],
         "tokens": hist[-1]["tokens"],
-        "first5": sum(loss[:5]) / 5,
-        "last5": sum(loss[-5:]) / 5,
+        "first5": sum(loss[:5]) / len(loss[:5]),  # the mean of the first (last) 5 steps, or of all of fewer
+        "last5": sum(loss[-5:]) / len(loss[-5:]),
     }
     if args.out:
         write_json(args.out, summary, indent=None)

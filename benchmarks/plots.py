@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from _results import write_json
+from _results import save_figure, write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,7 +39,7 @@ def plot_efficiency(eff: dict, png: Path) -> None:
         ax.set(xscale="log", xlabel="context tokens")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png, dpi=110)
     plt.close(fig)
 
 
@@ -69,7 +69,7 @@ def plot_quality(quality: dict, png: Path) -> None:
     b.set(ylim=(0, 1), ylabel="exact match (all lengths)", title="accuracy by probe")
     a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png, dpi=110)
     plt.close(fig)
 
 
@@ -91,7 +91,7 @@ def plot_perplexity(ppl: dict, png: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("continuation perplexity at the beacon cache's KV budget")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png, dpi=110)
     plt.close(fig)
 
 
