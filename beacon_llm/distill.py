@@ -9,6 +9,7 @@ of its tokens), so every training run and every ablation reuses them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import uuid
 import weakref
@@ -16,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .digests import weights_sha256
 from .layers import is_beacon_parameter
+
+logger = logging.getLogger(__name__)
 
 
 def _key(ids: list[int], start: int, k: int, model: str) -> str:
@@ -87,21 +91,46 @@ class TeacherStore:
         return top.indices.cpu(), top.values.cpu()
 
     def get(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compute`'s targets, read from the store when there (a stored file that cannot be read or holds
+        other shapes is computed again and replaced)."""
         path = self.folder / f"{_key(ids, start, self.k, _model_tag(self.model))}.safetensors"
-        if path.is_file():
-            tensors = load_file(str(path))
+        shape = (len(ids) - start, self.k)
+        tensors = _load(path, {"indices": shape, "logprobs": shape})
+        if tensors is not None:
             return tensors["indices"].long(), tensors["logprobs"]
         indices, logprobs = self.compute(ids, start)
         _save(path, {"indices": indices.to(torch.int32).contiguous(), "logprobs": logprobs.contiguous()})
         return indices, logprobs
 
 
+def _load(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+    """The stored tensors of ``path`` when it holds them with these names and shapes; None when there is no such
+    file, and (with a warning naming the file) when it cannot be read or holds something else: the caller computes
+    them again and replaces it."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        logger.warning("%s: unreadable stored targets (%s); computing them again", path, exc)
+        return None
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if any(found.get(name) != shape for name, shape in shapes.items()):
+        logger.warning("%s: stored tensors %s, expected %s; computing them again", path, found, shapes)
+        return None
+    return tensors
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors under a unique temporary name, then renamed (concurrent writers never leave a partial file)."""
+    """safetensors under a unique temporary name, then renamed (concurrent writers never leave a partial file; a
+    failed write leaves no temporary one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -166,8 +195,9 @@ class TailReferenceStore:
         h.update(f"tail-only:{self.context}".encode())
         key = _key(ids, start, indices.shape[-1], _model_tag(self.model) + "|" + h.hexdigest())
         path = self.folder / f"{key}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["logprobs"]
+        tensors = _load(path, {"logprobs": tuple(indices.shape)})
+        if tensors is not None:
+            return tensors["logprobs"]
         logprobs = self.compute(ids, start, indices)
         _save(path, {"logprobs": logprobs.contiguous()})
         return logprobs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import html
 import posixpath
 import re
 import zipfile
@@ -22,7 +21,15 @@ class DocumentError(ValueError):
 
 
 class _TextExtractor(HTMLParser):
-    BLOCK = {"p", "div", "br", "h1", "h2", "h3", "h4", "h5", "h6", "li", "tr", "section", "blockquote"}
+    """The text of (X)HTML markup: a line break around each block element and a space before each table cell (so
+    neighbouring cells do not run into one word); character references are decoded once, by the parser."""
+
+    BLOCK = {
+        "p", "div", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table",
+        "caption", "section", "article", "aside", "header", "footer", "nav", "main", "figure", "figcaption",
+        "blockquote", "pre", "address",
+    }  # fmt: skip
+    SPACED = {"td", "th"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,6 +41,8 @@ class _TextExtractor(HTMLParser):
             self._skip += 1
         elif tag in self.BLOCK:
             self.parts.append("\n")
+        elif tag in self.SPACED:
+            self.parts.append(" ")
 
     def handle_endtag(self, tag):
         if tag in ("script", "style", "head") and self._skip:
@@ -49,7 +58,8 @@ class _TextExtractor(HTMLParser):
 def _html_text(markup: str) -> str:
     parser = _TextExtractor()
     parser.feed(markup)
-    text = html.unescape("".join(parser.parts))
+    parser.close()
+    text = "".join(parser.parts)  # the parser already decoded the character references (convert_charrefs)
     return re.sub(r"\n\s*\n\s*\n+", "\n\n", text).strip()
 
 

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -611,10 +612,23 @@ def _openmp_runtime() -> Path | None:
     return Path(next(iter(runtimes))) if len(runtimes) == 1 else None
 
 
-def _compiler() -> str:
-    for candidate in (os.environ.get("CC"), "cc", "gcc"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
+def _compiler() -> list[str]:
+    """The compiler command: ``$CC`` split as a shell splits it (a wrapper or flags with the program, e.g.
+    ``ccache gcc`` or ``gcc -march=znver4``), else ``cc`` or ``gcc``; a ``$CC`` whose program is not on the path is
+    passed over with a warning naming it."""
+    given = os.environ.get("CC", "").strip()
+    if given:
+        try:
+            words = shlex.split(given)
+        except ValueError as exc:
+            raise RuntimeError(f"CC={given!r} is not a command ({exc}); set CC to a C compiler such as gcc") from exc
+        program = shutil.which(words[0])
+        if program:
+            return [program, *words[1:]]
+        logger.warning("CC=%r: %s is not on the path; trying cc and gcc", given, words[0])
+    for candidate in ("cc", "gcc"):
+        if shutil.which(candidate):
+            return [shutil.which(candidate)]
     raise RuntimeError("no C compiler found ($CC, cc or gcc); install one (e.g. apt install gcc) to build it")
 
 
@@ -622,26 +636,27 @@ def _build(kernel_dir: Path, runtime: Path) -> Path:
     """Compile the kernels into ``kernel_dir/<digest>/`` unless already there (written under a unique temporary name
     and renamed, so concurrent builds never load a partial file). The digest covers the sources, the flags, the
     compiler and the OpenMP runtime linked."""
-    compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    compiler = _compiler()  # the program and $CC's own arguments
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = " ".join((*compiler[1:], *COMPILE_FLAGS))  # $CC's arguments change the build too
     digest = hashlib.sha256(
-        b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(COMPILE_FLAGS).encode(), version.encode(),
+        b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), flags.encode(), version.encode(),
                     str(runtime).encode()])
     ).hexdigest()[:16]  # fmt: skip
     target = kernel_dir / digest / "libbeacon_kernels_bf16.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building the native bf16 kernels with %s (once per machine)", compiler)
+    logger.info("building the native bf16 kernels with %s (once per machine)", " ".join(compiler))
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         objects = [str(Path(work) / f"{p.stem}.o") for p in SOURCES]
         workers = max(1, min(len(SOURCES), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # the sources compiled side by side
-            commands = [[compiler, *COMPILE_FLAGS, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)]
+            commands = [[*compiler, *COMPILE_FLAGS, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)]
             list(pool.map(_run, commands))  # the first failure is raised here
         lib = Path(work) / target.name
         # link the runtime torch loaded by its path (not -lgomp): the loader then reuses it by its soname
-        _run([compiler, "-shared", "-fPIC", *objects, str(runtime), "-lm", "-o", str(lib)])
+        _run([*compiler, "-shared", "-fPIC", *objects, str(runtime), "-lm", "-o", str(lib)])
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".lib-", suffix=".so")
         os.close(fd)
         shutil.copyfile(lib, tmp)

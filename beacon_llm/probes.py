@@ -187,13 +187,23 @@ def _facts(rng: np.random.Generator) -> tuple[list[list[str]], list[int], list[P
 
 def sentence_boundaries(tokenizer, ids: list[int]) -> np.ndarray:
     """Indices i such that the text before ``ids[i]`` ends a sentence (``.``, ``!`` or ``?``, maybe inside a closing
-    quote) and ``ids[i]`` starts with white space: places where a fact can be inserted as a sentence of its own."""
+    quote) and ``ids[i]`` starts with white space: places where a fact can be inserted as a sentence of its own.
+
+    Whether ``ids[i]`` starts with white space is read from the text it adds after ``ids[i - 1]``: a SentencePiece
+    tokenizer (Llama 2, Mistral) drops the leading space of the first token it decodes, so ``decode([ids[i]])``
+    alone would never show it."""
     pieces = {t: tokenizer.decode([t]) for t in set(ids)}
+
+    def starts_with_space(prev: int, token: int) -> bool:
+        pair, before = tokenizer.decode([prev, token]), pieces[prev]
+        added = pair[len(before) :] if pair.startswith(before) else pieces[token]
+        return added[:1].isspace()
+
     ends = [
         i
         for i in range(2, len(ids))
         if (pieces[ids[i - 2]] + pieces[ids[i - 1]]).endswith((".", "!", "?", '."', '!"', '?"'))
-        and pieces[ids[i]][:1].isspace()
+        and starts_with_space(ids[i - 1], ids[i])
     ]
     return np.asarray(ends, dtype=np.int64)
 

@@ -217,10 +217,20 @@ class SampleStream:
         self.task_rate = task_rate
         self.tasks = tuple(tasks)
         self.texts = list(texts)
-        self.token_texts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.texts]
-        self.token_texts = [t for t in self.token_texts if len(t) >= 2]
+        tokenized = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.texts]
+        self.token_texts = [t for t in tokenized if len(t) >= 2]
         if not self.token_texts:
             raise ValueError("training texts are empty after tokenisation")
+        # a generated task hides its fact in at most max(seq_len, 16) filler tokens (make_task): only texts that long
+        # are drawn as its filler, so a short text in the corpus never fails a task sample
+        need = max(seq_len, 16)
+        self.filler_texts = [t for t, ids in zip(self.texts, tokenized) if len(ids) >= need]
+        if task_rate > 0 and not self.filler_texts:
+            raise ValueError(
+                f"task_rate={task_rate} needs a training text of at least {need} tokens to hide the generated tasks' "
+                f"facts in, the longest has {max(map(len, tokenized))}; give a longer text, a smaller seq_len or "
+                "task_rate=0"
+            )
         self.rng = np.random.default_rng(seed)
 
     def __iter__(self):
@@ -230,7 +240,7 @@ class SampleStream:
         rng = self.rng
         if self.task_rate and rng.random() < self.task_rate:
             kind = self.tasks[int(rng.integers(len(self.tasks)))]
-            source = self.texts[int(rng.integers(len(self.texts)))]
+            source = self.filler_texts[int(rng.integers(len(self.filler_texts)))]
             return make_task(kind, source, self.tokenizer, self.seq_len, rng)
         ids = self.token_texts[int(rng.integers(len(self.token_texts)))]
         if len(ids) <= self.seq_len:
