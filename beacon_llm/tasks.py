@@ -31,13 +31,13 @@ def read_corpus(paths: Sequence[str | Path]) -> list[str]:
     """Texts of ``.jsonl`` files (field ``text``, one document per line) and of documents
     (:func:`beacon_llm.documents.read_document`: ``.txt``, ``.md``, ``.epub``, ``.pdf``). Raises ``FileNotFoundError``
     for a missing file and ``ValueError`` naming the file (and line) for one that is not UTF-8, not JSON Lines
-    of objects with a ``text`` field, or holds no text."""
+    of objects with a string ``text`` field, or holds no text."""
     texts: list[str] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"training data file {path} does not exist")
-        if path.suffix != ".jsonl":
+        if path.suffix.lower() != ".jsonl":
             texts.append(read_document(path))
             continue
         found = 0
@@ -52,8 +52,14 @@ def read_corpus(paths: Sequence[str | Path]) -> list[str]:
                         raise ValueError(f"{path}:{n}: not a JSON line ({exc}); write one JSON object a line") from exc
                     if not isinstance(record, dict) or "text" not in record:
                         raise ValueError(f"{path}:{n}: JSONL records need to be objects with a 'text' field")
-                    texts.append(str(record["text"]))
-                    found += bool(str(record["text"]).strip())
+                    text = record["text"]
+                    if not isinstance(text, str):
+                        raise ValueError(
+                            f"{path}:{n}: the 'text' field is {json.dumps(text)[:40]} ({type(text).__name__}), not a "
+                            "string; give each record its text as a JSON string"
+                        )
+                    texts.append(text)
+                    found += bool(text.strip())
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path}: not UTF-8 text ({exc.reason}); convert it to UTF-8") from exc
         if not found:

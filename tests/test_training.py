@@ -100,6 +100,12 @@ def test_corpus_errors(tmp_path):
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffOnce upon a time.".encode())
     assert read_corpus([bom]) == ["Once upon a time."]
+    for value in ("null", "42", '["a", "b"]'):
+        (tmp_path / "typed.jsonl").write_text(f'{{"text": "fine"}}\n{{"text": {value}}}\n')
+        with pytest.raises(ValueError, match=r"typed.jsonl:2: the 'text' field is .* not a string"):
+            read_corpus([tmp_path / "typed.jsonl"])
+    (tmp_path / "UPPER.JSONL").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert read_corpus([tmp_path / "UPPER.JSONL"]) == ["one", "two"]
     with pytest.raises(ValueError, match="steps=0"):
         TrainConfig(output_dir=str(tmp_path), steps=0)
 
