@@ -210,8 +210,10 @@ class BeaconEngine:
         guard: _Guard,
     ) -> tuple[BeaconCache, Usage]:
         ids = self._token_ids(ids)
-        if not ids:
-            raise ValueError("the prompt is empty")
+        if isinstance(answer_reserve, bool) or not isinstance(answer_reserve, (int, np.integer)) or answer_reserve < 0:
+            raise ValueError(f"answer_reserve={answer_reserve!r} must be an int >= 0 (tokens kept free for the answer)")
+        answer_reserve = int(answer_reserve)
+        self.check_fits(len(ids), answer_reserve)
         if boundary is None:
             boundary = self.store.shared_prefix(ids)
         elif isinstance(boundary, bool) or not isinstance(boundary, (int, np.integer)) or not 0 <= boundary <= len(ids):
@@ -221,18 +223,8 @@ class BeaconEngine:
             )
         else:
             boundary = int(boundary)
-        if isinstance(answer_reserve, bool) or not isinstance(answer_reserve, (int, np.integer)) or answer_reserve < 0:
-            raise ValueError(f"answer_reserve={answer_reserve!r} must be an int >= 0 (tokens kept free for the answer)")
-        answer_reserve = int(answer_reserve)
         cfg, positions = self.bm.config, self.bm.max_positions
         needed = len(ids) + answer_reserve
-        if needed > self.capacity:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens and the answer may take {answer_reserve} more: {needed} tokens, "
-                f"more than this model's capacity of {self.capacity} tokens (window {cfg.window}, ratios "
-                f"{list(cfg.ratios)}, {positions} positions); shorten the prompt, lower the answer length or use "
-                "larger compression ratios"
-            )
         planned = planned_read_length(cfg, positions, len(ids), answer_reserve, boundary)
         fresh = fit_plan(cfg, planned, positions) if cfg.is_fit else None
 
@@ -250,6 +242,22 @@ class BeaconEngine:
         finally:
             if release is not None:
                 release()
+
+    def check_fits(self, n_prompt: int, answer_reserve: int) -> None:
+        """Refuse (``ValueError`` with the numbers) a prompt of ``n_prompt`` tokens that is empty or, with
+        ``answer_reserve`` tokens of answer, beyond :attr:`capacity`: the check every read makes first, which a
+        server also makes before a request waits for a worker."""
+        if not n_prompt:
+            raise ValueError("the prompt is empty")
+        needed = n_prompt + answer_reserve
+        if needed > self.capacity:
+            cfg = self.bm.config
+            raise ValueError(
+                f"the prompt has {n_prompt} tokens and the answer may take {answer_reserve} more: {needed} tokens, "
+                f"more than this model's capacity of {self.capacity} tokens (window {cfg.window}, ratios "
+                f"{list(cfg.ratios)}, {self.bm.max_positions} positions); shorten the prompt, lower the answer "
+                "length or use larger compression ratios"
+            )
 
     def _token_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
         """The prompt's token ids as Python ints: a sequence of ints or an integer tensor of shape (L,) or (1, L)."""

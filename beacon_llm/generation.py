@@ -89,10 +89,19 @@ def normalize_stop(stop: str | Sequence[str] | None) -> list[str]:
 
 def special_stop_ids(tokenizer: Any, stops: Sequence[str]) -> dict[int, str]:
     """Stop strings that are exactly one special token (e.g. ``"<|im_start|>"``), by token id. The answer text is
-    decoded without special tokens, so such a stop is matched on its token instead of in the text."""
+    decoded without special tokens, so such a stop is matched on its token instead of in the text.
+
+    A transformers tokenizer is only read (a token lookup and decoding): encoding would set a fast tokenizer's shared
+    ``split_special_tokens`` switch, and so change how a prompt encoded at the same time in another thread (a server's
+    next request) reads its special tokens. Other tokenizers (``encode`` / ``decode`` only) encode the stop."""
+    lookup = getattr(tokenizer, "convert_tokens_to_ids", None)
     found = {}
     for s in stops:
-        ids = tokenizer.encode(s, add_special_tokens=False)
+        if lookup is not None:
+            token = lookup(s)  # None, or the unknown token's id, when s is not one token
+            ids = [token] if isinstance(token, int) and not isinstance(token, bool) else []
+        else:
+            ids = tokenizer.encode(s, add_special_tokens=False)
         if len(ids) == 1 and tokenizer.decode(ids) == s and not tokenizer.decode(ids, skip_special_tokens=True):
             found[int(ids[0])] = s
     return found

@@ -35,6 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .engine import BeaconEngine, Completion, ReadCancelled, Usage
 from .generation import check_sampling_options, normalize_stop
@@ -528,7 +529,7 @@ class _Job:
 
     async def first_signal(self, timeout: float) -> None:
         """Wait until the read has begun, an item or error came, or ``timeout``; raise the error if one came first."""
-        with suppress(TimeoutError):
+        with suppress(asyncio.TimeoutError):  # not the builtin TimeoutError before Python 3.11
             await asyncio.wait_for(self._started.wait(), timeout)
         if self._items and isinstance(self._items[0], BaseException):
             raise _engine_error(self._items.popleft())
@@ -677,6 +678,9 @@ class _Server:
         self.key_digests = [_key_digest(k) for k in _checked_keys(api_keys)]
         self.engines = _Engines(factory, store_dir, limits.max_engines)
         self.slots = FairSlots(limits.max_concurrent)
+        # one prompt tokenised at a time: every engine shares the model's tokenizer, and a fast tokenizer's
+        # split_special_tokens switch (set per call: a document quoting <|im_end|> is read literally) is shared state
+        self._tokenizing = threading.Lock()
         self.jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
         # the public engine serves without keys; with keys, a throwaway one (it never reads or writes its folder)
@@ -715,17 +719,21 @@ class _Server:
         """The prompt's ids and the reusable prefix's end (a chat: the start of its last message)."""
         if req.messages is not None:
             try:
-                ids, boundary = await asyncio.to_thread(engine.encode_chat, req.messages)
+                ids, boundary = await asyncio.to_thread(self._tokenize, engine.encode_chat, req.messages)
             except (ValueError, TypeError, TemplateError) as exc:  # e.g. a template that wants alternating roles
                 raise _bad(f"the model's chat template refused these messages: {exc}", param="messages") from None
             return ids, boundary or None
         if isinstance(req.prompt, str):
-            return await asyncio.to_thread(engine.encode, req.prompt), None
+            return await asyncio.to_thread(self._tokenize, engine.encode, req.prompt), None
         vocab = int(engine.bm.model.config.vocab_size)
         bad = [t for t in req.prompt or [] if not 0 <= t < vocab]
         if bad:
             raise _bad(f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt")
         return list(req.prompt or []), None
+
+    def _tokenize(self, encode: Callable[[Any], Any], what: Any) -> Any:
+        with self._tokenizing:
+            return encode(what)
 
     def answer_length(self, req: GenerationRequest, n_prompt: int) -> int:
         """The request's max_tokens, or the default lowered to what fits after the prompt (at least 1: a prompt
@@ -752,6 +760,10 @@ class _Server:
         engine = self.engines.get(tenant)
         ids, boundary = await self.tokens(engine, req)
         options = req.engine_options(self.answer_length(req, len(ids)))
+        try:  # the engine's own refusals, before the request waits for a worker: a plain 400 at once, streams too
+            engine.check_fits(len(ids), options["max_new_tokens"])
+        except ValueError as exc:
+            raise _engine_error(exc) from None
         shape = _Shape(chat, self.model_name, self.fingerprint, req.include_usage)
         job = self.start_job(engine, ids, boundary, options)
         if req.stream:
@@ -822,11 +834,13 @@ class _Server:
             job.cancel.set()
         return jobs
 
-    def cancel_after(self, seconds: float) -> None:
-        """Shutdown has begun: generations still running ``seconds`` from now are cancelled."""
+    def cancel_after(self, seconds: float) -> threading.Timer:
+        """Shutdown has begun: generations still running ``seconds`` from now are cancelled (unless the returned
+        timer is cancelled first)."""
         timer = threading.Timer(seconds, self.cancel_all)
         timer.daemon = True
         timer.start()
+        return timer
 
     async def shutdown(self) -> None:
         """Cancel what still runs and wait for the worker threads (stored books are always written whole)."""
@@ -947,6 +961,8 @@ class _InternalErrors:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:  # the client left (e.g. while sending a long document): nobody to answer
+            logger.info("%s %s: the client disconnected", scope.get("method"), scope.get("path"))
         except Exception as exc:
             logger.error("request %s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
             if started:  # the answer has begun: nothing else can be sent on it
@@ -1017,7 +1033,23 @@ class GracefulServer(uvicorn.Server):
         self.beacon: _Server = app.state.server
         grace = math.ceil(self.beacon.limits.shutdown_timeout) + 5
         super().__init__(uvicorn.Config(app, **{"timeout_graceful_shutdown": grace, **config}))
-        self._draining = False
+        self._drain_lock = threading.RLock()  # also taken by handle_exit, a signal handler on the main thread
+        self._cancel_timer: threading.Timer | None = None
+        self._over = False  # this run has ended: nothing left to drain
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        with self._drain_lock:
+            self._over = False
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            # this run is over (its generations were cancelled and waited for): a pending cancel must not hit the
+            # requests of a later run of the same app
+            with self._drain_lock:
+                self._over = True
+                timer, self._cancel_timer = self._cancel_timer, None
+            if timer is not None:
+                timer.cancel()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -1028,9 +1060,9 @@ class GracefulServer(uvicorn.Server):
         self._drain()
 
     def _drain(self) -> None:
-        if not self._draining:
-            self._draining = True
-            self.beacon.cancel_after(self.beacon.limits.shutdown_timeout)
+        with self._drain_lock:
+            if self._cancel_timer is None and not self._over:
+                self._cancel_timer = self.beacon.cancel_after(self.beacon.limits.shutdown_timeout)
 
 
 @contextmanager
