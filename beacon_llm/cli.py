@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 32 MiB)")
     srv.add_argument("--max-tokens", type=int, default=None, help="answer length when a request sets none (512)")
     srv.add_argument("--max-concurrent", type=int, default=None, help="generations at once (default 4)")
+    srv.add_argument(
+        "--max-queued", type=int, default=None, help="requests waiting for a worker; more get a 503 (default 64)"
+    )
     srv.add_argument("--max-engines", type=int, default=None, help="per-key engines kept in memory (default 8)")
     srv.add_argument("--max-prefixes", type=int, default=None, help="condensed books per engine in memory (2)")
     srv.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to finish requests at exit (30)")

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 PUBLIC_TENANT = "public"  # the store folder when no API keys are configured
 _HEADER_WAIT_S = 2.0  # a stream's headers wait this long for the prompt's checks, so a refusal is a plain 4xx
+_BUSY_RETRY_S = 5  # Retry-After of a request refused because max_concurrent run and max_queued wait
 _MAX_STOP = 16
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -59,6 +60,7 @@ class ServeLimits:
     max_body_bytes: int = 32 * 2**20  # a request body larger than this is refused (413)
     default_max_tokens: int = 512  # answer length when a request sets none (lowered to what fits the capacity)
     max_concurrent: int = 4  # generations running at once; more requests wait for a free worker
+    max_queued: int = 64  # requests waiting for a worker; beyond that a request is refused (503, Retry-After)
     max_engines: int = 8  # per-key engines kept in memory (least recently used dropped; their disk stores remain)
     max_prefixes: int = 2  # condensed prefixes each engine keeps in memory
     min_prefix: int = 64  # shorter shared prefixes (short chats) are not stored
@@ -69,7 +71,7 @@ class ServeLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
-        for name in ("max_prefixes", "min_prefix"):
+        for name in ("max_queued", "max_prefixes", "min_prefix"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an int >= 0")
@@ -89,16 +91,20 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -743,8 +749,21 @@ class _Server:
         return max(1, min(self.limits.default_max_tokens, self.capacity - n_prompt))
 
     def start_job(self, engine: BeaconEngine, ids: list[int], boundary: int | None, options: dict[str, Any]) -> _Job:
+        """Start a generation's worker thread; refused (503 with Retry-After) when ``max_concurrent`` run and
+        ``max_queued`` already wait, so a flood of clients cannot pile up threads and prompts in memory."""
         job = _Job(engine, ids, boundary, options, self.slots, self._forget)
+        bound = self.limits.max_concurrent + self.limits.max_queued
         with self._jobs_lock:
+            if len(self.jobs) >= bound:
+                raise ApiError(
+                    503,
+                    f"the server is busy: {len(self.jobs)} requests are running or waiting for a worker "
+                    f"(max_concurrent {self.limits.max_concurrent} + max_queued {self.limits.max_queued}); "
+                    "retry later",
+                    code="server_busy",
+                    kind="server_error",
+                    retry_after=_BUSY_RETRY_S,
+                )
             self.jobs.add(job)
         job.start()
         return job
@@ -1143,6 +1162,7 @@ _LIMIT_FLAGS = {
     "max_body_bytes": "max_body_bytes",
     "default_max_tokens": "max_tokens",
     "max_concurrent": "max_concurrent",
+    "max_queued": "max_queued",
     "max_engines": "max_engines",
     "max_prefixes": "max_prefixes",
     "shutdown_timeout": "shutdown_timeout",

@@ -131,3 +131,34 @@ def test_a_client_that_leaves_while_sending_its_document_is_no_error(bm, tmp_pat
     serve_records = [r for r in caplog.records if r.name == "beacon_llm.serve"]
     assert any("the client disconnected" in r.getMessage() for r in serve_records)
     assert not [r for r in serve_records if r.levelno >= logging.WARNING]
+
+
+def test_requests_beyond_the_workers_and_the_queue_are_refused_with_retry_after(bm, tmp_path):
+    """max_concurrent=1 and max_queued=1: one request runs, one waits, the third is a 503 with Retry-After at once
+    (streamed or not); once the queue drains, requests are served again."""
+    gate, entered = threading.Event(), threading.Event()
+    app = _gated_app(bm, tmp_path / "store", gate, entered, max_concurrent=1, max_queued=1)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with ThreadPoolExecutor(2) as pool:
+            running_ = pool.submit(client.post, "/v1/chat/completions", json=chat_body(document(0), "Who?"))
+            try:
+                assert entered.wait(30)
+                waiting = pool.submit(client.post, "/v1/chat/completions", json=chat_body(document(1), "Who?"))
+                deadline = time.monotonic() + 30
+                while len(app.state.server.jobs) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the second request's job is queued
+                for stream in (False, True):
+                    refused = client.post("/v1/chat/completions", json=chat_body(document(2), "Who?", stream=stream))
+                    assert refused.status_code == 503, refused.text
+                    assert refused.headers["Retry-After"] == "5"
+                    assert refused.json()["error"]["code"] == "server_busy"
+                    assert "max_concurrent 1 + max_queued 1" in refused.json()["error"]["message"]
+            finally:
+                gate.set()
+            assert running_.result().status_code == waiting.result().status_code == 200
+        assert client.post("/v1/chat/completions", json=chat_body(document(2), "Who?")).status_code == 200
+
+
+def test_max_queued_is_checked():
+    with pytest.raises(ValueError, match="max_queued=-1 must be an int >= 0"):
+        ServeLimits(max_queued=-1)
