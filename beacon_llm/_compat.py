@@ -83,23 +83,30 @@ def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     return dict(params)
 
 
+def _scaled_positions(max_position_embeddings: int, params: dict[str, Any], kind: str) -> int:
+    """The positions a RoPE-scaled model covers: the scaling factor times the pre-scaling length, which is
+    ``original_max_position_embeddings`` where the RoPE parameters give it (llama3, yarn: ``max_position_embeddings``
+    is then already the scaled length, as in Llama 3.1 / 3.2 configs, or the pre-scaling one), else
+    ``max_position_embeddings`` itself (linear scaling, the official code's rule); never fewer than
+    ``max_position_embeddings``."""
+    base = int(max_position_embeddings)
+    if kind == "default" or not params.get("factor"):
+        return base
+    original = params.get("original_max_position_embeddings") or base
+    return max(base, int(int(original) * float(params["factor"])))
+
+
 def max_positions(config: PretrainedConfig) -> int:
-    """Positions the base model was trained on, times the RoPE scaling factor if any (docs/design.md §2.3, adapt-X)."""
-    base = int(config.max_position_embeddings)
+    """Positions the base model was trained on, RoPE scaling included (docs/design.md §2.3, adapt-X)."""
     params = rope_parameters(config)
-    if params.get("rope_type", "default") != "default" and params.get("factor"):
-        base = int(base * float(params["factor"]))
-    return base
+    return _scaled_positions(config.max_position_embeddings, params, params.get("rope_type", "default"))
 
 
 def max_positions_from_dict(config: dict[str, Any]) -> int:
     """:func:`max_positions` from a raw ``config.json`` dict (``rope_parameters`` or the 4.x ``rope_scaling``)."""
-    base = int(config["max_position_embeddings"])
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default" and params.get("factor"):
-        base = int(base * float(params["factor"]))
-    return base
+    return _scaled_positions(config["max_position_embeddings"], params, kind)
 
 
 def check_llama_shaped(model: nn.Module) -> None:

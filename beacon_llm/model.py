@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,24 @@ from .schedule import (
 
 _DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("beacon_disabled", default=frozenset())
 _SCORE_CHUNK = 256  # rows per lm_head call: never materialise (tokens x vocab) logits for a whole input
+
+
+def _planned_length(value: object) -> int | None:
+    """``planned_length`` as an int (None: not given); anything else, a negative count or a bool is refused here,
+    before it reaches the ratio choice or a ``fit-N`` plan (a float or NaN would be planned with, infinity would
+    never finish the capacity message's search)."""
+    if value is None:
+        return None
+    try:
+        length = operator.index(value)  # ints, numpy ints, integer 0-d tensors; not floats
+    except TypeError:
+        length = None
+    if isinstance(value, bool) or length is None or length < 0:
+        raise ValueError(
+            f"planned_length={value!r} must be a non-negative int: the tokens the context is expected to hold "
+            "(document + question + answer reserve), or None"
+        )
+    return int(length)
 
 
 @dataclass
@@ -357,9 +376,18 @@ class BeaconModel:
             return_hidden: also return the final-normed hidden states of the raw tokens.
         """
         ids = self._as_ids(input_ids, attention_mask)
+        planned_length = _planned_length(planned_length)
         if cache is None:
             cache = self.new_cache()
         if not self._enabled:
+            if ids.numel() == 0:
+                raise ValueError("input_ids is empty: give at least one token")
+            if cache.n_seen or cache.state.pending:
+                raise ValueError(
+                    f"inside disabled() the plain model reads input_ids alone, but the cache given holds "
+                    f"{cache.n_seen + len(cache.state.pending)} tokens of context it would ignore; pass no cache "
+                    "(or a fresh one), or give the whole text as input_ids"
+                )
             return self._plain_forward(ids, cache, labels, return_logits)
         cache.acquire()
         try:

@@ -18,7 +18,7 @@ from . import _compat
 from .cache import BeaconCache
 from .config import CONFIG_NAME, BeaconConfig
 from .digests import weights_sha256
-from .layers import beacon_state_dict, is_beacon_parameter
+from .layers import GATE_NAME, beacon_state_dict, is_beacon_parameter
 from .model import BeaconModel
 
 ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
@@ -156,8 +156,10 @@ def from_pretrained(
     * a base model plus ``beacon_config=``: fresh beacons (initialised from the base weights).
 
     ``beacon_overrides`` are official ``beacon_*`` keys applied on top of the checkpoint config (e.g.
-    ``beacon_ratio=[8]``). ``dtype``: a torch dtype or its name, ``"auto"`` (:func:`resolve_dtype`), or None for
-    transformers' default; ``torch_dtype`` is accepted as its older name. Remote code is never executed.
+    ``beacon_ratio=[8]``); ``beacon_memory_gate=g`` on beacons saved without gates adds them, all ``g``, as
+    :meth:`BeaconModel.add_memory_gates` does. ``dtype``: a torch dtype or its name, ``"auto"``
+    (:func:`resolve_dtype`), or None for transformers' default; ``torch_dtype`` is accepted as its older name.
+    Remote code is never executed.
     """
     if torch_dtype is not None:
         if dtype is not None and resolve_dtype(dtype, device_map) != resolve_dtype(torch_dtype, device_map):
@@ -175,10 +177,12 @@ def from_pretrained(
             "adapter= and beacon_config= were both given: an adapter carries its own beacon config; pass one of them "
             "(change the adapter's settings with beacon_* overrides, e.g. beacon_ratio=[8])"
         )
+    stored: dict[str, Any] = {}  # the adapter's saved beacon config
     if adapter is not None:
         adapter_folder = _resolve(adapter)
         with open(os.path.join(adapter_folder, CONFIG_NAME), encoding="utf-8") as f:
-            bcfg = BeaconConfig.from_dict(json.load(f), **beacon_overrides)
+            stored = json.load(f)
+        bcfg = BeaconConfig.from_dict(stored, **beacon_overrides)
     elif beacon_config is not None:
         bcfg = beacon_config  # with overrides applied on top, as on a checkpoint's config
         if beacon_overrides:
@@ -205,11 +209,27 @@ def from_pretrained(
     bm = BeaconModel.attach(base, bcfg, tok)
     if adapter is not None:
         path = os.path.join(_resolve(adapter), ADAPTER_WEIGHTS_NAME)
-        load_beacon_weights(base, read_adapter_tensors(base, path), path)
+        tensors = read_adapter_tensors(base, path)
+        load_beacon_weights(base, _with_added_gates(base, tensors, stored, beacon_overrides), path)
     elif beacon_config is None:
-        load_beacon_weights(base, _read_beacon_tensors(_weight_files(folder)), folder)
+        tensors = _read_beacon_tensors(_weight_files(folder))
+        load_beacon_weights(base, _with_added_gates(base, tensors, raw_config, beacon_overrides), folder)
     base.eval()
     return bm
+
+
+def _with_added_gates(
+    model: nn.Module, tensors: dict[str, torch.Tensor], stored: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` plus the freshly attached memory gates (at the ``beacon_memory_gate`` value) when that override
+    adds gates to beacons saved without any (as :meth:`BeaconModel.add_memory_gates` does after loading); gates
+    the saved config promises must be in the file."""
+    if overrides.get("beacon_memory_gate") is None or stored.get("beacon_memory_gate") is not None:
+        return tensors
+    if any(k.endswith(f".{GATE_NAME}") for k in tensors):
+        return tensors
+    gates = {k: v for k, v in beacon_state_dict(model).items() if k.endswith(f".{GATE_NAME}")}
+    return {**tensors, **gates}
 
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
