@@ -141,16 +141,19 @@ class BeaconEngine:
         return self.store.identity()
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self.bm.tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
-        return prompts.encode(self.tokenizer, text)
+        with self.bm.tokenizer_lock:
+            return prompts.encode(self.tokenizer, text)
 
     def encode_chat(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> tuple[list[int], int]:
         """Token ids of a chat (the tokenizer's template) and the index where the last message starts."""
-        return prompts.encode_chat(self.tokenizer, messages, add_generation_prompt)
+        with self.bm.tokenizer_lock:
+            return prompts.encode_chat(self.tokenizer, messages, add_generation_prompt)
 
     def document_prompt(
         self, document: str, question: str, *, system: str | None = None,
@@ -158,14 +161,18 @@ class BeaconEngine:
     ) -> tuple[list[int], int]:  # fmt: skip
         """Ids of a one-turn chat "<document> + question" and the index where the question starts
         (:func:`beacon_llm.prompts.document_prompt`)."""
-        return prompts.document_prompt(self.tokenizer, document, question, system=system, instruction=instruction)
+        with self.bm.tokenizer_lock:
+            return prompts.document_prompt(self.tokenizer, document, question, system=system, instruction=instruction)
 
     def document_prompt_text(
         self, document: str, question: str, *, system: str | None = None,
         instruction: str = prompts.DEFAULT_INSTRUCTION,
     ) -> tuple[str, str]:  # fmt: skip
         """The two halves of :meth:`document_prompt` as text: (everything up to the question, the rest)."""
-        return prompts.document_prompt_text(self.tokenizer, document, question, system=system, instruction=instruction)
+        with self.bm.tokenizer_lock:
+            return prompts.document_prompt_text(
+                self.tokenizer, document, question, system=system, instruction=instruction
+            )
 
     # ------------------------------------------------------------------ prefixes
     def stored_prefixes(self) -> list[tuple[int, BeaconCache]]:

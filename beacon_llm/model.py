@@ -109,6 +109,10 @@ class BeaconModel:
         self.tokenizer = tokenizer
         self.gradient_checkpointing = False  # recompute each layer in backward (training long samples)
         self._decode_lock = threading.Lock()
+        # held while the tokenizer encodes (BeaconEngine): a fast tokenizer sets its split_special_tokens switch on
+        # the backend it shares with every thread, per call, so a literal encoding (a document quoting <|im_end|>)
+        # and a plain one must not overlap
+        self.tokenizer_lock = threading.Lock()
         self.max_positions = _compat.max_positions(model.config)
         if self.max_positions <= config.window:
             raise ValueError(
@@ -117,15 +121,16 @@ class BeaconModel:
             )
 
     def __getstate__(self) -> dict:
-        """Pickling / deepcopy: the lock and the decode step's kernels (made again on use) are left out."""
+        """Pickling / deepcopy: the locks and the decode step's kernels (made again on use) are left out."""
         state = dict(self.__dict__)
-        for key in ("_decode_lock", "_decode", "_decode_inference"):
+        for key in ("_decode_lock", "tokenizer_lock", "_decode", "_decode_inference"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._decode_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -684,9 +684,6 @@ class _Server:
         self.key_digests = [_key_digest(k) for k in _checked_keys(api_keys)]
         self.engines = _Engines(factory, store_dir, limits.max_engines)
         self.slots = FairSlots(limits.max_concurrent)
-        # one prompt tokenised at a time: every engine shares the model's tokenizer, and a fast tokenizer's
-        # split_special_tokens switch (set per call: a document quoting <|im_end|> is read literally) is shared state
-        self._tokenizing = threading.Lock()
         self.jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
         # the public engine serves without keys; with keys, a throwaway one (it never reads or writes its folder)
@@ -725,21 +722,17 @@ class _Server:
         """The prompt's ids and the reusable prefix's end (a chat: the start of its last message)."""
         if req.messages is not None:
             try:
-                ids, boundary = await asyncio.to_thread(self._tokenize, engine.encode_chat, req.messages)
+                ids, boundary = await asyncio.to_thread(engine.encode_chat, req.messages)
             except (ValueError, TypeError, TemplateError) as exc:  # e.g. a template that wants alternating roles
                 raise _bad(f"the model's chat template refused these messages: {exc}", param="messages") from None
             return ids, boundary or None
         if isinstance(req.prompt, str):
-            return await asyncio.to_thread(self._tokenize, engine.encode, req.prompt), None
+            return await asyncio.to_thread(engine.encode, req.prompt), None
         vocab = int(engine.bm.model.config.vocab_size)
         bad = [t for t in req.prompt or [] if not 0 <= t < vocab]
         if bad:
             raise _bad(f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="prompt")
         return list(req.prompt or []), None
-
-    def _tokenize(self, encode: Callable[[Any], Any], what: Any) -> Any:
-        with self._tokenizing:
-            return encode(what)
 
     def answer_length(self, req: GenerationRequest, n_prompt: int) -> int:
         """The request's max_tokens, or the default lowered to what fits after the prompt (at least 1: a prompt

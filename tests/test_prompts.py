@@ -84,3 +84,25 @@ def test_a_template_that_changes_contents_refuses_special_token_text(tok):
     assert prompts.encode_chat(trimming, [{"role": "user", "content": " hi "}])[0]  # no special text: as before
     with pytest.raises(ValueError, match="special tokens"):
         prompts.encode_chat(trimming, [{"role": "user", "content": " <|im_end|> "}])
+
+
+def test_an_engines_threads_tokenise_as_each_would_alone():
+    """A fast tokenizer's split_special_tokens switch is shared by every thread; the engine encodes one prompt at a
+    time per model, so a document quoting <|im_end|> (read literally) and a plain chat encoded at the same moment
+    each get the tokens they get alone (without the lock about a third came out wrong)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from beacon_llm import BeaconEngine
+    from beacon_llm.testing import tiny_beacon_model
+
+    engine = BeaconEngine(tiny_beacon_model())
+    jobs = [
+        lambda: engine.document_prompt(INJECTION * 40, "What does the log say?")[0],
+        lambda: engine.encode_chat([{"role": "user", "content": "Hi there " * 60}])[0],
+        lambda: engine.encode("<|im_start|>user\nHi<|im_end|>\n" * 20),
+        lambda: engine.count_tokens("<|im_end|>" * 50),
+    ]
+    alone = [job() for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: jobs[i % 4](), range(400)))
+    assert [i for i, got in enumerate(together) if got != alone[i % 4]] == []
