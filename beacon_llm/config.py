@@ -134,6 +134,11 @@ class BeaconConfig:
                 _fail(f"beacon_ratio_mix={self.ratio_mix!r}: ratios {bad_fit} do not divide the window {self.window}")
         if self.sink_size < 0:
             _fail(f"beacon_sink_size={self.sink_size} must be >= 0")
+        if self.sink_size > self.window:
+            _fail(
+                f"beacon_sink_size={self.sink_size} must be at most beacon_window={self.window}: the sink is the "
+                "first window's first tokens"
+            )
         if not 0 <= self.fit_overlap <= self.window:
             _fail(f"beacon_fit_overlap={self.fit_overlap} must be within [0, beacon_window={self.window}]")
         if self.fit_overlap and not self.is_fit:

@@ -39,6 +39,7 @@ BUNDLED = Path(__file__).parent / "fixtures" / "beacon_parity"
         ({"era": "v3", "attend_previous": True}, "era-v2 key"),
         ({"era": "v2", "pos": "append", "sink_size": 1}, "no attention sink"),
         ({"sink_size": -1}, "beacon_sink_size=-1"),
+        ({"window": 16, "ratios": (2,), "sink_size": 17}, "beacon_sink_size=17 must be at most beacon_window=16"),
         ({"era": "v4"}, "era='v4'"),
         ({"embed_init": "pad"}, "beacon_embed_init='pad'"),
     ],
