@@ -27,7 +27,7 @@ from .cache import BeaconCache
 from .generation import Decoding, TokenSampler, _eos_ids, check_sampling_options, normalize_stop
 from .model import BeaconModel
 from .prefix_store import PrefixStore, prefix_hash
-from .schedule import fit_plan, planned_read_length
+from .schedule import adapt_ratio, fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
 logger = logging.getLogger(__name__)
@@ -141,19 +141,16 @@ class BeaconEngine:
         return self.store.identity()
 
     def count_tokens(self, text: str) -> int:
-        with self.bm.tokenizer_lock:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(prompts.encode(self.tokenizer, text))
 
     def encode(self, text: str) -> list[int]:
-        with self.bm.tokenizer_lock:
-            return prompts.encode(self.tokenizer, text)
+        return prompts.encode(self.tokenizer, text)
 
     def encode_chat(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> tuple[list[int], int]:
         """Token ids of a chat (the tokenizer's template) and the index where the last message starts."""
-        with self.bm.tokenizer_lock:
-            return prompts.encode_chat(self.tokenizer, messages, add_generation_prompt)
+        return prompts.encode_chat(self.tokenizer, messages, add_generation_prompt)
 
     def document_prompt(
         self, document: str, question: str, *, system: str | None = None,
@@ -161,18 +158,14 @@ class BeaconEngine:
     ) -> tuple[list[int], int]:  # fmt: skip
         """Ids of a one-turn chat "<document> + question" and the index where the question starts
         (:func:`beacon_llm.prompts.document_prompt`)."""
-        with self.bm.tokenizer_lock:
-            return prompts.document_prompt(self.tokenizer, document, question, system=system, instruction=instruction)
+        return prompts.document_prompt(self.tokenizer, document, question, system=system, instruction=instruction)
 
     def document_prompt_text(
         self, document: str, question: str, *, system: str | None = None,
         instruction: str = prompts.DEFAULT_INSTRUCTION,
     ) -> tuple[str, str]:  # fmt: skip
         """The two halves of :meth:`document_prompt` as text: (everything up to the question, the rest)."""
-        with self.bm.tokenizer_lock:
-            return prompts.document_prompt_text(
-                self.tokenizer, document, question, system=system, instruction=instruction
-            )
+        return prompts.document_prompt_text(self.tokenizer, document, question, system=system, instruction=instruction)
 
     # ------------------------------------------------------------------ prefixes
     def stored_prefixes(self) -> list[tuple[int, BeaconCache]]:
@@ -237,10 +230,17 @@ class BeaconEngine:
 
         def usable(stored: BeaconCache) -> bool:
             """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed;
-            other modes: if its ratio (fixed at its first read) holds the prompt and the answer."""
+            adapt-N: if it was read at the ratio a fresh read fixes (so the answer is a fresh read's); other modes:
+            if its ratio (fixed at its first read) holds the prompt and the answer."""
             plan = stored.state.fit_plan
             if fresh is not None and plan is not None:
                 return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
+            if (
+                cfg.is_adaptive
+                and len(cfg.ratios) > 1
+                and stored.state.fixed_ratio != adapt_ratio(cfg, positions, planned)
+            ):
+                return False
             return cfg.is_fit or self.bm.can_hold(stored, max(planned, needed))
 
         release = self.store.claim(ids, boundary, lambda: guard.check_reading(0, len(ids)))
@@ -345,7 +345,7 @@ class BeaconEngine:
 
     def export_prefix(self, ids: Sequence[int], path: str | os.PathLike[str]) -> None:
         """Condense ``ids`` (reusing stored prefixes) and write the result to ``path`` (safetensors + JSON)."""
-        ids = [int(i) for i in ids]
+        ids = self._token_ids(ids)
         cache, _ = self.read(ids, boundary=len(ids))
         save_cache(cache, str(path), extra={"n_tokens": len(ids), "digest": prefix_hash(ids), "model": self.identity})
 

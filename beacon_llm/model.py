@@ -36,7 +36,7 @@ from .read_layers import read_layers
 from .schedule import (
     FitPlan,
     StepPlan,
-    adaptive_ratio,
+    adapt_ratio,
     config_capacity,
     fit_plan,
     pick_ratio,
@@ -109,10 +109,6 @@ class BeaconModel:
         self.tokenizer = tokenizer
         self.gradient_checkpointing = False  # recompute each layer in backward (training long samples)
         self._decode_lock = threading.Lock()
-        # held while the tokenizer encodes (BeaconEngine): a fast tokenizer sets its split_special_tokens switch on
-        # the backend it shares with every thread, per call, so a literal encoding (a document quoting <|im_end|>)
-        # and a plain one must not overlap
-        self.tokenizer_lock = threading.Lock()
         self.max_positions = _compat.max_positions(model.config)
         if self.max_positions <= config.window:
             raise ValueError(
@@ -121,16 +117,15 @@ class BeaconModel:
             )
 
     def __getstate__(self) -> dict:
-        """Pickling / deepcopy: the locks and the decode step's kernels (made again on use) are left out."""
+        """Pickling / deepcopy: the lock and the decode step's kernels (made again on use) are left out."""
         state = dict(self.__dict__)
-        for key in ("_decode_lock", "tokenizer_lock", "_decode", "_decode_inference"):
+        for key in ("_decode_lock", "_decode", "_decode_inference"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._decode_lock = threading.Lock()
-        self.tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -327,7 +322,7 @@ class BeaconModel:
         elif st.fixed_ratio is not None:
             ratio = st.fixed_ratio
         elif cfg.is_adaptive:
-            ratio = adaptive_ratio(cfg.ratios, planned + cfg.adapt_extra, self.max_positions, cfg.window)
+            ratio = adapt_ratio(cfg, self.max_positions, planned)
         else:
             ratio = min(cfg.ratios)
         capacity = ratio_capacity(ratio, self.max_positions, cfg.window)

@@ -2,8 +2,9 @@
 
 After a prompt is read, the condensed cache at its reusable boundary (a document's end) is kept in a bounded LRU in
 memory and, with a ``cache_dir``, on disk (one safetensors file each), keyed by a hash of the exact token prefix,
-the model identity and the fit plan. A later prompt that starts with the same tokens forks the stored cache and reads
-only what follows. Concurrent reads of one prefix are read once: the first caller claims it, the others wait for it.
+the model identity and the plan it was read with (the fit-N plan, or the ratio an adapt-N read fixed). A later
+prompt that starts with the same tokens forks the stored cache and reads only what follows. Concurrent reads of one
+prefix are read once: the first caller claims it, the others wait for it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def plan_tag(cache: BeaconCache) -> str:
 
 
 def tag_order(tag: str) -> tuple[int, ...]:
-    """Which of two caches of one prefix a read prefers, smaller first: fewer condensed windows (fit-N), or the
-    smaller fixed ratio (adapt-N), which is the ratio a fresh read picks whenever that cache can hold the read."""
+    """Which of two usable caches of one prefix a read prefers, smaller first: fewer condensed windows (fit-N), or
+    the smaller fixed ratio (instance-random; an adapt-N read finds only the one read at the ratio it fixes)."""
     return tuple(int(n) for n in re.findall(r"\d+", tag))
 
 

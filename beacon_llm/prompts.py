@@ -6,6 +6,8 @@ so the same document always becomes the same token prefix and its condensed form
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,15 +15,32 @@ SENTINEL = "\u2063\u2063BEACON\u2063\u2063"  # marks where a message's content g
 DEFAULT_INSTRUCTION = "Read the document and answer the question after it."
 
 
+_ENCODING_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_ENCODING_LOCKS_GUARD = threading.Lock()
+
+
+def _encoding_lock(tokenizer: Any) -> threading.Lock:
+    """The lock held while ``tokenizer`` encodes. A fast tokenizer sets its ``split_special_tokens`` switch on the
+    backend every thread shares, at every call, so a literal encoding (:func:`encode_literal`) and a plain one in
+    another thread must not overlap; one lock per tokenizer object, however many engines or models share it."""
+    with _ENCODING_LOCKS_GUARD:
+        lock = _ENCODING_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _ENCODING_LOCKS[tokenizer] = threading.Lock()
+        return lock
+
+
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens added (templates carry their own); a special token's spelling in
     ``text`` becomes that special token (a raw prompt may lay out its own turns)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    with _encoding_lock(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_literal(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a user's text in which the spelling of a special token stays plain text."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    with _encoding_lock(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def spells_special_token(tokenizer: Any, text: str) -> bool:

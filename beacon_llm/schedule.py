@@ -42,6 +42,13 @@ def adaptive_ratio(ratios: tuple[int, ...], needed: int, max_positions: int, win
     return max(ratios)
 
 
+def adapt_ratio(config: BeaconConfig, max_positions: int, planned: int) -> int:
+    """``adapt-X``: the ratio a read planned for ``planned`` tokens fixes when it opens its first window, the one
+    whose capacity holds ``planned + X`` (docs/design.md §2.1). A stored prefix of an adapt-X read serves a later
+    read only if it was read at the ratio that read would fix."""
+    return adaptive_ratio(config.ratios, planned + config.adapt_extra, max_positions, config.window)
+
+
 def fit_capacity(ratio: int, max_positions: int, window: int, sink_size: int = 0, overlap: int = 0) -> int:
     """Longest read ``fit-N`` can always plan with ``ratio``: up to it, every length fits ``max_positions`` with its
     full windows condensed to ``window / ratio`` beacons each (plus the sink and the ``overlap`` tokens read again
@@ -187,7 +194,7 @@ def pick_ratio(
         if config.era == "v2":
             return ratios[min(n_steps, len(ratios) - 1)], None
         return ratios[n_windows % len(ratios)], None
-    r = adaptive_ratio(ratios, stream_total + config.adapt_extra, max_positions, config.window)
+    r = adapt_ratio(config, max_positions, stream_total)
     return r, r
 
 

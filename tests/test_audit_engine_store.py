@@ -152,8 +152,9 @@ def test_store_bounds_must_be_ints(bm, option, value):
 @pytest.mark.parametrize("cache_dir", [False, True], ids=["memory", "disk"])
 def test_adapt_prefixes_of_two_ratios_are_both_kept_and_each_read_gets_a_fresh_reads_tokens(tmp_path, cache_dir):
     """adapt-N fixes a ratio at a prompt's first read, from the answer length: a short answer reads at ratio 2, a
-    long one at 4. Both condensed prefixes are kept (the second no longer replaces the first), and a read prefers
-    the smaller ratio that holds it, so every answer is the one a fresh engine gives."""
+    long one at 4. Both condensed prefixes are kept (the second no longer replaces the first), and a read reuses
+    only the one read at the ratio it would fix itself, so every answer is the one a fresh engine gives, whatever
+    came before (a short answer after a long one used to reuse the ratio-4 prefix)."""
     adapt = tiny_beacon_model(max_position_embeddings=256)  # adapt-16, ratios (2, 4)
     folder = tmp_path / "store" if cache_dir else None
 
@@ -163,12 +164,21 @@ def test_adapt_prefixes_of_two_ratios_are_both_kept_and_each_read_gets_a_fresh_r
     ids, boundary = engine().document_prompt("Dorothy lived in the midst of the great Kansas prairies. " * 6, "Who?")
     fresh = {n: BeaconEngine(adapt, max_prefixes=0).complete(ids, max_new_tokens=n).token_ids for n in (4, 150)}
     shared = engine()
-    for n in (4, 150, 4, 150):
+    reused = []
+    for n in (150, 4, 150, 4):
         got = (shared if not cache_dir else engine()).complete(ids, boundary=boundary, max_new_tokens=n)
         assert got.token_ids == fresh[n]
+        reused.append(got.usage.cache_read_tokens >= boundary)
+    assert reused == [False, False, True, True]
     if cache_dir:
         assert sorted(p.stem.rsplit("a", 1)[-1] for p in folder.glob("*.safetensors")) == ["2", "4"]
     else:
         assert sorted((n, c.state.fixed_ratio) for n, c in shared.stored_prefixes() if n == boundary) == [
             (boundary, 2), (boundary, 4)]  # fmt: skip
-        assert got.usage.cache_read_tokens >= boundary
+
+
+def test_export_refuses_ids_that_are_not_token_ids(bm, tmp_path):
+    engine = BeaconEngine(bm)
+    with pytest.raises(ValueError, match=r"the prompt holds 1\.5 \(float\), not a token id"):
+        engine.export_prefix([1.5, 2, 3], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

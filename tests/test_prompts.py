@@ -86,21 +86,24 @@ def test_a_template_that_changes_contents_refuses_special_token_text(tok):
         prompts.encode_chat(trimming, [{"role": "user", "content": " <|im_end|> "}])
 
 
-def test_an_engines_threads_tokenise_as_each_would_alone():
-    """A fast tokenizer's split_special_tokens switch is shared by every thread; the engine encodes one prompt at a
-    time per model, so a document quoting <|im_end|> (read literally) and a plain chat encoded at the same moment
-    each get the tokens they get alone (without the lock about a third came out wrong)."""
+def test_threads_tokenise_as_each_would_alone():
+    """A fast tokenizer's split_special_tokens switch is shared by every thread; one tokenizer encodes one text at a
+    time, so a document quoting <|im_end|> (read literally) and a plain chat encoded at the same moment, by two
+    engines over two models that share the tokenizer, each get the tokens they get alone (without the lock about a
+    third came out wrong)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from beacon_llm import BeaconEngine
+    from beacon_llm import BeaconEngine, BeaconModel
     from beacon_llm.testing import tiny_beacon_model
 
-    engine = BeaconEngine(tiny_beacon_model())
+    first = tiny_beacon_model()
+    second = BeaconModel(tiny_beacon_model(seed=1).model, first.config, first.tokenizer)
+    a, b = BeaconEngine(first), BeaconEngine(second)
     jobs = [
-        lambda: engine.document_prompt(INJECTION * 40, "What does the log say?")[0],
-        lambda: engine.encode_chat([{"role": "user", "content": "Hi there " * 60}])[0],
-        lambda: engine.encode("<|im_start|>user\nHi<|im_end|>\n" * 20),
-        lambda: engine.count_tokens("<|im_end|>" * 50),
+        lambda: a.document_prompt(INJECTION * 40, "What does the log say?")[0],
+        lambda: b.encode_chat([{"role": "user", "content": "Hi there " * 60}])[0],
+        lambda: a.encode("<|im_start|>user\nHi<|im_end|>\n" * 20),
+        lambda: b.count_tokens("<|im_end|>" * 50),
     ]
     alone = [job() for job in jobs]
     with ThreadPoolExecutor(4) as pool:

@@ -59,14 +59,17 @@ class BeaconQueryEngine(CustomQueryEngine):
         return self.llm.get_engine().document_prompt(self.documents_text, question, system=self.system_prompt)
 
     def _check_capacity(self, n_prompt: int) -> None:
-        engine = self.llm.get_engine()
-        n = n_prompt + self.llm.max_new_tokens
-        if n > engine.capacity:
+        """The engine's capacity check (:meth:`beacon_llm.BeaconEngine.check_fits`), its refusal worded for
+        documents."""
+        engine, answer = self.llm.get_engine(), self.llm.max_new_tokens
+        try:
+            engine.check_fits(n_prompt, answer)
+        except ValueError:
             raise ValueError(
-                f"the documents need {n} tokens (with the question and {self.llm.max_new_tokens} output tokens), "
+                f"the documents need {n_prompt + answer} tokens (with the question and {answer} output tokens), "
                 f"more than this model's beacon capacity of {engine.capacity} tokens; use fewer documents or a "
                 "larger compression ratio (beacon_overrides={'beacon_ratio': [...]})"
-            )
+            ) from None
 
     def _request(self, question: str) -> tuple[str, Callable[[], dict[str, Any]]]:
         """The prompt's text (what LlamaIndex callbacks record) and the function that tokenises it and checks the
