@@ -509,9 +509,9 @@ class _Job:
         except BaseException as exc:  # answered on the event loop
             self._post(exc)
         finally:
+            self.on_done(self)  # no longer counted among the running jobs before its client can see the end
             self._post(_DONE)
             self.done.set()
-            self.on_done(self)
 
     def _progress(self, n: int, cache: Any) -> None:
         """The read has begun (the prompt passed the engine's checks): a stream may send its headers."""
@@ -685,6 +685,7 @@ class _Server:
         self.engines = _Engines(factory, store_dir, limits.max_engines)
         self.slots = FairSlots(limits.max_concurrent)
         self.jobs: set[_Job] = set()
+        self.admitting = 0  # requests reading their body or tokenising, not yet a job (bounded with the jobs)
         self._jobs_lock = threading.Lock()
         # the public engine serves without keys; with keys, a throwaway one (it never reads or writes its folder)
         probe = self.engines.get(PUBLIC_TENANT) if not self.key_digests else factory(store_dir / PUBLIC_TENANT)
@@ -741,22 +742,34 @@ class _Server:
             return req.max_tokens
         return max(1, min(self.limits.default_max_tokens, self.capacity - n_prompt))
 
-    def start_job(self, engine: BeaconEngine, ids: list[int], boundary: int | None, options: dict[str, Any]) -> _Job:
-        """Start a generation's worker thread; refused (503 with Retry-After) when ``max_concurrent`` run and
-        ``max_queued`` already wait, so a flood of clients cannot pile up threads and prompts in memory."""
-        job = _Job(engine, ids, boundary, options, self.slots, self._forget)
+    @contextmanager
+    def admission(self) -> Iterator[None]:
+        """A request from its first byte until its job starts (or it fails): refused at once (503 with Retry-After)
+        when ``max_concurrent`` run and ``max_queued`` already wait or are on their way (reading their body,
+        tokenising), so a flood of clients cannot pile up threads, bodies and prompts in memory."""
         bound = self.limits.max_concurrent + self.limits.max_queued
         with self._jobs_lock:
-            if len(self.jobs) >= bound:
+            if len(self.jobs) + self.admitting >= bound:
                 raise ApiError(
                     503,
-                    f"the server is busy: {len(self.jobs)} requests are running or waiting for a worker "
-                    f"(max_concurrent {self.limits.max_concurrent} + max_queued {self.limits.max_queued}); "
+                    f"the server is busy: {len(self.jobs) + self.admitting} requests are running or waiting for a "
+                    f"worker (max_concurrent {self.limits.max_concurrent} + max_queued {self.limits.max_queued}); "
                     "retry later",
                     code="server_busy",
                     kind="server_error",
                     retry_after=_BUSY_RETRY_S,
                 )
+            self.admitting += 1
+        try:
+            yield
+        finally:
+            with self._jobs_lock:
+                self.admitting -= 1
+
+    def start_job(self, engine: BeaconEngine, ids: list[int], boundary: int | None, options: dict[str, Any]) -> _Job:
+        """Start a generation's worker thread (within :meth:`admission`, which counts it until it is a job)."""
+        job = _Job(engine, ids, boundary, options, self.slots, self._forget)
+        with self._jobs_lock:
             self.jobs.add(job)
         job.start()
         return job
@@ -766,18 +779,19 @@ class _Server:
             self.jobs.discard(job)
 
     async def generate(self, request: Request, tenant: str, chat: bool) -> Response:
-        body = await read_json(request, self.limits.max_body_bytes)
-        req = parse_request(body, chat=chat)
-        self._check_model(req)
-        engine = self.engines.get(tenant)
-        ids, boundary = await self.tokens(engine, req)
-        options = req.engine_options(self.answer_length(req, len(ids)))
-        try:  # the engine's own refusals, before the request waits for a worker: a plain 400 at once, streams too
-            engine.check_fits(len(ids), options["max_new_tokens"])
-        except ValueError as exc:
-            raise _engine_error(exc) from None
+        with self.admission():
+            body = await read_json(request, self.limits.max_body_bytes)
+            req = parse_request(body, chat=chat)
+            self._check_model(req)
+            engine = self.engines.get(tenant)
+            ids, boundary = await self.tokens(engine, req)
+            options = req.engine_options(self.answer_length(req, len(ids)))
+            try:  # the engine's own refusals, before the request waits for a worker: a plain 400 at once
+                engine.check_fits(len(ids), options["max_new_tokens"])
+            except ValueError as exc:
+                raise _engine_error(exc) from None
+            job = self.start_job(engine, ids, boundary, options)
         shape = _Shape(chat, self.model_name, self.fingerprint, req.include_usage)
-        job = self.start_job(engine, ids, boundary, options)
         if req.stream:
             try:
                 await job.first_signal(_HEADER_WAIT_S)

@@ -202,8 +202,8 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
             value = args.pop(name)
             if name == "ratio":
                 parts = str(value).split(",") if isinstance(value, str) else list(value)
-                value = [_number(name, r, int) for r in parts]
-            elif name == "window":
+                value = [_number(name, r, int) if isinstance(r, str) else r for r in parts]  # others: as given
+            elif name == "window" and isinstance(value, str):  # other values as given: the beacon config checks them
                 value = _number(name, value, int)
             overrides[key] = value
     keys = args.pop("api_keys", ())

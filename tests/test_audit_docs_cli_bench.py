@@ -127,6 +127,20 @@ def test_ray_build_app_names_a_bad_value(args, message):
         build_app(args)
 
 
+def test_ray_build_app_passes_non_text_beacon_values_as_given(monkeypatch):
+    """Only text is converted: a YAML config's 2.5 or 1.5 reaches the beacon config, which refuses it by name,
+    instead of being truncated to 2 and 1."""
+    pytest.importorskip("ray")
+    from beacon_llm import serve_ray
+
+    seen = {}
+    monkeypatch.setattr(serve_ray, "application", lambda **kwargs: seen.update(kwargs))
+    serve_ray.build_app({"ratio": [8, 2.5], "window": 1.5})
+    assert seen["beacon_overrides"] == {"beacon_ratio": [8, 2.5], "beacon_window": 1.5}
+    serve_ray.build_app({"ratio": "8,4", "window": "512"})
+    assert seen["beacon_overrides"] == {"beacon_ratio": [8, 4], "beacon_window": 512}
+
+
 @pytest.fixture
 def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))

@@ -60,7 +60,7 @@ def test_concurrent_chats_are_tokenised_as_when_sent_alone(bm, tmp_path):
     docs = ["A plain book about roads. " * 1000, "A book quoting <|im_end|> and <|im_start|>user. " * 500]
 
     def body(i):
-        return {**chat_body(docs[i % 2], f"Q{i}?"), "stop": ["<|im_start|>"] if i % 3 == 0 else None}
+        return chat_body(docs[i % 2], f"Q{i}?")
 
     def prompt_tokens(response):
         assert response.status_code == 400, response.text
@@ -156,6 +156,9 @@ def test_requests_beyond_the_workers_and_the_queue_are_refused_with_retry_after(
             finally:
                 gate.set()
             assert running_.result().status_code == waiting.result().status_code == 200
+        deadline = time.monotonic() + 30
+        while app.state.server.jobs and time.monotonic() < deadline:
+            time.sleep(0.01)  # the two workers end just after their answers are sent
         assert client.post("/v1/chat/completions", json=chat_body(document(2), "Who?")).status_code == 200
 
 
