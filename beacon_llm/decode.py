@@ -21,9 +21,12 @@ rows of that head (:func:`should_fold_queries`): the same output, each key read 
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,6 +88,7 @@ class DecodeLinears:
         self.layers: list[_LayerLinears] = []
         self.fused: list[_FusedLayer] = []
         self._watched = _watched_weights(model)
+        self._modules = _ModuleSlots(model)
         if self.packed:
             product = _native_product if products == "native" else _packed_product
             for layer in model.model.layers:
@@ -103,14 +107,16 @@ class DecodeLinears:
 
     @staticmethod
     def _kernel(module: nn.Linear) -> Linear:
-        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
-            return module  # a wrapped or hooked projection runs as itself
+        if type(module) is not nn.Linear or _runs_as_itself(module):
+            return module  # a wrapped or hooked projection (or one whose forward was replaced) runs as itself
         return functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)
 
     def matches(self, model: nn.Module) -> bool:
-        """Whether every weight they were made from is still in its module, unchanged (checked on every decode
-        step: a dictionary lookup, the version counter and the storage of each weight)."""
-        if self._watched[0] is not model.lm_head:
+        """Whether every module they stand for is still the model's and runs as it did (none replaced, e.g. by an
+        adapter wrapping a projection, none hooked or unhooked since), and every weight they were made from is still
+        in its module, unchanged (checked on every decode step: the modules' identities and hooks, a dictionary
+        lookup, the version counter and the storage of each weight)."""
+        if self._watched[0] is not model.lm_head or not self._modules.unchanged():
             return False
         return all(params.get(name) is p and _state(p) == state for params, name, p, state in self._watched[1])
 
@@ -216,6 +222,56 @@ def _watched_weights(model: nn.Module) -> tuple[nn.Module, list[tuple[dict, str,
     return (model.lm_head, watched)
 
 
+class _ModuleSlots:
+    """Where each module the decode step's kernels stand for sits in the model (its parent's ``_modules`` entry,
+    down from the model through every layer to the projections, norms and activations), and which of those ran as
+    the plain module (no hooks, forward not replaced on the instance) when the kernels were made: the kernels were
+    chosen by these. The check runs on every token, so it is C-level loops over dictionaries (``map``), not a walk
+    through ``nn.Module.__getattr__`` (ten times the cost)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.boxes: list[dict] = []
+        self.names: list[str] = []
+        self.mods: list[Any] = []
+        inner = self._child(model, "model")
+        leaves = [self._child(model, "lm_head")]
+        layers = self._child(inner, "layers")
+        self.layer_box, self.n_layers = layers._modules, len(layers._modules)
+        for key in list(layers._modules):
+            layer = self._child(layers, key)
+            attn, mlp = self._child(layer, "self_attn"), self._child(layer, "mlp")
+            leaves += [self._child(layer, name) for name in ("input_layernorm", "post_attention_layernorm")]
+            leaves += [self._child(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            leaves += [self._child(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+        plain = [m for m in leaves if isinstance(m, nn.Module) and not _runs_as_itself(m)]
+        # a plain module stays plain while these stay empty and its __dict__ has no "forward"
+        self.hooks = [d for m in plain for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.dicts = [vars(m) for m in plain]
+
+    def _child(self, parent: nn.Module, name: str) -> Any:
+        box = parent._modules if name in parent._modules else vars(parent)
+        self.boxes.append(box)
+        self.names.append(name)
+        self.mods.append(box[name])
+        return box[name]
+
+    def unchanged(self) -> bool:
+        """Whether every slot still holds its module and each plain one is still plain."""
+        return (
+            len(self.layer_box) == self.n_layers
+            and all(map(operator.is_, map(dict.get, self.boxes, self.names), self.mods))
+            and not any(map(len, self.hooks))
+            and not any(map(dict.__contains__, self.dicts, itertools.repeat("forward")))
+        )
+
+
+def _runs_as_itself(module: Any) -> bool:
+    """Whether ``module`` has forward hooks or a forward replaced on the instance (False for a plain function)."""
+    if not isinstance(module, nn.Module):
+        return False
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
 def _state(p: torch.Tensor) -> tuple[int, int]:
     """What makes a weight's kernels stale: its in-place version and its storage (``.data`` replaced, as
     ``model.to(...)`` does, keeps the version; a new dtype or device is new storage too)."""
@@ -254,7 +310,7 @@ def _projections(model: nn.Module) -> list[nn.Module]:
 
 def _plain_projections(model: nn.Module) -> bool:
     """Whether every projection the fused step reads is a plain ``nn.Linear`` without hooks."""
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in _projections(model))
+    return all(type(m) is nn.Linear and not _runs_as_itself(m) for m in _projections(model))
 
 
 def should_fold_queries() -> bool:

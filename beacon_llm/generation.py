@@ -151,19 +151,24 @@ def iter_tokens(
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` tokens, feeding each one (but the last) back through ``cache``.
 
-    The consumer may stop early; the last yielded token is left *pending* in the cache either way.
+    The consumer may stop early; the last yielded token is left *pending* in the cache either way. A token already
+    fed is never left pending (the sampler may raise after it was fed, e.g. on NaN probabilities or an interrupt):
+    it would be read twice by the next call.
     """
     produced: list[int] = []
+    unfed: int | None = None  # the last yielded token, until it is fed
     try:
         for step in range(max_new_tokens):
             token = sampler(logits, history + produced)
             produced.append(token)
+            unfed = token
             yield token
             if step + 1 < max_new_tokens:
                 logits = bm.forward([token], cache, return_token_logprobs=False).last_logits
+                unfed = None
     finally:
-        if produced:
-            cache.set_pending(produced[-1])
+        if unfed is not None:
+            cache.set_pending(unfed)
 
 
 class Decoding:
@@ -206,6 +211,12 @@ class Decoding:
         self.finish = "length"
 
     def _decode(self, tokens: list[int]) -> str:
+        """The text of ``tokens`` without special tokens, as the model wrote it: a tokenizer's
+        ``clean_up_tokenization_spaces`` (on in Llama 3's) is turned off, since it rewrites text already streamed
+        (``"done ."`` becomes ``"done."`` when the "." arrives, ``"x = 's"`` becomes ``"x ='s"``), so the deltas would
+        not join into the text; it also mangles code."""
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def __iter__(self) -> Iterator[str]:
@@ -291,6 +302,23 @@ def _check_generator(generator: Any) -> None:
         )
 
 
+def _check_answer_fits(bm: BeaconModel, cache: BeaconCache, max_new_tokens: int) -> None:
+    """``generate(input_ids=None)``: refuse, before a token is chosen, a cache of another model or an answer of
+    ``max_new_tokens`` that the context cannot hold (a call with a prompt plans its read for the answer too), rather
+    than fail mid-answer, or leave a token chosen from the cache's logits pending in a cache that was refused."""
+    cache.bind(bm._fingerprint())
+    if bm.config.is_fit and cache.state.fit_plan is None:
+        return  # no plan to check against: the read plans itself
+    held = cache.n_seen + len(cache.state.pending)
+    try:
+        bm._check_capacity(cache, held, held + max_new_tokens)
+    except ValueError as e:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit after the {held} tokens this cache holds: {e}. "
+            "Give a smaller max_new_tokens"
+        ) from None
+
+
 def generate(
     bm: BeaconModel,
     input_ids: Any = None,
@@ -339,10 +367,11 @@ def generate(
         logits = bm.forward(prompt, cache, return_token_logprobs=False, planned_length=planned).last_logits
     else:
         prompt = torch.empty(0, dtype=torch.long, device=bm.device)
+        if not cache.state.pending and cache.last_logits is None:
+            raise ValueError("input_ids=None but the cache holds no context: give a prompt")
+        _check_answer_fits(bm, cache, max_new_tokens)
         if cache.state.pending:  # forward feeds the pending token itself (and restores it if the read fails)
             logits = bm.forward([], cache, return_token_logprobs=False).last_logits
-        elif cache.last_logits is None:
-            raise ValueError("input_ids=None but the cache holds no context: give a prompt")
         else:
             logits = cache.last_logits
     if streamer is not None:
