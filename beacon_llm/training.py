@@ -202,17 +202,62 @@ def _resume_checkpoint(output_dir: Path, steps: int) -> Path | None:
     return ckpt
 
 
-def _check_accelerator(accelerator: Any, cfg: TrainConfig) -> None:
-    """A caller's ``accelerator`` must accumulate and cast as ``cfg`` says: :func:`train` steps through it."""
+def _check_accelerator(accelerator: Any, cfg: TrainConfig, *, created: bool = False) -> None:
+    """``accelerator`` must accumulate and cast as ``cfg`` says: :func:`train` steps through it. A caller's is
+    checked before anything changes; the one :func:`train` creates (``created``) too, since the launcher's environment
+    overrides what it is asked for (``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``, set by ``accelerate launch
+    --gradient_accumulation_steps`` or a DeepSpeed config's ``gradient_accumulation_steps``)."""
     accum = accelerator.gradient_accumulation_steps
     precision = getattr(accelerator.mixed_precision, "value", accelerator.mixed_precision)
-    if accum != cfg.grad_accum or precision != cfg.mixed_precision:
+    if accum == cfg.grad_accum and precision == cfg.mixed_precision:
+        return
+    found = (
+        f"the accelerator has gradient_accumulation_steps={accum} and mixed_precision={precision!r}, the config "
+        f"grad_accum={cfg.grad_accum} and mixed_precision={cfg.mixed_precision!r}"
+    )
+    if created:
+        env = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
         raise ValueError(
-            f"the accelerator has gradient_accumulation_steps={accum} and mixed_precision={precision!r}, the config "
-            f"grad_accum={cfg.grad_accum} and mixed_precision={cfg.mixed_precision!r}: create it with "
-            f"Accelerator(gradient_accumulation_steps={cfg.grad_accum}, mixed_precision={cfg.mixed_precision!r}), "
-            "or pass accelerator=None"
+            f"{found}: the launcher's settings override the config's (ACCELERATE_GRADIENT_ACCUMULATION_STEPS="
+            f"{env!r}, from accelerate launch --gradient_accumulation_steps or a DeepSpeed config's "
+            f"gradient_accumulation_steps), and training would step the optimiser off its schedule; launch with "
+            f"gradient_accumulation_steps={cfg.grad_accum} (and mixed_precision={cfg.mixed_precision!r}), or set "
+            f"grad_accum={accum} in the config"
         )
+    raise ValueError(
+        f"{found}: create it with Accelerator(gradient_accumulation_steps={cfg.grad_accum}, "
+        f"mixed_precision={cfg.mixed_precision!r}), or pass accelerator=None"
+    )
+
+
+def _check_trainable_mix(bm: BeaconModel) -> None:
+    """:func:`train` reads each sample with a fresh cache at the config's ``ratio_mix``: a ``fit-N`` one plans the
+    sample to fit the model's positions, so a sample that fits condenses nothing and trains no beacon. Refused."""
+    if bm.config.is_fit:
+        raise ValueError(
+            f"train() draws a compression ratio per window, but this model's beacon config has "
+            f"ratio_mix={bm.config.ratio_mix!r}, an inference schedule that condenses only what does not fit the "
+            f"model's {bm.max_positions} positions: a sample that fits is read raw and trains no beacon. Load the "
+            "beacons with beacon_ratio_mix='step-random' (as `beacon-llm train` does), or train in the fit regime "
+            "with train_fit"
+        )
+
+
+def _start_afresh(out_dir: Path) -> Path | None:
+    """Before a run that does not resume (``resume=False``), move an earlier run's checkpoints, final adapter and
+    history out of the way, into ``out_dir/earlier-run-<time>/`` (nothing is deleted): left in place, a later resume
+    of the new run would pick the earlier run's latest checkpoint, and its ``final/`` would pass for the new run's.
+    Returns the folder they went to (None: there were none)."""
+    stale = sorted(p for p in out_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+(\.\d+\.tmp)?", p.name))
+    stale += [p for p in (out_dir / "final", out_dir / HISTORY_NAME) if p.exists()]
+    if not stale:
+        return None
+    aside = out_dir / f"earlier-run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    for p in stale:
+        os.replace(p, aside / p.name)
+    logger.warning("resume=False: moved the earlier run's %s from %s to %s", [p.name for p in stale], out_dir, aside)
+    return aside
 
 
 def train(
@@ -228,22 +273,35 @@ def train(
     """Train the beacons of ``bm`` on ``stream``; checkpoints go to ``cfg.output_dir/checkpoint-<step>``.
 
     With ``resume`` the latest checkpoint there is loaded first (weights, optimiser moments, data position, step);
-    one past ``cfg.steps`` is refused.
+    one past ``cfg.steps`` is refused. Without it the run starts afresh there: an earlier run's checkpoints, final
+    adapter and history are first moved into ``earlier-run-<time>/`` there, so that resuming the new run later
+    continues it and no other.
     ``stop_after`` ends this run after that many optimiser steps (the schedule still spans ``cfg.steps``), for
     training in several sittings.
     Returns the final state (loss history included); the final adapter is written to ``cfg.output_dir/final``.
-    A caller's ``accelerator`` must have ``cfg``'s ``grad_accum`` and ``mixed_precision``.
+    A caller's ``accelerator`` must have ``cfg``'s ``grad_accum`` and ``mixed_precision`` (so must the one created
+    here, which the launcher's environment can override). The beacon config must not be ``fit-N`` (see
+    :func:`train_fit`).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from tqdm.auto import tqdm
 
+    _check_trainable_mix(bm)
     if accelerator is not None:
         _check_accelerator(accelerator, cfg)
+    device = accelerator.device if accelerator is not None else PartialState().device  # the one it will train on
+    if cfg.mixed_precision == "fp16" and device.type == "cpu":
+        raise ValueError(
+            "mixed_precision='fp16' casts nothing on the CPU (accelerate autocasts fp16 on GPUs only): the run would "
+            "train in float32 while recorded as fp16; use mixed_precision='bf16' (CPU autocast) or 'no'"
+        )
     out_dir = Path(cfg.output_dir)
     ckpt = _resume_checkpoint(out_dir, cfg.steps) if resume else None
-    accelerator = accelerator or Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision
-    )
+    if accelerator is None:
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+        _check_accelerator(accelerator, cfg, created=True)
+    if not resume and accelerator.is_main_process:
+        _start_afresh(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
     bm.gradient_checkpointing = cfg.gradient_checkpointing

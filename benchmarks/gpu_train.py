@@ -333,7 +333,7 @@ def main() -> None:
                              f"(default {DEFAULT_RECIPE}; recall recipes add the recall protocol's rows)")  # fmt: skip
     parser.add_argument("--grad-accum", type=int, default=1, help="slices per process per step")
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=5, help="warmup steps of the learning rate")
+    parser.add_argument("--warmup", type=int, default=5, help="warmup steps of the learning rate (0: none)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (always on a GPU)")
     parser.add_argument("--out", default=None, help="results JSON (default results/gpu_train.json, or "
@@ -357,9 +357,13 @@ def main() -> None:
     )
     args.out = str(out)
     args.adapter_dir = args.adapter_dir or str(out.with_name(out.stem + "_adapter"))
-    for name in ("procs", "grad_accum", "warmup", "held_out", "threads"):
+    for name in ("procs", "grad_accum", "held_out", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup={args.warmup} must be >= 0 (0: no warmup)")
+    if not (args.lr > 0 and args.lr < float("inf")):  # also rejects NaN, before the processes start
+        raise SystemExit(f"--lr={args.lr} must be a finite number > 0 (e.g. 2e-4)")
     if not args.minutes > 0:
         raise SystemExit(f"--minutes={args.minutes} must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
