@@ -389,6 +389,11 @@ def main() -> None:
             if last is None:
                 raise SystemExit(f"{args.recipe} continues {parent}: run that recipe first (no checkpoint there)")
             start_step = int(last.name.split("-")[1])
+            if args.steps <= start_step:  # the step count includes the parent's: nothing would be trained
+                raise SystemExit(
+                    f"--steps {args.steps} counts {spec['continues']}'s {start_step} steps too: give more than "
+                    f"{start_step} to train {args.recipe} at all"
+                )
             if not run_dir.exists():
                 shutil.copytree(last, run_dir / last.name)
         distant = float(spec.get("distant", 0.0))
