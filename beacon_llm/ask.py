@@ -8,10 +8,38 @@ import sys
 import time
 from typing import Any
 
-from .cli_errors import CliError
+from .cli_errors import EXIT_USAGE, CliError
 from .documents import DocumentError, read_document
 
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer questions about the document briefly and accurately."
+# the engine's names of the generation options (in its messages) -> the command line's
+_OPTION_FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "repetition_penalty": "--repetition-penalty",
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The generation options, checked as the engine checks them but before anything is loaded or read (``chat``
+    would otherwise refuse them only at the first question): raises :class:`CliError` naming the flag."""
+    from .generation import check_sampling_options
+
+    try:
+        check_sampling_options(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        for name, flag in _OPTION_FLAGS.items():
+            if message.startswith(f"{name}="):
+                message = flag + message[len(name) :]
+                break
+        raise CliError(message) from None
 
 
 def load_for_cli(args: argparse.Namespace) -> Any:
@@ -89,12 +117,14 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
     finally:
         progress.close()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # a closed pipe fails here, where main() answers it, not in the interpreter's flush at exit
     u = completion.usage
     if not args.quiet:
+        where = "cache in memory (--no-cache)" if args.no_cache else f"cache in {home() / 'books'}"
+        first = "no text" if first_token is None else f"first token after {first_token:.1f} s"
         print(
             f"[read {u.read_tokens} of {u.input_tokens} prompt tokens ({u.cache_read_tokens} from the condensed-book "
-            f"cache in {home() / 'books'}), first token after {first_token or 0:.1f} s, {u.output_tokens} tokens "
-            f"generated, {completion.finish_reason}]",
+            f"{where}), {first}, {u.output_tokens} tokens generated, {completion.finish_reason}]",
             file=sys.stderr,
         )
     return 0
@@ -117,15 +147,32 @@ def _engine(args: argparse.Namespace) -> tuple[Any, str]:
 def cmd_ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise CliError("the question is empty")
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    check_options(args)
     engine, text = _engine(args)
     return _answer(engine, text, args.question, args, args.document)
 
 
+def _document_tokens(engine: Any, text: str, args: argparse.Namespace) -> int:
+    """The document's tokens in every question's prompt; a document that leaves no room for a question and its answer
+    is refused (:class:`CliError`) before the first question is asked."""
+    ids, boundary = engine.document_prompt(text, "?", system=DEFAULT_SYSTEM)
+    try:
+        engine.check_fits(len(ids), args.max_new_tokens)
+    except ValueError as exc:
+        raise CliError(f"{args.document}: {exc}") from exc
+    return boundary
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    """Answer questions until an empty line or end of input. A question that cannot be answered (too long) is
+    refused with the reason and the session goes on, as it does after Ctrl-C stops an answer; the exit code is
+    :data:`EXIT_USAGE` if any question was refused. The document is read once: later questions reuse its condensed
+    form."""
+    check_options(args)
     engine, text = _engine(args)
-    print("Ask about the document (empty line or Ctrl-D to quit).", file=sys.stderr)
+    document_tokens = _document_tokens(engine, text, args)
+    print("Ask about the document (empty line or Ctrl-D to quit; Ctrl-C stops an answer).", file=sys.stderr)
+    refused = False
     while True:
         try:
             question = input("> ").strip()
@@ -133,5 +180,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not question:
             break
-        _answer(engine, text, question, args, args.document)
-    return 0
+        try:
+            _answer(engine, text, question, args, args.document)
+        except CliError as exc:
+            refused = True
+            print(
+                f"beacon-llm: error: {exc}\nThis question was not answered (the document takes {document_tokens} of "
+                "the prompt's tokens): ask a shorter one, or quit with an empty line or Ctrl-D.",
+                file=sys.stderr,
+            )
+        except KeyboardInterrupt:  # stops this answer only; the document stays read for the next question
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print("[answer interrupted]", file=sys.stderr)
+    return EXIT_USAGE if refused else 0

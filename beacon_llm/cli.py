@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_errors import CliError
+from .cli_errors import EXIT_USAGE, CliError
 
-EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
 # ``beacon-llm train``'s beacon options for fresh beacons (on the command line None means not given: an adapter given
 # with --init-adapter keeps its own)
 TRAIN_BEACON_DEFAULTS: dict = {
@@ -166,8 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=10)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-gradient-checkpointing", action="store_true")
-    tr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    tr.add_argument("--fresh", action="store_true", help="ignore checkpoints in --output-dir")
+    tr.add_argument(
+        "--mixed-precision",
+        default=None,
+        choices=["no", "bf16", "fp16"],
+        help="default: the launcher's (accelerate launch's config or --mixed_precision), else no",
+    )
+    tr.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start afresh: an earlier run's checkpoints, final/ and history.json in --output-dir are moved into "
+        "earlier-run-<time>/ there",
+    )
 
     srv = sub.add_parser("serve", help="serve the model and its condensed books behind an OpenAI-compatible API")
     _add_model_args(srv)
@@ -263,7 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             save_every=args.save_every,
             seed=args.seed,
             gradient_checkpointing=not args.no_gradient_checkpointing,
-            mixed_precision=args.mixed_precision,
+            mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
         )
         texts = _training_texts(args.data)
         path = resolve_model(args.model)
@@ -356,6 +367,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the answer went away (`beacon-llm ask ... | head`): nothing left to do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point the closed standard output at the null device, so the interpreter's flush at exit does not fail again
+    (Python's documented answer to SIGPIPE: https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing will flush it
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,30 @@ def test_plot_training_needs_its_arguments_and_averages_short_runs(benchmarks_on
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["first5"] == summary["last5"] == 3.0  # one step: its own loss, not a fifth of it
     assert (tmp_path / "loss.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "expected"),
+    [(None, None, "no"), ("bf16", None, "bf16"), ("BF16", None, "bf16"), ("bf16", "no", "no"), (None, "bf16", "bf16")],
+)
+def test_train_precision_defaults_to_the_launchers(env, flag, expected, tiny_dirs, tmp_path, monkeypatch):
+    """`accelerate launch --config_file ddp.yaml` (mixed_precision: bf16) sets ACCELERATE_MIXED_PRECISION; the CLI's
+    own default "no" used to win over it, so the run trained in float32. --mixed-precision still wins."""
+    import beacon_llm.training as training
+
+    seen = {}
+
+    def capture(bm, stream, cfg, **kwargs):
+        seen["precision"] = cfg.mixed_precision
+        raise ValueError("stop here")
+
+    monkeypatch.setenv("BEACON_LLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(training, "train", capture)
+    if env is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    precision = ["--mixed-precision", flag] if flag else []
+    with pytest.raises(ValueError, match="stop here"):
+        _train(tiny_dirs, tmp_path, "--window", "16", "--ratios", "4", *precision)
+    assert seen["precision"] == expected
