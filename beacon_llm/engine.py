@@ -152,6 +152,20 @@ class BeaconEngine:
         """Token ids of a chat (the tokenizer's template) and the index where the last message starts."""
         return prompts.encode_chat(self.tokenizer, messages, add_generation_prompt)
 
+    def chat_boundary(self, ids: Sequence[int], last_message_start: int) -> int:
+        """Where the reusable prefix of a chat prompt ends (pass it as ``boundary``): where its last message starts
+        (:meth:`encode_chat`; a follow-up shares everything before it), or, when most of what ``ids`` shares with a
+        recent prompt lies past that (a chain that puts the book in the last message: a short system prompt, then
+        "{book} Question: {q}"), the end of that shared part, so the book is reused from the third question on.
+        Questions that merely start alike keep the message boundary; where it is unknown (0), the shared beginning is
+        taken, as a read without a boundary guesses it. ``ids`` becomes a recent prompt."""
+        shared = self.store.shared_prefix(list(ids))
+        if shared is None:
+            return last_message_start
+        if not last_message_start or (shared < len(ids) and shared - last_message_start > last_message_start):
+            return shared
+        return last_message_start
+
     def document_prompt(
         self, document: str, question: str, *, system: str | None = None,
         instruction: str = prompts.DEFAULT_INSTRUCTION,

@@ -726,7 +726,7 @@ class _Server:
                 ids, boundary = await asyncio.to_thread(engine.encode_chat, req.messages)
             except (ValueError, TypeError, TemplateError) as exc:  # e.g. a template that wants alternating roles
                 raise _bad(f"the model's chat template refused these messages: {exc}", param="messages") from None
-            return ids, boundary or None
+            return ids, engine.chat_boundary(ids, boundary)
         if isinstance(req.prompt, str):
             return await asyncio.to_thread(engine.encode, req.prompt), None
         vocab = int(engine.bm.model.config.vocab_size)

@@ -182,3 +182,24 @@ def test_export_refuses_ids_that_are_not_token_ids(bm, tmp_path):
     with pytest.raises(ValueError, match=r"the prompt holds 1\.5 \(float\), not a token id"):
         engine.export_prefix([1.5, 2, 3], tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_chat_boundary_follows_a_book_inside_the_last_message(bm):
+    """A chat's reusable prefix ends where its last message starts, unless most of what it shares with a recent
+    prompt lies past that (the book inside the last message): then it ends where the shared part ends."""
+    engine = BeaconEngine(bm)
+
+    def chat(last):
+        return engine.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": last}])
+
+    book = "Dorothy lived in the midst of the great Kansas prairies with Uncle Henry and Aunt Em. " * 4
+    first, start = chat(book + "Question: Who?")
+    assert 0 < start < len(first) and engine.chat_boundary(first, start) == start  # nothing recent yet
+    second, start2 = chat(book + "Question: Where?")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert start2 == start < shared - start and engine.chat_boundary(second, start2) == shared
+    alike, start3 = chat("Dorothy went far away, to a land of witches and winged monkeys, long ago.")
+    assert engine.chat_boundary(alike, start3) == start3  # shares less past the message start than before it
+    again, _ = engine.encode_chat([{"role": "user", "content": book + "Question: Who?"}])
+    assert engine.chat_boundary(again, 0) == 0  # unknown start, nothing shared: no prefix
+    assert engine.chat_boundary(again, 0) == len(again)  # unknown start, the same prompt again: all of it

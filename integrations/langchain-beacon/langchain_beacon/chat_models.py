@@ -137,10 +137,12 @@ class ChatBeacon(BeaconFields, BaseChatModel):
 
     # ---------------------------------------------------------------- core
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Token ids, the start of the last message (the reusable prefix ends there) and generation options."""
+        """Token ids, where their reusable prefix ends (:meth:`beacon_llm.BeaconEngine.chat_boundary`) and generation
+        options."""
         options = self.call_options(stop, kwargs)
-        ids, boundary = self.get_engine().encode_chat(to_chat_dicts(messages))
-        return {"ids": ids, "boundary": boundary or None, **options}
+        engine = self.get_engine()
+        ids, boundary = engine.encode_chat(to_chat_dicts(messages))
+        return {"ids": ids, "boundary": engine.chat_boundary(ids, boundary), **options}
 
     def _events(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]

@@ -19,15 +19,21 @@ from ._common import BeaconFields, usage_metadata
 _MIN_SHARED = 32  # a shared beginning shorter than this is not worth a reusable prefix
 
 
-def _common_prefix(sequences: list[list[int]]) -> int:
-    """The length of the beginning all ``sequences`` share."""
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for i in range(n):
-        token = first[i]
-        if any(s[i] != token for s in sequences[1:]):
-            return i
-    return n
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the beginning ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _shared_prefixes(sequences: list[list[int]]) -> list[int]:
+    """For each sequence, the longest beginning it shares with any other one: in lexicographic order that other one
+    is a neighbour, so a batch of prompts about several books gives each prompt its own book's beginning."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    shared = [0] * len(sequences)
+    for left, right in zip(order, order[1:]):
+        n = _common_prefix(sequences[left], sequences[right])
+        shared[left], shared[right] = max(shared[left], n), max(shared[right], n)
+    return shared
 
 
 class BeaconLLM(BeaconFields, LLM):
@@ -65,11 +71,11 @@ class BeaconLLM(BeaconFields, LLM):
     ) -> list[dict[str, Any]]:
         """Every prompt's request, checked and tokenised before any is read. Prompts that begin alike (the same book,
         other questions) mark that beginning as their reusable prefix, so the first call condenses it once and the
-        others reuse it."""
+        others reuse it; in a batch about several books, each prompt's prefix is the beginning it shares with the most
+        alike other prompt (its own book), not the little all of them share."""
         requests = [self._request(prompt, stop, kwargs) for prompt in prompts]
-        shared = _common_prefix([r["ids"] for r in requests]) if len(requests) > 1 else 0
-        for request in requests:
-            if shared >= _MIN_SHARED and shared < len(request["ids"]):
+        for request, shared in zip(requests, _shared_prefixes([r["ids"] for r in requests])):
+            if _MIN_SHARED <= shared < len(request["ids"]):
                 request["boundary"] = shared
         return requests
 

@@ -250,8 +250,9 @@ class BeaconLLM(CustomLLM):
         dicts = [{"role": _role(m.role), "content": text} for m, text in zip(messages, texts)]
 
         def encode() -> dict[str, Any]:
-            ids, boundary = self.get_engine().encode_chat(dicts)
-            return {"ids": ids, "boundary": boundary or None, **options}
+            engine = self.get_engine()
+            ids, boundary = engine.encode_chat(dicts)
+            return {"ids": ids, "boundary": engine.chat_boundary(ids, boundary), **options}
 
         return encode
 
