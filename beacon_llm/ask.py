@@ -120,7 +120,7 @@ def _answer(engine: Any, text: str, question: str, args: argparse.Namespace, pat
     sys.stdout.flush()  # a closed pipe fails here, where main() answers it, not in the interpreter's flush at exit
     u = completion.usage
     if not args.quiet:
-        where = "cache in memory (--no-cache)" if args.no_cache else f"cache in {home() / 'books'}"
+        where = "cache in memory, --no-cache" if args.no_cache else f"cache in {home() / 'books'}"
         first = "no text" if first_token is None else f"first token after {first_token:.1f} s"
         print(
             f"[read {u.read_tokens} of {u.input_tokens} prompt tokens ({u.cache_read_tokens} from the condensed-book "

@@ -127,7 +127,7 @@ def test_chat_refuses_a_document_that_leaves_no_room_before_asking(chat, tmp_pat
 def test_the_summary_says_where_reused_tokens_come_from(chat, doc):
     code, out, err = chat(doc, ["Where?", "Who is Em?"], "--no-cache")
     assert code == 0 and len(READ.findall(err)) == 2
-    assert "books" not in err and "cache in memory (--no-cache)" in err
+    assert "books" not in err and "cache in memory, --no-cache)" in err
 
 
 def test_an_answer_without_text_reports_no_first_token(chat, doc, monkeypatch):
