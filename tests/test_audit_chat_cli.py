@@ -10,23 +10,11 @@ import sys
 
 import pytest
 
-import beacon_llm
 from beacon_llm.cli import main
 from beacon_llm.engine import BeaconEngine
-from beacon_llm.testing import tiny_base_model, tiny_beacon_model
 
 DOC = "Dorothy lived in Kansas with Uncle Henry and Aunt Em. " * 12
 READ = re.compile(r"\[read (\d+) of (\d+) prompt tokens \((\d+) from")
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    bm = tiny_beacon_model()
-    tiny_base_model().save_pretrained(root / "base")
-    bm.tokenizer.save_pretrained(root / "base")
-    beacon_llm.save_adapter(bm, str(root / "adapter"))
-    return root
 
 
 @pytest.fixture

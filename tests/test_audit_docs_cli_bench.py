@@ -8,29 +8,12 @@ import pytest
 
 import beacon_llm
 from beacon_llm.cli import main
-from beacon_llm.testing import tiny_base_model, tiny_beacon_model
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-TEXT = "Dorothy lived in Kansas with Uncle Henry and Aunt Em. " * 8
 
 
 def _not_called(*args, **kwargs):
     raise AssertionError("the model was loaded before the bad input was refused")
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    bm = tiny_beacon_model()
-    tiny_base_model().save_pretrained(root / "base")
-    bm.tokenizer.save_pretrained(root / "base")
-    beacon_llm.save_adapter(bm, str(root / "adapter"))
-    # the same beacons saved with an inference mix, as the shipped adapter is (fit-N)
-    beacon_llm.save_adapter(bm, str(root / "adapter_fit"))
-    config = root / "adapter_fit" / "beacon_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "beacon_ratio_mix": "fit-16"}))
-    (root / "data.txt").write_text(TEXT)
-    return root
 
 
 @pytest.mark.parametrize("port", ["-1", "65536", "99999", "http"])

@@ -1,9 +1,8 @@
 """EPUB chapter text (``beacon_llm.documents``): character references decoded once (a book that writes ``&amp;lt;``
 means the four characters ``&lt;``), table cells and definition terms kept apart, trailing text kept."""
 
-import zipfile
-
 import pytest
+from epub_helpers import write_epub
 
 from beacon_llm.documents import read_document
 
@@ -13,20 +12,7 @@ def _epub(path, body):
     chapter = (
         f'<?xml version="1.0" encoding="utf-8"?><html xmlns="http://www.w3.org/1999/xhtml"><body>{body}</body></html>'
     )
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("mimetype", "application/epub+zip")
-        zf.writestr(
-            "META-INF/container.xml",
-            '<container xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
-            '<rootfiles><rootfile full-path="OEBPS/content.opf"/></rootfiles></container>',
-        )
-        zf.writestr(
-            "OEBPS/content.opf",
-            '<package xmlns="http://www.idpf.org/2007/opf"><manifest><item id="c0" href="ch1.xhtml" '
-            'media-type="application/xhtml+xml"/></manifest><spine><itemref idref="c0"/></spine></package>',
-        )
-        zf.writestr("OEBPS/ch1.xhtml", chapter.encode())
-    return path
+    return write_epub(path, {"OEBPS/ch1.xhtml": chapter.encode()})
 
 
 @pytest.mark.parametrize(

@@ -6,17 +6,6 @@ import pytest
 
 import beacon_llm
 from beacon_llm.cli import main
-from beacon_llm.testing import tiny_base_model, tiny_beacon_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    bm = tiny_beacon_model()
-    tiny_base_model().save_pretrained(root / "base")  # the same base weights, without beacons
-    bm.tokenizer.save_pretrained(root / "base")
-    beacon_llm.save_adapter(bm, str(root / "adapter"))
-    return root
 
 
 @pytest.fixture
@@ -103,21 +92,11 @@ def test_unknown_model_path_exits_2(tmp_path, capsys, monkeypatch):
 
 
 def test_epub_is_read(run, tmp_path):
-    import zipfile
+    from epub_helpers import write_epub
 
-    path = tmp_path / "book.epub"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(
-            "META-INF/container.xml",
-            '<container xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
-            '<rootfiles><rootfile full-path="OEBPS/content.opf"/></rootfiles></container>',
-        )
-        zf.writestr(
-            "OEBPS/content.opf",
-            '<package xmlns="http://www.idpf.org/2007/opf"><manifest>'
-            '<item id="c1" href="c1.xhtml"/></manifest><spine><itemref idref="c1"/></spine></package>',
-        )
-        zf.writestr("OEBPS/c1.xhtml", "<html><body><p>Toto was a little black dog.</p></body></html>")
+    path = write_epub(
+        tmp_path / "book.epub", {"OEBPS/c1.xhtml": "<html><body><p>Toto was a little black dog.</p></body></html>"}
+    )
     from beacon_llm.documents import read_document
 
     assert read_document(path) == "Toto was a little black dog."

@@ -2,9 +2,9 @@
 
 import codecs
 import re
-import zipfile
 
 import pytest
+from epub_helpers import write_epub
 
 from beacon_llm.documents import DocumentError, _chapter_encoding, _chapter_path, read_document
 
@@ -48,25 +48,7 @@ def test_chapter_encoding_from_bom_then_declaration_then_utf8(data, expected):
 
 
 def _epub(path, chapters, spine_hrefs=None):
-    """A minimal EPUB: ``chapters`` maps archive names to bytes; the spine lists ``spine_hrefs`` (default: the
-    names relative to OEBPS/)."""
-    hrefs = spine_hrefs or [name.removeprefix("OEBPS/") for name in chapters]
-    items = "".join(f'<item id="c{i}" href="{h}" media-type="application/xhtml+xml"/>' for i, h in enumerate(hrefs))
-    spine = "".join(f'<itemref idref="c{i}"/>' for i in range(len(hrefs)))
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("mimetype", "application/epub+zip")
-        zf.writestr(
-            "META-INF/container.xml",
-            '<container xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
-            '<rootfiles><rootfile full-path="OEBPS/content.opf"/></rootfiles></container>',
-        )
-        zf.writestr(
-            "OEBPS/content.opf",
-            f'<package xmlns="http://www.idpf.org/2007/opf"><manifest>{items}</manifest><spine>{spine}</spine></package>',
-        )
-        for name, data in chapters.items():
-            zf.writestr(name, data)
-    return path
+    return write_epub(path, chapters, spine_hrefs)
 
 
 @pytest.mark.parametrize(
