@@ -189,8 +189,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 "the prompt's tokens): ask a shorter one, or quit with an empty line or Ctrl-D.",
                 file=sys.stderr,
             )
-        except KeyboardInterrupt:  # stops this answer only; the document stays read for the next question
-            sys.stdout.write("\n")
+        except KeyboardInterrupt:  # stops this question only: a document read to its end stays stored for the
+            sys.stdout.write("\n")  # next one (one interrupted while being read is read again)
             sys.stdout.flush()
-            print("[answer interrupted]", file=sys.stderr)
+            print("[interrupted]", file=sys.stderr)
     return EXIT_USAGE if refused else 0

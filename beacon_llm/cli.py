@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh",
         action="store_true",
         help="start afresh: an earlier run's checkpoints, final/ and history.json in --output-dir are moved into "
-        "earlier-run-<time>/ there",
+        "earlier-run-<time>-<pid>/ there",
     )
 
     srv = sub.add_parser("serve", help="serve the model and its condensed books behind an OpenAI-compatible API")
@@ -292,7 +292,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise CliError(f"cannot load the model: {exc}") from exc
     bm.tokenizer = tokenizer
-    state = train(bm, stream, tcfg, resume=not args.fresh, stop_after=args.stop_after)
+    try:
+        state = train(bm, stream, tcfg, resume=not args.fresh, stop_after=args.stop_after)
+    except ValueError as exc:  # refused before a step (a checkpoint past --steps, a launcher's settings, ...)
+        raise CliError(f"cannot train: {exc}") from exc
     print(
         f"trained to step {state.step}: {state.tokens} tokens in {state.elapsed_s:.0f} s; "
         f"last loss {state.history[-1]['loss']:.4f}"

@@ -26,7 +26,7 @@ from .aio import iterate_in_thread
 from .cache import BeaconCache
 from .generation import Decoding, TokenSampler, _eos_ids, check_sampling_options, normalize_stop
 from .model import BeaconModel
-from .prefix_store import PrefixStore, prefix_hash
+from .prefix_store import MIN_SHARED_PREFIX, PrefixStore, prefix_hash
 from .schedule import adapt_ratio, fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
@@ -154,17 +154,17 @@ class BeaconEngine:
 
     def chat_boundary(self, ids: Sequence[int], last_message_start: int) -> int:
         """Where the reusable prefix of a chat prompt ends (pass it as ``boundary``): where its last message starts
-        (:meth:`encode_chat`; a follow-up shares everything before it), or, when most of what ``ids`` shares with a
-        recent prompt lies past that (a chain that puts the book in the last message: a short system prompt, then
-        "{book} Question: {q}"), the end of that shared part, so the book is reused from the third question on.
-        Questions that merely start alike keep the message boundary; where it is unknown (0), the shared beginning is
-        taken, as a read without a boundary guesses it. ``ids`` becomes a recent prompt."""
-        shared = self.store.shared_prefix(list(ids))
-        if shared is None:
-            return last_message_start
-        if not last_message_start or (shared < len(ids) and shared - last_message_start > last_message_start):
-            return shared
-        return last_message_start
+        (:meth:`encode_chat`; a follow-up shares everything before it), or, when a recent prompt shares more of the
+        last message than comes before it (a chain that puts the book in the last message: a short system prompt,
+        then "{book} Question: {q}"), the shortest such shared beginning: the book and what every question repeats,
+        not the words two questions happen to start with, so later questions find the same prefix. Where the message
+        start is unknown (0), the longest shared beginning, as a read without a boundary guesses it. ``ids`` becomes
+        a recent prompt."""
+        lengths = [n for n in self.store.shared_lengths(list(ids)) if n >= MIN_SHARED_PREFIX]
+        if not last_message_start:
+            return max(lengths, default=0)
+        inside = [n for n in lengths if 2 * last_message_start < n < len(ids)]
+        return min(inside, default=last_message_start)
 
     def document_prompt(
         self, document: str, question: str, *, system: str | None = None,

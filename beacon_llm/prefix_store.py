@@ -80,7 +80,8 @@ class PrefixStore:
         self._entries: OrderedDict[tuple[int, str, str], StoredPrefix] = OrderedDict()
         self._recent: deque[np.ndarray] = deque(maxlen=4)  # recent prompts (int64), to guess shared prefixes
         self._lock = threading.Lock()
-        self._reading: dict[tuple[int, str], threading.Event] = {}  # prefixes being read now -> set when done
+        # prefixes being read now -> (set when done, the reading thread)
+        self._reading: dict[tuple[int, str], tuple[threading.Event, int]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -161,17 +162,23 @@ class PrefixStore:
             return cache.fork(), n
         return None
 
-    def shared_prefix(self, ids: list[int]) -> int | None:
-        """The longest beginning ``ids`` shares with a recent prompt (None if under ``MIN_SHARED_PREFIX``); ``ids``
-        becomes a recent prompt."""
-        best = 0
+    def shared_lengths(self, ids: list[int]) -> list[int]:
+        """How long a beginning ``ids`` shares with each recent prompt (oldest first); ``ids`` becomes a recent
+        prompt."""
         current = np.asarray(ids, dtype=np.int64)
+        lengths = []
         with self._lock:
             for prev in self._recent:
                 n = min(len(prev), len(current))
                 diff = np.flatnonzero(prev[:n] != current[:n])
-                best = max(best, int(diff[0]) if diff.size else n)
+                lengths.append(int(diff[0]) if diff.size else n)
             self._recent.append(current)
+        return lengths
+
+    def shared_prefix(self, ids: list[int]) -> int | None:
+        """The longest beginning ``ids`` shares with a recent prompt (None if under ``MIN_SHARED_PREFIX``); ``ids``
+        becomes a recent prompt."""
+        best = max(self.shared_lengths(ids), default=0)
         return best if best >= MIN_SHARED_PREFIX else None
 
     # ------------------------------------------------------------------ storing
@@ -218,12 +225,17 @@ class PrefixStore:
         if boundary is None or not max(self.min_prefix, 1) <= boundary < len(ids) or not self.enabled:
             return None
         key = (boundary, prefix_hash(ids[:boundary]))
+        me = threading.get_ident()
         while True:
             with self._lock:
-                other = self._reading.get(key)
-                if other is None:
+                other, owner = self._reading.get(key, (None, None))
+                # a claim of this very thread is one an interrupt left behind (KeyboardInterrupt between taking it
+                # and the caller's try): nobody will release it, and waiting for it would wait forever
+                if other is None or owner == me:
+                    if other is not None:
+                        other.set()  # others waiting for the abandoned claim look again (and wait for this one)
                     mine = threading.Event()
-                    self._reading[key] = mine
+                    self._reading[key] = (mine, me)
                     break
             while not other.wait(0.05):
                 still_waiting()
@@ -231,7 +243,8 @@ class PrefixStore:
 
         def release() -> None:
             with self._lock:
-                self._reading.pop(key, None)
+                if self._reading.get(key, (None, None))[0] is mine:
+                    del self._reading[key]
             mine.set()
 
         return release

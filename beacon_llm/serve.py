@@ -720,13 +720,13 @@ class _Server:
             )
 
     async def tokens(self, engine: BeaconEngine, req: GenerationRequest) -> tuple[list[int], int | None]:
-        """The prompt's ids and the reusable prefix's end (a chat: the start of its last message)."""
+        """The prompt's ids and, for a chat, where its last message starts (None otherwise)."""
         if req.messages is not None:
             try:
                 ids, boundary = await asyncio.to_thread(engine.encode_chat, req.messages)
             except (ValueError, TypeError, TemplateError) as exc:  # e.g. a template that wants alternating roles
                 raise _bad(f"the model's chat template refused these messages: {exc}", param="messages") from None
-            return ids, engine.chat_boundary(ids, boundary)
+            return ids, boundary
         if isinstance(req.prompt, str):
             return await asyncio.to_thread(engine.encode, req.prompt), None
         vocab = int(engine.bm.model.config.vocab_size)
@@ -771,7 +771,11 @@ class _Server:
         job = _Job(engine, ids, boundary, options, self.slots, self._forget)
         with self._jobs_lock:
             self.jobs.add(job)
-        job.start()
+        try:
+            job.start()
+        except BaseException:  # no worker thread (e.g. "can't start new thread"): never counted as running
+            self._forget(job)
+            raise
         return job
 
     def _forget(self, job: _Job) -> None:
@@ -790,6 +794,8 @@ class _Server:
                 engine.check_fits(len(ids), options["max_new_tokens"])
             except ValueError as exc:
                 raise _engine_error(exc) from None
+            if boundary is not None:  # a chat that fits: where its reusable prefix ends (it becomes a recent prompt)
+                boundary = engine.chat_boundary(ids, boundary)
             job = self.start_job(engine, ids, boundary, options)
         shape = _Shape(chat, self.model_name, self.fingerprint, req.include_usage)
         if req.stream:

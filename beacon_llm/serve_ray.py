@@ -201,7 +201,13 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         if name in args:
             value = args.pop(name)
             if name == "ratio":
-                parts = str(value).split(",") if isinstance(value, str) else list(value)
+                parts = (
+                    value.split(",")
+                    if isinstance(value, str)
+                    else list(value)
+                    if isinstance(value, (list, tuple))
+                    else [value]
+                )
                 value = [_number(name, r, int) if isinstance(r, str) else r for r in parts]  # others: as given
             elif name == "window" and isinstance(value, str):  # other values as given: the beacon config checks them
                 value = _number(name, value, int)

@@ -245,9 +245,9 @@ def _check_trainable_mix(bm: BeaconModel) -> None:
 
 def _start_afresh(out_dir: Path) -> Path | None:
     """Before a run that does not resume (``resume=False``), move an earlier run's checkpoints, final adapter and
-    history out of the way, into ``out_dir/earlier-run-<time>/`` (nothing is deleted): left in place, a later resume
-    of the new run would pick the earlier run's latest checkpoint, and its ``final/`` would pass for the new run's.
-    Returns the folder they went to (None: there were none)."""
+    history out of the way, into ``out_dir/earlier-run-<time>-<pid>/`` (nothing is deleted): left in place, a later
+    resume of the new run would pick the earlier run's latest checkpoint, and its ``final/`` would pass for the new
+    run's. Returns the folder they went to (None: there were none)."""
     stale = sorted(p for p in out_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+(\.\d+\.tmp)?", p.name))
     stale += [p for p in (out_dir / "final", out_dir / HISTORY_NAME) if p.exists()]
     if not stale:
@@ -274,7 +274,7 @@ def train(
 
     With ``resume`` the latest checkpoint there is loaded first (weights, optimiser moments, data position, step);
     one past ``cfg.steps`` is refused. Without it the run starts afresh there: an earlier run's checkpoints, final
-    adapter and history are first moved into ``earlier-run-<time>/`` there, so that resuming the new run later
+    adapter and history are first moved into ``earlier-run-<time>-<pid>/`` there, so that resuming the new run later
     continues it and no other.
     ``stop_after`` ends this run after that many optimiser steps (the schedule still spans ``cfg.steps``), for
     training in several sittings.
@@ -300,8 +300,10 @@ def train(
     if accelerator is None:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
         _check_accelerator(accelerator, cfg, created=True)
-    if not resume and accelerator.is_main_process:
-        _start_afresh(out_dir)
+    if not resume:
+        if accelerator.is_main_process:
+            _start_afresh(out_dir)
+        accelerator.wait_for_everyone()  # no process starts before the earlier run is out of the way
     out_dir.mkdir(parents=True, exist_ok=True)
     bm.mark_only_beacon_trainable()
     bm.gradient_checkpointing = cfg.gradient_checkpointing

@@ -75,7 +75,7 @@ def test_ctrl_c_stops_only_the_answer_and_the_next_question_is_answered(chat, do
     monkeypatch.setattr(BeaconEngine, "stream", interrupted_once)
     code, out, err = chat(doc, ["Where?", "Who is Em?"])
     assert code == 0 and len(calls) == 2
-    assert "[answer interrupted]" in err
+    assert "[interrupted]" in err
     reads = [tuple(map(int, m)) for m in READ.findall(err)]
     assert len(reads) == 1, err
     read, total, cached = reads[0]

@@ -178,7 +178,7 @@ def test_plot_training_needs_its_arguments_and_averages_short_runs(benchmarks_on
     ("env", "flag", "expected"),
     [(None, None, "no"), ("bf16", None, "bf16"), ("BF16", None, "bf16"), ("bf16", "no", "no"), (None, "bf16", "bf16")],
 )
-def test_train_precision_defaults_to_the_launchers(env, flag, expected, tiny_dirs, tmp_path, monkeypatch):
+def test_train_precision_defaults_to_the_launchers(env, flag, expected, tiny_dirs, tmp_path, monkeypatch, capsys):
     """`accelerate launch --config_file ddp.yaml` (mixed_precision: bf16) sets ACCELERATE_MIXED_PRECISION; the CLI's
     own default "no" used to win over it, so the run trained in float32. --mixed-precision still wins."""
     import beacon_llm.training as training
@@ -196,6 +196,6 @@ def test_train_precision_defaults_to_the_launchers(env, flag, expected, tiny_dir
     else:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
     precision = ["--mixed-precision", flag] if flag else []
-    with pytest.raises(ValueError, match="stop here"):
-        _train(tiny_dirs, tmp_path, "--window", "16", "--ratios", "4", *precision)
+    assert _train(tiny_dirs, tmp_path, "--window", "16", "--ratios", "4", *precision) == 2
+    assert "beacon-llm: error: cannot train: stop here" in capsys.readouterr().err
     assert seen["precision"] == expected

@@ -200,6 +200,45 @@ def test_chat_boundary_follows_a_book_inside_the_last_message(bm):
     assert start2 == start < shared - start and engine.chat_boundary(second, start2) == shared
     alike, start3 = chat("Dorothy went far away, to a land of witches and winged monkeys, long ago.")
     assert engine.chat_boundary(alike, start3) == start3  # shares less past the message start than before it
+    # questions that start alike ("What is the ...") share more than the book; once one starts otherwise, the
+    # boundary settles on the book (and "Question: "), and a later "What is the ..." question finds that prefix
+    fresh = BeaconEngine(bm)
+    texts = ("What is the red book?", "What is the ship?", "How many ships?", "What is the king?")
+    q = [chat(book + "Question: " + text)[0] for text in texts]
+    marks = [fresh.chat_boundary(ids, start) for ids in q]
+    book_end = next(i for i, (a, b) in enumerate(zip(q[2], q[3])) if a != b)  # "Question: " ends there
+    assert marks[0] == start and marks[1] == book_end + len("What is the ")
+    assert marks[2] == marks[3] == book_end
     again, _ = engine.encode_chat([{"role": "user", "content": book + "Question: Who?"}])
     assert engine.chat_boundary(again, 0) == 0  # unknown start, nothing shared: no prefix
     assert engine.chat_boundary(again, 0) == len(again)  # unknown start, the same prompt again: all of it
+
+
+def test_a_claim_an_interrupt_left_behind_does_not_block_the_same_thread(bm):
+    """Ctrl-C between taking a prefix's claim and the read's try left the claim taken: the next question about the
+    same document (the CLI chat, one thread, no deadline) waited for it forever. A thread's own claim is taken over;
+    another thread still waits for the live one."""
+    engine = BeaconEngine(bm)
+    ids, boundary = _doc_prompt(engine)
+    claimed, release_it, got = threading.Event(), threading.Event(), {}
+
+    def chat_thread():
+        engine.store.claim(ids, boundary, lambda: None)  # taken and never released, as an interrupt leaves it
+        release = engine.store.claim(ids, boundary, lambda: None)  # the next question, same thread
+        claimed.set()
+        release_it.wait(30)  # reading ...
+        release()
+
+    first = threading.Thread(target=chat_thread, daemon=True)
+    first.start()
+    assert claimed.wait(10)  # not blocked by its own abandoned claim
+    other = threading.Thread(target=lambda: got.update(other=engine.store.claim(ids, boundary, lambda: None)))
+    other.daemon = True
+    other.start()  # another thread waits for the live claim ...
+    other.join(0.5)
+    assert other.is_alive()
+    release_it.set()  # ... until it is released
+    other.join(10)
+    assert not other.is_alive() and got["other"] is not None
+    got["other"]()
+    assert engine.complete(ids, boundary=boundary, max_new_tokens=2).finish_reason in ("length", "eos")
