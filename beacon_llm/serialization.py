@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -30,9 +32,37 @@ _BIN_WEIGHTS = "pytorch_model*.bin"
 
 
 def _hub_error(path_or_id: str, exc: Exception) -> ValueError:
+    broken = _broken_cache_ref(path_or_id)
+    if broken is not None:
+        return ValueError(
+            f"{path_or_id!r} is not a local folder, and in the hub cache {broken}; download it again "
+            f"(huggingface-cli download {path_or_id}) or pass a complete snapshot folder ({exc})"
+        )
     return ValueError(
         f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub ({exc}); "
         "download it first (or set HF_HUB_OFFLINE=1 to use the hub cache) and pass the folder or the hub id"
+    )
+
+
+def _broken_cache_ref(repo_id: str) -> str | None:
+    """What is wrong when the hub cache's ``refs/main`` of ``repo_id`` names a snapshot that is not there (an
+    interrupted or pruned download); None when there is no such ref or its snapshot exists."""
+    try:
+        from huggingface_hub import constants
+
+        repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+        ref = repo_dir / "refs" / "main"
+        if not ref.is_file():
+            return None
+        commit = ref.read_text(encoding="utf-8").strip()
+        if (repo_dir / "snapshots" / commit).is_dir():
+            return None
+    except (OSError, ValueError, ImportError):
+        return None
+    others = sorted(p.name for p in (repo_dir / "snapshots").glob("*") if p.is_dir())
+    return (
+        f"{ref} points at snapshot {commit!r}, which is missing from {repo_dir / 'snapshots'} "
+        f"(snapshots there: {others or 'none'})"
     )
 
 
@@ -71,8 +101,23 @@ def resolve_file(path_or_id: str, filename: str) -> str:
         raise _hub_error(path_or_id, exc) from exc
 
 
+_SINGLE_AND_INDEX = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
 def _weight_files(folder: str) -> list[str]:
-    """The checkpoint's weight files: safetensors when there are any, else PyTorch ``pytorch_model*.bin``."""
+    """The checkpoint's weight files, chosen as transformers chooses the base weights: ``model.safetensors``, else
+    the shards its ``model.safetensors.index.json`` names, else the same for ``pytorch_model.bin``; without any of
+    these, every ``*.safetensors`` file, else every ``pytorch_model*.bin`` one. Other files in the folder (a stale
+    shard, an adapter saved beside the checkpoint) are not read."""
+    for single, index in _SINGLE_AND_INDEX:
+        if os.path.isfile(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+        index_path = os.path.join(folder, index)
+        if os.path.isfile(index_path):
+            return _indexed_shards(folder, index_path)
     files = sorted(str(p) for p in Path(folder).glob("*.safetensors"))
     if not files:
         files = sorted(str(p) for p in Path(folder).glob(_BIN_WEIGHTS))
@@ -81,11 +126,26 @@ def _weight_files(folder: str) -> list[str]:
     return files
 
 
+def _indexed_shards(folder: str, index_path: str) -> list[str]:
+    """The shard files a ``*.index.json`` maps weights to, each checked to exist."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{index_path} is not a readable shard index ({type(exc).__name__}: {exc})") from exc
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing or not names:
+        raise ValueError(
+            f"{index_path} names shard files that are not in {folder}: {missing or 'none at all'}; download the "
+            "whole checkpoint again"
+        )
+    return [os.path.join(folder, n) for n in names]
+
+
 def _load_bin_weights_only(path: str) -> dict[str, torch.Tensor]:
     """A PyTorch ``.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain containers only;
     any other object in the pickle is refused, never constructed."""
-    import pickle
-
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -96,11 +156,27 @@ def _load_bin_weights_only(path: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise ValueError(
             f"{path} holds objects other than tensors and was refused (only weights are loaded, nothing is "
-            f"unpickled): {str(exc).splitlines()[0]}. Convert the checkpoint to safetensors"
+            f"unpickled): {_unpickling_cause(exc)}. Convert the checkpoint to safetensors"
         ) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict of tensors")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors (name -> tensor)")
+    others = sorted(f"{k}={type(v).__name__}" for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ValueError(
+            f"{path} is not a plain state dict of tensors: it also holds {others[:6]}"
+            f"{' ...' if len(others) > 6 else ''} (a training checkpoint?); save only the model's state_dict(), or "
+            "convert the checkpoint to safetensors"
+        )
     return state
+
+
+def _unpickling_cause(exc: Exception) -> str:
+    """What ``weights_only`` refused (torch's "Unsupported global: ..." line), without its advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "Unsupported" in line or "WeightsUnpickler error" in line:
+            return line.strip().split(" Please use ")[0].replace("WeightsUnpickler error: ", "").rstrip(".")
+    return text.splitlines()[0].strip() if text.strip() else type(exc).__name__
 
 
 def _read_beacon_tensors(files: list[str]) -> dict[str, torch.Tensor]:
@@ -169,6 +245,14 @@ def from_pretrained(
     if unknown:
         raise TypeError(f"unknown arguments {unknown}; beacon config overrides are named beacon_* (e.g. beacon_ratio)")
     folder = _resolve(path_or_id)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        from .loading import is_hub_id
+
+        shadows = " (a local folder of that name is used before the hub id)" if is_hub_id(path_or_id) else ""
+        raise ValueError(
+            f"{folder!r} has no config.json{shadows}: give a checkpoint folder (config.json + weights), or, for a "
+            "hub id, run from a directory without a folder of that name or pass the downloaded snapshot folder"
+        )
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         raw_config = json.load(f)
     has_beacon_config = any(k.startswith("beacon_") for k in raw_config)
@@ -182,6 +266,11 @@ def from_pretrained(
         adapter_folder = _resolve(adapter)
         with open(os.path.join(adapter_folder, CONFIG_NAME), encoding="utf-8") as f:
             stored = json.load(f)
+    source = stored if adapter is not None else raw_config
+    if beacon_config is None and (adapter is not None or has_beacon_config):
+        era_given = {"beacon_era": beacon_overrides["beacon_era"]} if beacon_overrides.get("beacon_era") else {}
+        _refuse_other_era_keys({**source, **beacon_overrides}, _saved_era({**source, **era_given}))
+    if adapter is not None:
         bcfg = BeaconConfig.from_dict(stored, **beacon_overrides)
     elif beacon_config is not None:
         bcfg = beacon_config  # with overrides applied on top, as on a checkpoint's config
@@ -195,6 +284,8 @@ def from_pretrained(
             f"{path_or_id!r} is a plain model (no beacon_* keys in config.json); pass adapter=... (trained beacons) "
             "or beacon_config=BeaconConfig(...) (fresh, untrained beacons)"
         )
+    saved = {} if beacon_config is not None else source  # a BeaconConfig's own keys are those of its era
+    _refuse_other_era_keys({**saved, **beacon_overrides}, bcfg.era)  # what the config would drop silently
     hf_config = _compat.load_base_config(folder, attn_implementation=attn_implementation)
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     dtype = resolve_dtype(dtype, device_map)
@@ -202,7 +293,16 @@ def from_pretrained(
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    base = _compat.load_base_model(folder, hf_config, **kwargs)
+    try:
+        base = _compat.load_base_model(folder, hf_config, **kwargs)
+    except pickle.UnpicklingError as exc:  # a .bin with objects other than weights, refused by weights_only
+        for f in _weight_files(folder):
+            if f.endswith(".bin"):
+                _load_bin_weights_only(f)  # raises the ValueError naming the file
+        raise ValueError(
+            f"the weights in {folder} were refused: they hold objects other than tensors (only weights are loaded, "
+            f"nothing is unpickled): {_unpickling_cause(exc)}. Convert the checkpoint to safetensors"
+        ) from exc
     tok = None
     if tokenizer:
         tok = _compat.load_tokenizer(folder)
@@ -216,6 +316,29 @@ def from_pretrained(
         load_beacon_weights(base, _with_added_gates(base, tensors, raw_config, beacon_overrides), folder)
     base.eval()
     return bm
+
+
+def _saved_era(d: dict[str, Any]) -> str:
+    """The era of a saved beacon config, by the rule of :meth:`BeaconConfig.from_dict`."""
+    return d.get("beacon_era") or (
+        "v2" if "beacon_attend_previous" in d or isinstance(d.get("beacon_stride"), list) else "v3"
+    )
+
+
+_ERA_KEYS = {"v2": "beacon_attend_previous", "v3": "beacon_attend_prev"}
+
+
+def _refuse_other_era_keys(given: dict[str, Any], era: str) -> None:
+    """Refuse, by name, the other era's spelling of "attend previous" (``beacon_attend_prev`` on an era-v2 config,
+    ``beacon_attend_previous`` on an era-v3 one): the config would drop it silently, and the two keys mean different
+    things (v2: beacons see earlier windows' memory; v3: beacons see earlier beacons of their window)."""
+    own = _ERA_KEYS.get(era)
+    for other_era, key in _ERA_KEYS.items():
+        if other_era != era and given.get(key) is not None:
+            raise ValueError(
+                f"{key}={given[key]!r} is the era-{other_era} key, but this beacon config is era {era}, whose key is "
+                f"{own} (with another meaning); set {own} instead, or drop {key}"
+            )
 
 
 def _with_added_gates(
