@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from .embedded import EMBEDDED_MODEL, embedded_model_path, home
 from .engine import BeaconEngine
 from .model import BeaconModel
 from .registry import Registry
-from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained, resolve_dtype
+from .serialization import ADAPTER_WEIGHTS_NAME, from_pretrained, is_hub_id, resolve_dtype
 
 SHIPPED_ADAPTERS = Path(__file__).parent / "adapters"
 DEFAULT_MAX_MODELS = 2
@@ -84,14 +83,6 @@ def inference_overrides(overrides: dict[str, Any], answer_reserve: int = DEFAULT
     out = dict(overrides)
     out.setdefault("beacon_ratio_mix", f"fit-{max(answer_reserve, 0)}")
     return out
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def is_hub_id(name: str) -> bool:
-    """``namespace/name`` as the Hugging Face hub spells repository ids (one slash, no path syntax)."""
-    return bool(_HUB_ID.match(name)) and ".." not in name
 
 
 def resolve_model(model: str | None) -> str:

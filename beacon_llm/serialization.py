@@ -31,6 +31,14 @@ _META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 _BIN_WEIGHTS = "pytorch_model*.bin"
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """``namespace/name`` as the Hugging Face hub spells repository ids (one slash, no path syntax)."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
 def _hub_error(path_or_id: str, exc: Exception) -> ValueError:
     broken = _broken_cache_ref(path_or_id)
     if broken is not None:
@@ -246,8 +254,6 @@ def from_pretrained(
         raise TypeError(f"unknown arguments {unknown}; beacon config overrides are named beacon_* (e.g. beacon_ratio)")
     folder = _resolve(path_or_id)
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        from .loading import is_hub_id
-
         shadows = " (a local folder of that name is used before the hub id)" if is_hub_id(path_or_id) else ""
         raise ValueError(
             f"{folder!r} has no config.json{shadows}: give a checkpoint folder (config.json + weights), or, for a "
