@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import uuid
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .digests import weights_sha256
+from .digests import WeightsDigest
 from .layers import is_beacon_parameter
 
 logger = logging.getLogger(__name__)
@@ -33,31 +32,19 @@ def _key(ids: list[int], start: int, k: int, model: str) -> str:
     return h.hexdigest()[:32]
 
 
-_DIGESTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], str]] = weakref.WeakKeyDictionary()
+def _teacher_digest(model: nn.Module) -> WeightsDigest:
+    """The digest of a teacher's base weights (``beacon_*`` parameters left out: the plain forward never reads them)."""
+    return WeightsDigest((n, p) for n, p in model.named_parameters() if not is_beacon_parameter(n))
 
 
-def _weights_digest(model: nn.Module) -> str:
-    """sha256 of the teacher's base weights (names, dtypes, shapes, bytes; ``beacon_*`` parameters left out: the
-    plain forward never reads them), computed once per model and again only when a weight is replaced or changed in
-    place (its storage or version counter moves)."""
-    params = [(n, p) for n, p in model.named_parameters() if not is_beacon_parameter(n)]
-    key = tuple((p.data_ptr(), p._version) for _, p in params)
-    memo = _DIGESTS.get(model)
-    if memo is not None and memo[0] == key:
-        return memo[1]
-    digest = weights_sha256(params)
-    _DIGESTS[model] = (key, digest)
-    return digest
-
-
-def _model_tag(model: nn.Module) -> str:
+def _model_tag(model: nn.Module, digest: WeightsDigest) -> str:
     """Which teacher: its name, shape, weight dtype and weights digest (targets of another teacher, or of the same
     one with other weights, are never reused)."""
     config = model.config
     dtype = next(model.parameters()).dtype
     return (
         f"{getattr(config, '_name_or_path', '')}|{config.model_type}|{config.num_hidden_layers}|"
-        f"{config.hidden_size}|{config.vocab_size}|{dtype}|{_weights_digest(model)}"
+        f"{config.hidden_size}|{config.vocab_size}|{dtype}|{digest()}"
     )
 
 
@@ -69,6 +56,7 @@ class TeacherStore:
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         self.model = model
+        self._digest = _teacher_digest(model)
         self.folder = Path(folder)
         self.k = k
 
@@ -93,7 +81,7 @@ class TeacherStore:
     def get(self, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compute`'s targets, read from the store when there (a stored file that cannot be read or holds
         other shapes is computed again and replaced)."""
-        path = self.folder / f"{_key(ids, start, self.k, _model_tag(self.model))}.safetensors"
+        path = self.folder / f"{_key(ids, start, self.k, _model_tag(self.model, self._digest))}.safetensors"
         shape = (len(ids) - start, self.k)
         tensors = _load(path, {"indices": shape, "logprobs": shape})
         if tensors is not None:
@@ -168,6 +156,7 @@ class TailReferenceStore:
         if context < 1:
             raise ValueError(f"context={context} must be >= 1 (the token before the tail predicts its first token)")
         self.model = model
+        self._digest = _teacher_digest(model)
         self.folder = Path(folder)
         self.context = context
 
@@ -193,7 +182,7 @@ class TailReferenceStore:
     def get(self, ids: list[int], start: int, indices: torch.Tensor) -> torch.Tensor:
         h = hashlib.sha256(np.ascontiguousarray(indices.to(torch.int64).cpu().numpy()).tobytes())
         h.update(f"tail-only:{self.context}".encode())
-        key = _key(ids, start, indices.shape[-1], _model_tag(self.model) + "|" + h.hexdigest())
+        key = _key(ids, start, indices.shape[-1], _model_tag(self.model, self._digest) + "|" + h.hexdigest())
         path = self.folder / f"{key}.safetensors"
         tensors = _load(path, {"logprobs": tuple(indices.shape)})
         if tensors is not None:

@@ -27,7 +27,7 @@ from .attention import StepTensors, layer_step, rope
 from .cache import BeaconCache, StepTrace
 from .config import BeaconConfig
 from .decode import DecodeLinears, decode_products, raw_token_step
-from .digests import weights_sha256
+from .digests import WeightsDigest
 from .generation import GenerateOutput, generate
 from .layers import attach_beacon_modules, attach_memory_gates, detach_beacon_modules, mark_only_beacon_trainable
 from .masks import window_visibility
@@ -203,34 +203,23 @@ class BeaconModel:
 
     def weights_digest(self) -> str:
         """sha256 of the beacon config and every beacon weight (bytes as stored), remembered until a beacon weight
-        changes in place (an optimiser step): a check on every call (every generated token) only reads the
-        parameters' version counters."""
+        changes (:class:`beacon_llm.digests.WeightsDigest`): a check on every call (every generated token) only reads
+        the parameters' version counters."""
         found = self.__dict__.get("_beacon_params")
         if found is None or found[0] is not self.config:  # the beacon parameters and config text, once per config
             named = [(n, p) for n, p in self.model.named_parameters() if "beacon_" in n]
-            found = (self.config, json.dumps(self.config.to_dict(), sort_keys=True), named)
+            found = (self.config, WeightsDigest(named, json.dumps(self.config.to_dict(), sort_keys=True)))
             self.__dict__["_beacon_params"] = found
-        return self._memo_digest("_digest_memo", found[1], found[2])
+        return found[1]()
 
     def base_weights_digest(self) -> str:
         """sha256 of every base-model weight (bytes as stored), remembered like :meth:`weights_digest`: a model
         retrained and saved under the same name, or edited in place, gets another digest."""
         found = self.__dict__.get("_base_params")
         if found is None:
-            found = [(n, p) for n, p in self.model.named_parameters() if "beacon_" not in n]
+            found = WeightsDigest((n, p) for n, p in self.model.named_parameters() if "beacon_" not in n)
             self.__dict__["_base_params"] = found
-        return self._memo_digest("_base_digest_memo", "", found)
-
-    def _memo_digest(self, slot: str, text: str, params: list[tuple[str, torch.nn.Parameter]]) -> str:
-        """sha256 of ``text`` and of ``params`` (names, dtypes, shapes, bytes), kept in ``slot`` until a parameter
-        is replaced or changed in place (its version counter moves)."""
-        key = (text, [p._version for _, p in params])  # the list is the model's own: the same objects each call
-        memo = self.__dict__.get(slot)
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        digest = weights_sha256(params, text)
-        self.__dict__[slot] = (key, digest)
-        return digest
+        return found()
 
     def reading_kernels(self) -> str:
         """Which attention kernels a read of this model runs (the implementation, ``+native`` where the native
