@@ -297,6 +297,13 @@ class BeaconLLM(CustomLLM):
             pass
         return last
 
+    @staticmethod
+    async def _alast(responses: AsyncIterator[CompletionResponse]) -> CompletionResponse:
+        last = None
+        async for last in responses:
+            pass
+        return last
+
     # Prepared requests: a caller that builds the token ids itself (``BeaconQueryEngine`` keeps the documents' text
     # literal) passes the prompt's text, which callbacks record, and the function that makes the request.
     @llm_completion_callback()
@@ -309,10 +316,7 @@ class BeaconLLM(CustomLLM):
 
     @llm_completion_callback()
     async def _acomplete_prepared(self, prompt: str, request: Callable[[], dict[str, Any]]) -> CompletionResponse:
-        last = None
-        async for last in self._acomplete_stream(request):
-            pass
-        return last
+        return await self._alast(self._acomplete_stream(request))
 
     @llm_completion_callback()
     async def _astream_complete_prepared(
@@ -328,10 +332,9 @@ class BeaconLLM(CustomLLM):
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
                         **kwargs: Any) -> CompletionResponse:  # fmt: skip
-        last = None
-        async for last in self._acomplete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs)):
-            pass
-        return last
+        return await self._alast(
+            self._acomplete_stream(self._completion_request(prompt, formatted, cached_prefix, kwargs))
+        )
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, cached_prefix: str | None = None,
