@@ -323,9 +323,6 @@ class BeaconEngine:
         if progress is not None and start:
             progress(start, cache)  # tokens taken from a condensed prefix
         done = start
-        # the caller's boundary (a document's end) stays the most recently used entry: a window checkpoint of the
-        # question after it must not push the document out of a small store
-        kept = (ids[:start], cache.fork()) if boundary is not None and 0 < start == boundary else None
 
         def step(n_raw: int, stepped: BeaconCache) -> None:
             """After every window step: the caller's progress, then stop if cancelled or out of time."""
@@ -348,11 +345,7 @@ class BeaconEngine:
                 usage.read_tokens += mark - pos
                 pos = mark
                 if mark != len(ids):  # only the caller's boundary (a document's end) is worth a disk copy
-                    self.store.remember(ids[:mark], cache, persist=mark == boundary)
-                    if mark == boundary:
-                        kept = (ids[:mark], cache.fork())
-                    elif kept is not None:
-                        self.store.remember(*kept, persist=False)
+                    self.store.remember(ids[:mark], cache, persist=mark == boundary, checkpoint=mark != boundary)
             if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
                 raise RuntimeError("internal error: reused prefix carries no logits")
         return cache, usage

@@ -54,6 +54,7 @@ class StoredPrefix:
     n_tokens: int
     digest: str
     cache: BeaconCache
+    checkpoint: bool = False  # a window checkpoint inside a prompt, not a document's end: dropped first
 
 
 class PrefixStore:
@@ -182,12 +183,15 @@ class PrefixStore:
         return best if best >= MIN_SHARED_PREFIX else None
 
     # ------------------------------------------------------------------ storing
-    def remember(self, prefix: Sequence[int], cache: BeaconCache, persist: bool = True) -> None:
-        """Keep (a fork of) ``cache`` as the condensed form of ``prefix``; ``persist``: also write it to disk."""
+    def remember(
+        self, prefix: Sequence[int], cache: BeaconCache, persist: bool = True, checkpoint: bool = False
+    ) -> None:
+        """Keep (a fork of) ``cache`` as the condensed form of ``prefix``; ``persist``: also write it to disk;
+        ``checkpoint``: a window checkpoint inside a prompt, which leaves memory before any document's end does."""
         if len(prefix) < max(self.min_prefix, 1):
             return
         digest = prefix_hash(prefix)
-        entry = StoredPrefix(len(prefix), digest, cache.fork())
+        entry = StoredPrefix(len(prefix), digest, cache.fork(), checkpoint)
         key = (entry.n_tokens, digest, plan_tag(cache))
         self._keep(key, entry)
         if persist and self.cache_dir is not None:
@@ -204,14 +208,16 @@ class PrefixStore:
         self._keep((n_tokens, digest, plan_tag(cache)), StoredPrefix(n_tokens, digest, cache))
 
     def _keep(self, key: tuple[int, str, str], entry: StoredPrefix) -> None:
-        """Store ``entry`` as the most recently used, dropping the least recently used beyond ``max_prefixes``."""
+        """Store ``entry`` as the most recently used; beyond ``max_prefixes``, drop the least recently used window
+        checkpoint, else the least recently used entry (a question's checkpoint never pushes its document out)."""
         if not self.max_prefixes:
             return
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_prefixes:
-                self._entries.popitem(last=False)
+                victim = next((k for k, e in self._entries.items() if e.checkpoint), next(iter(self._entries)))
+                del self._entries[victim]
 
     # ------------------------------------------------------------------ one read per prefix
     def claim(
