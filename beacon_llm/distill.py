@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch import nn
 
 from .digests import WeightsDigest
 from .layers import is_beacon_parameter
+from .serialization import _write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors under a unique temporary name, then renamed (concurrent writers never leave a partial file; a
     failed write leaves no temporary one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomically(str(path), lambda tmp: save_file(tensors, tmp))
 
 
 def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
