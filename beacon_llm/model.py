@@ -432,6 +432,8 @@ class BeaconModel:
         loss_sum: torch.Tensor | None = None
         n_targets = 0
         last_logits = None
+        # the decode step's kernels, checked against the weights once per call: the step and the last logits share them
+        linears: DecodeLinears | None = None
         pos = 0
         with torch.set_grad_enabled(grad):
             while pos < n:
@@ -440,7 +442,9 @@ class BeaconModel:
                     # every window); a read that fits is one call, bit for bit the plain model's with the stock
                     # kernels (within bf16 rounding of it with the native read attention, docs/design.md §8)
                     n_raw = n - pos if fit.condensed_windows == 0 else min(n - pos, self.config.window)
-                    raw_hidden = self._run_raw(cache, ids[pos : pos + n_raw])  # (n_raw, Dm)
+                    if linears is None and not (score or want_logits):
+                        linears = self._decode_linears()
+                    raw_hidden = self._run_raw(cache, ids[pos : pos + n_raw], linears=linears)  # (n_raw, Dm)
                 else:
                     remaining = n - pos if fit is None else min(n - pos, fit.raw_from - st.n_seen)
                     plan = self._plan(cache, remaining, planned)
@@ -470,7 +474,8 @@ class BeaconModel:
                             logit_parts.append(logits.detach())
                         last_logits = logits[-1]
                 else:
-                    last_logits = self._last_logits(raw_hidden[-1:])
+                    linears = linears if linears is not None else self._decode_linears()
+                    last_logits = linears.lm_head(raw_hidden[-1:]).float()[0]  # (V,) through the step's output kernel
                 pos = rows_end
                 if progress is not None:
                     progress(n_raw, cache)
@@ -660,12 +665,20 @@ class BeaconModel:
         again_hidden = self._run_raw(cache, again, new_tokens=False)  # (overlap, Dm)
         return torch.cat([hidden[:-1], again_hidden[-1:]])  # (n, Dm)
 
-    def _run_raw(self, cache: BeaconCache, raw_ids: torch.Tensor, *, new_tokens: bool = True) -> torch.Tensor:
+    def _run_raw(
+        self,
+        cache: BeaconCache,
+        raw_ids: torch.Tensor,
+        *,
+        new_tokens: bool = True,
+        linears: DecodeLinears | None = None,
+    ) -> torch.Tensor:
         """``fit-N`` past the condensed windows: the stock decoder reads ``raw_ids`` after the memory (keys already
         at positions 0..M-1), exactly as the plain model continues its own KV cache (with the native read attention
         where :meth:`_native_read` gives it: the same within one bf16 rounding); every new KV entry is kept raw.
-        ``new_tokens`` False: tokens of the stream read again (``fit_overlap``). Returns the final-normed hidden
-        states (n_raw, Dm)."""
+        ``new_tokens`` False: tokens of the stream read again (``fit_overlap``); ``linears``: the decode step's kernels
+        when the caller already holds them (:meth:`_decode_linears`). Returns the final-normed hidden states
+        (n_raw, Dm)."""
         mem_len = cache.memory_length
         n = int(raw_ids.numel())
         decode = n == 1 and not torch.is_grad_enabled() and self.config.memory_gate is None
@@ -679,7 +692,7 @@ class BeaconModel:
             like = embed.new_empty(1, layer0.k_proj.out_features // layer0.head_dim, 1, layer0.head_dim)
             append = cache.reserve_memory(1, like)
             impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
-            linears = self._decode_linears()
+            linears = linears if linears is not None else self._decode_linears()
             hidden = raw_token_step(self.model, linears, raw_ids, append, _compat.attention_function(impl))
         else:  # the stock decoder over a DynamicCache of the memory (one call when the read fits: bit for bit)
             hidden, keys, values = _compat.decoder_after_kv(self.model, raw_ids[None], cache.mem_k, cache.mem_v)
@@ -717,11 +730,6 @@ class BeaconModel:
                 found = DecodeLinears(self.model, products=products)
                 self.__dict__[key] = found
             return found
-
-    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(V,) float32 next-token logits from one final-normed hidden state (1, Dm), through the decode step's
-        output kernel (the same product; packed for oneDNN on a bf16 CPU model)."""
-        return self._decode_linears().lm_head(hidden).float()[0]
 
     def _commit(
         self,

@@ -471,3 +471,20 @@ def test_packed_bf16_decoding_equals_transformers_bf16_generate_bit_for_bit(monk
             ours.append(bm.forward([t], cache, return_token_logprobs=False).last_logits)
     assert bm.__dict__["_decode_inference"].products == "onednn"
     assert all(torch.equal(a, b[0].float()) for a, b in zip(ours, hf.logits))
+
+
+def test_each_decoded_token_checks_the_kernels_against_the_weights_once(monkeypatch):
+    """The decode step and the last logits share one check of every weight per token (the check walks every
+    projection, so doing it twice per token costs a measurable share of a small model's token)."""
+    bm = _model()
+    cache = bm.new_cache()
+    bm(_ids(20)[None], cache=cache)
+    with torch.no_grad():
+        bm._decode_linears()  # the inference kernels, made once: later steps only check them
+    checks, steps = [], []
+    real_matches, real_forward = DecodeLinears.matches, type(bm)._forward
+    monkeypatch.setattr(DecodeLinears, "matches", lambda self, model: checks.append(1) or real_matches(self, model))
+    monkeypatch.setattr(type(bm), "_forward", lambda self, *a, **kw: steps.append(1) or real_forward(self, *a, **kw))
+    assert len(_greedy(bm, cache, 6)) == 6
+    assert len(steps) == 5  # the first token comes from the read's last logits, the last one stays pending
+    assert len(checks) == len(steps)
