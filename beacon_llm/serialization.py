@@ -24,6 +24,9 @@ from .layers import GATE_NAME, beacon_state_dict, is_beacon_parameter
 from .model import BeaconModel
 
 ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
+# one save's id, in both of an adapter's files: a weights file and a config from different saves (a save cut between
+# its two renames, or two saves into one folder at once) are refused instead of run together
+ADAPTER_SAVE_KEY = "adapter_save_id"
 CACHE_FORMAT = "beacon-llm-cache/1"
 
 
@@ -269,9 +272,7 @@ def from_pretrained(
         )
     stored: dict[str, Any] = {}  # the adapter's saved beacon config
     if adapter is not None:
-        adapter_folder = _resolve(adapter)
-        with open(os.path.join(adapter_folder, CONFIG_NAME), encoding="utf-8") as f:
-            stored = json.load(f)
+        stored = read_adapter_config(_resolve(adapter))
     source = stored if adapter is not None else raw_config
     if beacon_config is None and (adapter is not None or has_beacon_config):
         era_given = {"beacon_era": beacon_overrides["beacon_era"]} if beacon_overrides.get("beacon_era") else {}
@@ -425,8 +426,37 @@ def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = No
     if rank is not None:
         meta["beacon_delta_rank"] = str(rank)
         meta[BASE_DIGEST_KEY] = _delta_base_digest(state, [k[: -len(DELTA_A)] for k in tensors if k.endswith(DELTA_A)])
+    meta[ADAPTER_SAVE_KEY] = save_id = uuid.uuid4().hex
+    config = {**bm.config.to_dict(), "beacon_era": bm.config.era, ADAPTER_SAVE_KEY: save_id}
     _write_atomically(os.path.join(folder, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _write_atomically(os.path.join(folder, CONFIG_NAME), bm.config.to_json_file)
+    _write_atomically(os.path.join(folder, CONFIG_NAME), lambda tmp: _write_json(tmp, config))
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+
+
+def read_adapter_config(folder: str) -> dict[str, Any]:
+    """The beacon config saved in the adapter ``folder`` (its ``beacon_config.json`` as written), refused
+    (``ValueError``) when the folder's weights file was written by another save than the config: each save marks both
+    files with one id, and a save cut between its two renames, or two saves into one folder at once, leave them
+    apart. Files without the mark (hand-made, or saved before it existed) are read as they are."""
+    with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as f:
+        stored = json.load(f)
+    weights = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    if not isinstance(stored, dict) or not os.path.isfile(weights):
+        return stored  # refused by the config reader, or the missing weights named by the weights reader
+    with safe_open(weights, framework="pt") as handle:
+        meta = handle.metadata() or {}
+    in_config, in_weights = stored.get(ADAPTER_SAVE_KEY), meta.get(ADAPTER_SAVE_KEY)
+    if in_config and in_weights and in_config != in_weights:
+        raise ValueError(
+            f"adapter {folder}: {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} come from two different saves (a save was "
+            "interrupted, or two saves wrote into this folder at once), so the weights may not match the config; "
+            "save the adapter again, or restore both files from one save"
+        )
+    return stored
 
 
 def _write_atomically(path: str, write: Any) -> None:
@@ -500,7 +530,7 @@ def expand_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -
 
 def load_adapter(model: nn.Module, folder: str, tokenizer: object | None = None) -> BeaconModel:
     """Attach the beacons saved in ``folder`` (by :func:`save_adapter`) to an already loaded base model."""
-    bcfg = BeaconConfig.from_json_file(os.path.join(folder, CONFIG_NAME))
+    bcfg = BeaconConfig.from_dict(read_adapter_config(folder))
     bm = BeaconModel.attach(model, bcfg, tokenizer)
     path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
     load_beacon_weights(model, read_adapter_tensors(model, path), path)

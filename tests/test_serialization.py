@@ -273,3 +273,28 @@ def test_overlapping_loads_restore_the_transformers_log_level():
     second_out.set()
     thread.join()
     assert hf_logging.get_verbosity() == before
+
+
+def test_an_adapter_whose_two_files_come_from_different_saves_is_refused(tmp_path, tiny_dirs):
+    """Each save marks its weights file and its config with one id: a save cut between its two renames (or two saves
+    into one folder at once) leaves a weights file and a config of different saves, refused instead of run together.
+    A hand-edited config keeps the mark; files without it load as before."""
+    import shutil
+
+    first = tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4), param=("q", "k", "v")))
+    second = tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4), param=("q", "k", "v", "o")))
+    beacon_llm.save_adapter(first, tmp_path / "first")
+    beacon_llm.save_adapter(second, tmp_path / "mixed")
+    shutil.copy(tmp_path / "first" / "beacon_model.safetensors", tmp_path / "mixed" / "beacon_model.safetensors")
+    with pytest.raises(ValueError, match="two different saves.*save the adapter again"):
+        beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match="two different saves"):
+        beacon_llm.from_pretrained(str(tiny_dirs / "base"), adapter=str(tmp_path / "mixed"))
+    # the config edited by hand, or without the mark: read as it is
+    config_path = tmp_path / "first" / "beacon_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "beacon_ratio": [4]}))
+    assert beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "first")).config.ratios == (4,)
+    config.pop("adapter_save_id")
+    config_path.write_text(json.dumps(config))
+    assert beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "first")).config == first.config
