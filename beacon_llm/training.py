@@ -27,9 +27,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import BeaconConfig
 from .layers import GATE_NAME, clamp_memory_gates_, is_beacon_parameter
 from .model import BeaconModel
-from .serialization import _write_atomically, load_beacon_weights, save_adapter
+from .serialization import (
+    ADAPTER_WEIGHTS_NAME,
+    _write_atomically,
+    load_beacon_weights,
+    read_adapter_config,
+    save_adapter,
+)
 from .tasks import (
     CONDENSED_TASKS,
     IGNORE,
@@ -157,22 +164,81 @@ def _load_optimizer_tensors(
 
 
 def save_checkpoint(
-    folder: Path, bm: BeaconModel, optimizer: Any, names: Any, stream: SampleStream, state: TrainState
+    folder: Path,
+    bm: BeaconModel,
+    optimizer: Any,
+    names: Any,
+    stream: SampleStream,
+    state: TrainState,
+    cfg: TrainConfig | FitTrainConfig | None = None,
 ) -> None:
-    """Adapter, optimiser moments (unless ``optimizer`` is None) and trainer state, written under a unique
-    temporary name and renamed."""
+    """Adapter, optimiser moments (unless ``optimizer`` is None) and trainer state (with the run's settings ``cfg``,
+    which a resume compares with its own), written under a unique temporary name and renamed."""
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_adapter(bm, str(tmp))  # fp32 beacon weights + config
     if optimizer is not None:
         save_file(_optimizer_tensors(optimizer, names), str(tmp / OPTIM_NAME))
+    record: dict[str, Any] = {"state": asdict(state), "data_rng": stream.rng.bit_generator.state}
+    if cfg is not None:
+        record["train_config"] = asdict(cfg)
     with open(tmp / STATE_NAME, "w") as f:
-        json.dump({"state": asdict(state), "data_rng": stream.rng.bit_generator.state}, f, default=int)
+        json.dump(record, f, default=int)
     if folder.exists():
         import shutil
 
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+# settings that do not change what a run computes: a resume may change them without notice
+_UNRECORDED_SETTINGS = frozenset({"output_dir", "save_every", "log_every"})
+
+
+def _changed_settings(saved: dict[str, Any], cfg: TrainConfig | FitTrainConfig) -> list[str]:
+    """``name: saved -> now`` for each setting of ``cfg`` that differs from the checkpoint's record ``saved``."""
+    now = json.loads(json.dumps(asdict(cfg), default=int))  # tuples as lists, as the record holds them
+    return [
+        f"{name}: {saved[name]!r} -> {now[name]!r}"
+        for name in sorted(now)
+        if name not in _UNRECORDED_SETTINGS and name in saved and saved[name] != now[name]
+    ]
+
+
+def _resume_from(
+    ckpt: Path,
+    bm: BeaconModel,
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    stream: SampleStream,
+    cfg: TrainConfig | FitTrainConfig,
+) -> TrainState:
+    """Load a checkpoint written by :func:`save_checkpoint` into a run: beacon weights, optimiser moments (missing
+    in a checkpoint from before they were saved: they restart, with a warning), the data position and the state.
+    The run continues with its own settings; where they, or the beacon config, differ from the checkpoint's, a
+    warning names each difference (a resume into the wrong ``output_dir`` would otherwise mix two runs silently)."""
+    path = str(ckpt / ADAPTER_WEIGHTS_NAME)
+    stored_config = BeaconConfig.from_dict(read_adapter_config(str(ckpt)))
+    load_beacon_weights(bm.model, load_file(path), path)
+    if (ckpt / OPTIM_NAME).exists():
+        _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)), ckpt / OPTIM_NAME)
+    else:
+        logger.warning("%s has no %s (an older checkpoint): the optimiser moments restart", ckpt, OPTIM_NAME)
+    saved = json.loads((ckpt / STATE_NAME).read_text())
+    changed = _changed_settings(saved.get("train_config") or {}, cfg)
+    if stored_config != bm.config:
+        changed.append(f"beacon config: {stored_config.to_dict()} -> {bm.config.to_dict()}")
+    if changed:
+        logger.warning(
+            "resuming %s with settings that differ from the ones it was trained with (the run continues with the new "
+            "ones; give another output_dir, or start afresh, for a separate run): %s",
+            ckpt,
+            "; ".join(changed),
+        )
+    state = TrainState(**saved["state"])
+    stream.rng.bit_generator.state = saved["data_rng"]
+    logger.info("resumed from %s (step %d)", ckpt, state.step)
+    return state
 
 
 def write_history(out_dir: Path, history: list[dict[str, float]]) -> None:
@@ -312,12 +378,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
     if ckpt is not None:
-        load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
-        _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)), ckpt / OPTIM_NAME)
-        saved = json.loads((ckpt / STATE_NAME).read_text())
-        state = TrainState(**saved["state"])
-        stream.rng.bit_generator.state = saved["data_rng"]
-        logger.info("resumed from %s (step %d)", ckpt, state.step)
+        state = _resume_from(ckpt, bm, optimizer, names, stream, cfg)
     module = BeaconLoss(bm)
     module, optimizer = accelerator.prepare(module, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -371,7 +432,7 @@ def train(
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
             if state.step % cfg.save_every == 0 or state.step == last:
                 if accelerator.is_main_process:
-                    save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, optimizer, names, stream, state)
+                    save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, optimizer, names, stream, state, cfg)
     finally:
         bar.close()
         bm.model.eval()
@@ -668,15 +729,7 @@ def train_fit(
     names = {id(p): n for n, p in bm.model.named_parameters() if p.requires_grad}
     state = TrainState()
     if ckpt is not None:
-        load_beacon_weights(bm.model, load_file(str(ckpt / "beacon_model.safetensors")), str(ckpt))
-        if (ckpt / OPTIM_NAME).exists():
-            _load_optimizer_tensors(optimizer, names, load_file(str(ckpt / OPTIM_NAME)), ckpt / OPTIM_NAME)
-        else:
-            logger.warning("%s has no %s (an older checkpoint): the optimiser moments restart", ckpt, OPTIM_NAME)
-        saved = json.loads((ckpt / STATE_NAME).read_text())
-        state = TrainState(**saved["state"])
-        stream.rng.bit_generator.state = saved["data_rng"]
-        logger.info("resumed from %s (step %d)", ckpt, state.step)
+        state = _resume_from(ckpt, bm, optimizer, names, stream, cfg)
     draw = np.random.default_rng([cfg.seed, 7])  # one ratio draw per text sample
     for index in range(state.samples):  # the ratio draws continue where they stopped
         if _recall_rng(cfg, index) is None:
@@ -746,7 +799,7 @@ def train_fit(
             shown = {"kl": f"{record['kl']:.3f}"} if cfg.distant_weight > 0 else {}  # the loss is the weighted KL
             bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{n_tok / dt:.0f}")
             if state.step % cfg.save_every == 0 or state.step == cfg.steps or stop:
-                save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, optimizer, names, stream, state)
+                save_checkpoint(out_dir / f"checkpoint-{state.step}", bm, optimizer, names, stream, state, cfg)
             if stop:
                 break
     finally:

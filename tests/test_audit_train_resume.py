@@ -84,3 +84,24 @@ def test_fp16_on_the_cpu_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(ValueError, match=r"mixed_precision='fp16' casts nothing on the CPU.*'bf16'.*'no'"):
         train(bm, SampleStream([TEXT], bm.tokenizer, 64, seed=1), cfg, progress=False)
     assert not (tmp_path / "run").exists() and all(p.requires_grad for p in bm.model.parameters())
+
+
+def test_a_resume_with_other_settings_names_each_difference(tmp_path, caplog):
+    """A checkpoint records the run's settings; a resume with other ones (lr, seed, another beacon config) continues
+    with the new ones and names each difference, instead of mixing two runs without a word. Settings that do not
+    change the run (save_every) and an unchanged resume say nothing."""
+    _run(tmp_path / "run", lr=1e-3, seed=5, stop_after=1)
+    with caplog.at_level("WARNING", logger="beacon_llm.training"):
+        _run(tmp_path / "run", lr=1e-3, seed=5, steps=3, stop_after=1)
+    assert "differ" not in caplog.text
+    with caplog.at_level("WARNING", logger="beacon_llm.training"):
+        _run(tmp_path / "run", lr=2e-3, seed=6)
+    assert "lr: 0.001 -> 0.002" in caplog.text and "seed: 5 -> 6" in caplog.text
+    assert "save_every" not in caplog.text and "beacon config" not in caplog.text
+    caplog.clear()
+    bm = tiny_beacon_model(BeaconConfig(window=16, ratios=(4,), ratio_mix="step-random"))
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), steps=4, seq_len=64, grad_accum=1, lr=2e-3, seed=6,
+                      save_every=1, gradient_checkpointing=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="beacon_llm.training"):
+        train(bm, SampleStream([TEXT], bm.tokenizer, 64, seed=1), cfg, progress=False)
+    assert "beacon config" in caplog.text and "steps: 3 -> 4" in caplog.text
