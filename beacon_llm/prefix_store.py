@@ -157,11 +157,26 @@ class PrefixStore:
             except ValueError as exc:  # corrupt or foreign: read again instead
                 logger.warning("ignoring unusable condensed cache %s: %s", path, exc)
                 continue
-            if plan_tag(cache) != tag or not usable(cache):
+            if plan_tag(cache) != tag:  # named without its ratio (written before the tag held it): name it right
+                self._rename_mislabelled(path, n, digest, plan_tag(cache))
+            if not usable(cache):
                 continue
             self.remember(ids[:n], cache, persist=False)
             return cache.fork(), n
         return None
+
+    def _rename_mislabelled(self, path: Path, n: int, digest: str, tag: str) -> None:
+        """Give a cache file whose name lacks its plan tag the name it is looked up by, so it is found (and loaded)
+        only for the reads that can use it; when a file of that name exists already, this one is a copy of it (the
+        same prefix read under the same plan by the same model) and is removed."""
+        right = self._disk_path(n, digest, tag)
+        try:
+            if right.exists():
+                path.unlink()
+            else:
+                path.replace(right)
+        except OSError as exc:  # a read-only folder: it stays as it is, loaded and skipped
+            logger.warning("cannot rename the condensed cache %s to %s: %s", path, right.name, exc)
 
     def shared_lengths(self, ids: list[int]) -> list[int]:
         """How long a beginning ``ids`` shares with each recent prompt (oldest first); ``ids`` becomes a recent

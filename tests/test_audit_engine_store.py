@@ -242,3 +242,25 @@ def test_a_claim_an_interrupt_left_behind_does_not_block_the_same_thread(bm):
     assert not other.is_alive() and got["other"] is not None
     got["other"]()
     assert engine.complete(ids, boundary=boundary, max_new_tokens=2).finish_reason in ("length", "eos")
+
+
+def test_a_cache_file_named_without_its_ratio_is_renamed_once_and_then_found_only_where_usable(tmp_path):
+    """adapt-N cache files written before their names held the fixed ratio (no ``a<r>`` tag) were loaded by every
+    lookup and then skipped. The first lookup that loads one now gives it its right name (or removes it when a file
+    of that name exists: a copy), and uses it where its ratio is the one the read fixes."""
+    adapt = tiny_beacon_model(max_position_embeddings=256)  # adapt-16, ratios (2, 4)
+    folder = tmp_path / "store"
+    ids, boundary = BeaconEngine(adapt).document_prompt(DOC * 2, "Who?")
+    BeaconEngine(adapt, cache_dir=folder, max_prefixes=0).complete(ids, boundary=boundary, max_new_tokens=4)
+    (written,) = folder.glob("*.safetensors")
+    legacy = written.with_name(written.name.replace("a2.safetensors", ".safetensors"))
+    assert legacy != written
+    written.rename(legacy)
+    got = BeaconEngine(adapt, cache_dir=folder, max_prefixes=0).complete(ids, boundary=boundary, max_new_tokens=4)
+    assert got.usage.cache_read_tokens >= boundary  # the mislabelled file served the read it fits
+    assert sorted(folder.glob("*.safetensors")) == [written]
+    # a copy under the legacy name beside the right one is removed when found
+    legacy.write_bytes(written.read_bytes())
+    long_answer = BeaconEngine(adapt, cache_dir=folder, max_prefixes=0)
+    long_answer.complete(ids, boundary=boundary, max_new_tokens=150)  # ratio 4: the ratio-2 files do not serve it
+    assert not legacy.exists() and written.exists()
