@@ -241,6 +241,7 @@ class BeaconEngine:
         needed = len(ids) + answer_reserve
         planned = planned_read_length(cfg, positions, len(ids), answer_reserve, boundary)
         fresh = fit_plan(cfg, planned, positions) if cfg.is_fit else None
+        outgrown: list[tuple[int, int]] = []  # (tokens, condensed windows) of stored prefixes whose plan is too small
 
         def usable(stored: BeaconCache) -> bool:
             """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed;
@@ -248,7 +249,10 @@ class BeaconEngine:
             if its ratio (fixed at its first read) holds the prompt and the answer."""
             plan = stored.state.fit_plan
             if fresh is not None and plan is not None:
-                return plan.entries(needed) <= positions and plan.condensed_windows <= fresh.condensed_windows
+                if plan.entries(needed) > positions:  # a conversation grown past the room its plan kept
+                    outgrown.append((stored.state.n_seen, plan.condensed_windows))
+                    return False
+                return plan.condensed_windows <= fresh.condensed_windows
             if (
                 cfg.is_adaptive
                 and len(cfg.ratios) > 1
@@ -259,7 +263,7 @@ class BeaconEngine:
 
         release = self.store.claim(ids, boundary, lambda: guard.check_reading(0, len(ids)))
         try:
-            return self._read_claimed(ids, boundary, planned, needed, usable, progress, guard)
+            return self._read_claimed(ids, boundary, planned, needed, usable, progress, guard, outgrown)
         finally:
             if release is not None:
                 release()
@@ -304,9 +308,21 @@ class BeaconEngine:
         usable: Callable[[BeaconCache], bool],
         progress: Callable[[int, BeaconCache], None] | None,
         guard: _Guard,
+        outgrown: list[tuple[int, int]],
     ) -> tuple[BeaconCache, Usage]:
         cfg = self.bm.config
         cache, start = self.store.lookup(ids, usable)
+        longest = max(outgrown, default=(0, 0))
+        if longest[0] > start:  # say why a prompt whose beginning was read already is read again
+            logger.warning(
+                "this prompt outgrew the room its condensed beginning (%d tokens, %d windows condensed) kept for "
+                "follow-ups: reading %d tokens again under a plan that condenses %d windows. A larger N in fit-N "
+                "keeps more room (fewer re-reads), at the cost of condensing more of the text",
+                longest[0],
+                longest[1],
+                len(ids) - start,
+                fit_plan(cfg, planned, self.bm.max_positions).condensed_windows,
+            )
         if cache is None:
             cache = self.bm.new_cache()
         elif cfg.is_fit:

@@ -264,3 +264,23 @@ def test_a_cache_file_named_without_its_ratio_is_renamed_once_and_then_found_onl
     long_answer = BeaconEngine(adapt, cache_dir=folder, max_prefixes=0)
     long_answer.complete(ids, boundary=boundary, max_new_tokens=150)  # ratio 4: the ratio-2 files do not serve it
     assert not legacy.exists() and written.exists()
+
+
+def test_a_prompt_that_outgrew_its_condensed_beginnings_room_says_why_it_is_read_again(caplog):
+    """fit-N keeps room for N tokens of follow-ups after a condensed document; a conversation grown past it is read
+    again from the start under a plan that condenses more windows. That re-read (the whole book again) used to be
+    silent; it now names the stored prefix, its plan and the new one. A follow-up within the room says nothing."""
+    fit = tiny_beacon_model(BeaconConfig(window=16, ratios=(4,), ratio_mix="fit-8"), max_position_embeddings=128)
+    engine = BeaconEngine(fit)
+    doc = engine.encode(DOC)
+    assert 128 < len(doc) < 200  # condensed
+    follow_up = doc + engine.encode(" Who?")
+    engine.complete(follow_up, boundary=len(doc), max_new_tokens=2)
+    with caplog.at_level("WARNING", logger="beacon_llm.engine"):
+        again = engine.complete(doc + engine.encode(" Where?"), boundary=len(doc), max_new_tokens=2)
+    assert again.usage.cache_read_tokens == len(doc) and "outgrew" not in caplog.text
+    grown = doc + engine.encode(" And then what happened to them all, in the end, after the storm?" * 2)
+    with caplog.at_level("WARNING", logger="beacon_llm.engine"):
+        reread = engine.complete(grown, boundary=len(doc), max_new_tokens=2)
+    assert reread.usage.cache_read_tokens < len(doc)
+    assert f"condensed beginning ({len(doc)} tokens" in caplog.text and "A larger N in fit-N" in caplog.text
