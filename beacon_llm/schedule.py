@@ -25,7 +25,7 @@ def ratio_capacity(ratio: int, max_positions: int, window: int) -> int:
 def config_capacity(config: BeaconConfig, max_positions: int) -> int:
     """Most tokens a context can hold: the capacity of the largest ratio this config may use (adaptive or a single
     ratio), or of the smallest one for random and sequence mixes, whose small draws bound the positions.
-    ``fit-N`` holds a little more (see :func:`fit_capacity`)."""
+    ``fit-N``: :func:`fit_capacity`."""
     ratios = config.ratios
     if config.is_fit:
         return fit_capacity(max(ratios), max_positions, config.window, config.sink_size, config.fit_overlap)
@@ -50,16 +50,21 @@ def adapt_ratio(config: BeaconConfig, max_positions: int, planned: int) -> int:
 
 
 def fit_capacity(ratio: int, max_positions: int, window: int, sink_size: int = 0, overlap: int = 0) -> int:
-    """Longest read ``fit-N`` can always plan with ``ratio``: up to it, every length fits ``max_positions`` with its
-    full windows condensed to ``window / ratio`` beacons each (plus the sink and the ``overlap`` tokens read again
-    raw) and its last partial window raw."""
+    """Longest read ``fit-N`` can always plan with ``ratio``: up to it, every length fits ``max_positions``, with
+    its oldest full windows condensed to ``window / ratio`` beacons each (plus the sink and the ``overlap`` tokens
+    read again raw) and the rest raw.
+
+    Two bounds (docs/fit_schedule.md): while the last condensed window is read, its ``window`` raw tokens and its
+    beacons sit after the memory, so ``sink + k·W/α + W <= P`` bounds the condensed windows k; once they are
+    closed, ``sink + k·W/α + overlap + raw <= P`` bounds the raw tokens after them."""
     if ratio == 0:
         return max_positions
     per_window, sink = window // ratio, min(sink_size, window)
-    room = max_positions - overlap  # positions left once the overlap is read again
-    safe = (room - sink - window + 1) // per_window  # windows after which a whole raw window still fits
-    extra = room - sink - (safe + 1) * per_window
-    return max(max_positions, (safe + 1) * window + (extra if extra >= 0 else -1))  # raw reads need no window
+    most = (max_positions - sink - window) // per_window  # condensed windows whose last read fits the positions
+    if most < 1:
+        return max_positions
+    raw = max_positions - sink - most * per_window - overlap  # raw tokens after them
+    return max(max_positions, most * window + raw)
 
 
 @dataclass(frozen=True)

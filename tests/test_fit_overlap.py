@@ -166,3 +166,29 @@ def test_generation_after_an_overlap_continues_from_the_memory():
     assert cache.memory_length == plan.entries(cache.n_seen)
     again, _ = _read(bm, torch.cat([ids, new[:-1]]), plan)
     assert torch.equal(again.argmax_next[len(ids) - 1 :], new)
+
+
+@pytest.mark.parametrize(
+    "ratio,sink,overlap", [(4, 0, 0), (4, 2, 0), (4, 0, 1), (4, 0, 4), (4, 3, 2), (2, 0, 0), (8, 1, 0), (16, 0, 5)]
+)
+def test_every_read_up_to_the_capacity_stays_within_the_positions_at_every_step(ratio, sink, overlap):
+    """The last condensed window is read with its W raw tokens and its beacons after the memory, so the condensed
+    windows are bounded by sink + k·W/α + W <= P, not only by the positions left once they are closed. Without the
+    overlap absorbing it, the capacity let the last condensed window's positions reach W/α past P (up to P + 3 of
+    64 here); every position the model is given now stays below P, measured on the model's own step trace."""
+    positions = 64
+    cfg = BeaconConfig(window=16, ratios=(ratio,), ratio_mix="fit-0", sink_size=sink, fit_overlap=overlap)
+    bm = tiny_beacon_model(cfg, max_position_embeddings=positions)
+    cap = config_capacity(cfg, positions)
+    per_window = 16 // ratio
+    for n in range(positions + 1, cap + 1):  # the arithmetic, every length
+        plan = fit_plan(cfg, n, positions)
+        assert min(sink, 16) + plan.condensed_windows * per_window + 16 <= positions
+        assert plan.entries(n) <= positions
+    for n in range(max(positions + 1, cap - 2 * 16), cap + 1):  # the model's own positions near the capacity
+        cache = bm.new_cache(trace=True)
+        with torch.no_grad():
+            bm.forward(_ids(n, seed=n), cache, return_token_logprobs=False, planned_length=n)
+        assert max(p for step in cache.trace for p in step.positions) < positions, n
+    with pytest.raises(ValueError, match=rf"capacity of {cap} tokens"):
+        fit_plan(cfg, cap + 1, positions)
