@@ -24,9 +24,10 @@ from .layers import GATE_NAME, beacon_state_dict, is_beacon_parameter
 from .model import BeaconModel
 
 ADAPTER_WEIGHTS_NAME = "beacon_model.safetensors"
-# one save's id, in both of an adapter's files: a weights file and a config from different saves (a save cut between
-# its two renames, or two saves into one folder at once) are refused instead of run together
-ADAPTER_SAVE_KEY = "adapter_save_id"
+# the digest of a save's beacon tensors, in both of an adapter's files: a weights file and a config from saves of
+# other weights (a save cut between its two renames, or two saves into one folder at once) are refused instead of
+# run together; saves of the same weights agree
+ADAPTER_SAVE_KEY = "adapter_weights_sha256"
 CACHE_FORMAT = "beacon-llm-cache/1"
 
 
@@ -426,8 +427,8 @@ def save_adapter(bm: BeaconModel, folder: str, *, dtype: torch.dtype | None = No
     if rank is not None:
         meta["beacon_delta_rank"] = str(rank)
         meta[BASE_DIGEST_KEY] = _delta_base_digest(state, [k[: -len(DELTA_A)] for k in tensors if k.endswith(DELTA_A)])
-    meta[ADAPTER_SAVE_KEY] = save_id = uuid.uuid4().hex
-    config = {**bm.config.to_dict(), "beacon_era": bm.config.era, ADAPTER_SAVE_KEY: save_id}
+    meta[ADAPTER_SAVE_KEY] = digest = weights_sha256(sorted(tensors.items()))
+    config = {**bm.config.to_dict(), "beacon_era": bm.config.era, ADAPTER_SAVE_KEY: digest}
     _write_atomically(os.path.join(folder, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=meta))
     _write_atomically(os.path.join(folder, CONFIG_NAME), lambda tmp: _write_json(tmp, config))
 
@@ -439,9 +440,10 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 def read_adapter_config(folder: str) -> dict[str, Any]:
     """The beacon config saved in the adapter ``folder`` (its ``beacon_config.json`` as written), refused
-    (``ValueError``) when the folder's weights file was written by another save than the config: each save marks both
-    files with one id, and a save cut between its two renames, or two saves into one folder at once, leave them
-    apart. Files without the mark (hand-made, or saved before it existed) are read as they are."""
+    (``ValueError``) when the folder's weights file was written by a save of other weights than the config: each
+    save marks both files with the digest of its tensors, and a save cut between its two renames, or two saves of
+    different weights into one folder at once, leave them apart. Files without the mark (hand-made, or saved before
+    it existed) are read as they are."""
     with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as f:
         stored = json.load(f)
     weights = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
@@ -453,8 +455,8 @@ def read_adapter_config(folder: str) -> dict[str, Any]:
     if in_config and in_weights and in_config != in_weights:
         raise ValueError(
             f"adapter {folder}: {CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} come from two different saves (a save was "
-            "interrupted, or two saves wrote into this folder at once), so the weights may not match the config; "
-            "save the adapter again, or restore both files from one save"
+            "interrupted, or two saves of different weights wrote into this folder at once), so the weights may not "
+            "match the config; save the adapter again, or restore both files from one save"
         )
     return stored
 

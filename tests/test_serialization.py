@@ -276,9 +276,10 @@ def test_overlapping_loads_restore_the_transformers_log_level():
 
 
 def test_an_adapter_whose_two_files_come_from_different_saves_is_refused(tmp_path, tiny_dirs):
-    """Each save marks its weights file and its config with one id: a save cut between its two renames (or two saves
-    into one folder at once) leaves a weights file and a config of different saves, refused instead of run together.
-    A hand-edited config keeps the mark; files without it load as before."""
+    """Each save marks its weights file and its config with the digest of its tensors: a save cut between its two
+    renames (or two saves of different weights into one folder at once) leaves a weights file and a config of
+    different saves, refused instead of run together. A hand-edited config keeps the mark; files without it load as
+    before; concurrent saves of the same weights agree (tests/test_cache_files.py)."""
     import shutil
 
     first = tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4), param=("q", "k", "v")))
@@ -295,6 +296,6 @@ def test_an_adapter_whose_two_files_come_from_different_saves_is_refused(tmp_pat
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "beacon_ratio": [4]}))
     assert beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "first")).config.ratios == (4,)
-    config.pop("adapter_save_id")
+    config.pop("adapter_weights_sha256")
     config_path.write_text(json.dumps(config))
     assert beacon_llm.load_adapter(tiny_base_model(), str(tmp_path / "first")).config == first.config
