@@ -20,7 +20,7 @@ NAMES = ["Dorothy", "Toto", "Glinda", "Ozma"]
 
 
 def tiny_model() -> BeaconModel:
-    """The tiny test model (512 positions, capacity 2012 tokens), read as the server reads: ``fit-N``."""
+    """The tiny test model (512 positions, capacity 2000 tokens), read as the server reads: ``fit-N``."""
     return tiny_beacon_model(BeaconConfig(window=16, ratios=(2, 4), ratio_mix="fit-64"))
 
 

@@ -75,7 +75,7 @@ def test_corrupted_cache_is_read_again(run, tmp_path):
         (lambda p: _doc(p, "x", "book.docx"), "unsupported format .docx"),
         (lambda p: (p / "bad.txt").write_bytes(b"\xff\xfe\x00abc") and str(p / "bad.txt"), "not UTF-8 text"),
         (lambda p: (p / "bad.epub").write_bytes(b"not a zip") and str(p / "bad.epub"), "unreadable"),
-        (lambda p: _doc(p, "word " * 3000, "long.txt"), r"15\d\d\d tokens, more than this model's capacity of 2012"),
+        (lambda p: _doc(p, "word " * 3000, "long.txt"), r"15\d\d\d tokens, more than this model's capacity of 2000"),
     ],
 )
 def test_bad_documents_exit_2_with_a_message(run, tmp_path, make, message):

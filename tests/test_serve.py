@@ -28,7 +28,7 @@ def test_health_and_models(client):
     assert client.get("/health").json() == {"status": "ok", "model": MODEL}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
-    assert models["data"][0]["max_model_len"] == 2012
+    assert models["data"][0]["max_model_len"] == 2000
     assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
     assert client.get("/v1/models/gpt-4").status_code == 404
 
@@ -255,11 +255,11 @@ BAD_REQUESTS = [
     ("presence_penalty", "/v1/chat/completions", _chat(presence_penalty=0.5), 400, "presence_penalty=0.5 is not"),
     ("logprobs", "/v1/chat/completions", _chat(logprobs=True), 400, "logprobs=true is not supported"),
     ("prompt beyond capacity", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": LONG[:14000]}]),
-     400, "more than this model's capacity of 2012 tokens"),
+     400, "more than this model's capacity of 2000 tokens"),
     ("answer beyond capacity", "/v1/chat/completions", _chat(max_tokens=5000), 400,
      "the answer may take 5000 more"),
     ("streamed, beyond capacity", "/v1/chat/completions", _chat(max_tokens=5000, stream=True), 400,
-     "capacity of 2012 tokens"),
+     "capacity of 2000 tokens"),
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt is empty"),
     ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "send one prompt per request"),
     ("token outside vocabulary", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400,

@@ -119,7 +119,7 @@ def test_llama_index_openai_like(server):
         api_key=KEY,
         max_tokens=MAX_TOKENS,
         temperature=0,
-        context_window=2012,
+        context_window=2000,
         max_retries=0,
     )
     llm = OpenAILike(is_chat_model=True, **common)

@@ -173,11 +173,11 @@ def test_construction_is_lazy_and_loading_is_shared(tmp_path, monkeypatch):
     x = ChatBeacon(model=str(tmp_path / "m"), adapter=str(tmp_path / "a"), max_tokens=3)
     y = BeaconLLM(model=str(tmp_path / "m"), adapter=str(tmp_path / "a"), max_tokens=3)
     assert calls == []
-    assert x.profile["max_input_tokens"] == 2012  # from the config files, no weights loaded (fit-N's capacity)
+    assert x.profile["max_input_tokens"] == 2000  # from the config files, no weights loaded (fit-N's capacity)
     x.invoke("hello")
     y.invoke("hello")
     assert len(calls) == 1 and x.get_engine().bm is y.get_engine().bm
-    assert x.get_engine().bm.config.is_fit and x.get_engine().capacity == 2012  # the files said what loading gives
+    assert x.get_engine().bm.config.is_fit and x.get_engine().capacity == 2000  # the files said what loading gives
 
 
 def test_async_prefill_does_not_block_the_event_loop(engine):
