@@ -336,6 +336,33 @@ class BeaconCache:
             raise ValueError(f"{plan} does not match the cache's window {self.config.window} / sink")
         self.state.fit_plan = plan
 
+    def can_replan(self, plan: FitPlan) -> bool:
+        """Whether this ``fit-N`` cache holds what a fresh read under ``plan`` holds after the same tokens, so that
+        the read can go on under ``plan`` instead of its own (a conversation grown past the room its plan kept):
+        both plans condense at one ratio, and every token read so far lies in whole windows that both condense, its
+        overlap not yet read and nothing pending."""
+        old, st = self.state.fit_plan, self.state
+        return (
+            old is not None
+            and plan.condensed_windows > 0
+            and (old.ratio, old.window, old.sink_size, old.overlap)
+            == (plan.ratio, plan.window, plan.sink_size, plan.overlap)
+            and st.n_seen % plan.window == 0
+            and st.n_seen < min(old.raw_from, plan.raw_from)
+            and self.raw_in_window == 0
+            and not st.pending
+        )
+
+    def replan(self, plan: FitPlan) -> None:
+        """Go on reading under ``plan`` (see :meth:`can_replan`); refused (``ValueError``) where the tokens read so
+        far were not read as ``plan`` reads them."""
+        if not self.can_replan(plan):
+            raise ValueError(
+                f"this cache read {self.state.n_seen} tokens under {self.state.fit_plan}, not as {plan} reads them; "
+                "read the text again with a fresh cache"
+            )
+        self.state.fit_plan = plan
+
     def append_raw_memory(
         self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, new_tokens: bool = True
     ) -> None:

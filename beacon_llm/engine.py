@@ -27,7 +27,7 @@ from .cache import BeaconCache
 from .generation import Decoding, TokenSampler, _eos_ids, check_sampling_options, normalize_stop
 from .model import BeaconModel
 from .prefix_store import MIN_SHARED_PREFIX, PrefixStore, prefix_hash
-from .schedule import adapt_ratio, fit_plan, planned_read_length
+from .schedule import FitPlan, adapt_ratio, fit_plan, planned_read_length
 from .serialization import load_cache, save_cache
 
 logger = logging.getLogger(__name__)
@@ -244,12 +244,15 @@ class BeaconEngine:
         outgrown: list[tuple[int, int]] = []  # (tokens, condensed windows) of stored prefixes whose plan is too small
 
         def usable(stored: BeaconCache) -> bool:
-            """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed;
-            adapt-N: if it was read at the ratio a fresh read fixes (so the answer is a fresh read's); other modes:
-            if its ratio (fixed at its first read) holds the prompt and the answer."""
+            """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed, or
+            if it is what a fresh read holds at that point (only windows both plans condense: the read goes on under
+            the fresh plan); adapt-N: if it was read at the ratio a fresh read fixes (so the answer is a fresh
+            read's); other modes: if its ratio (fixed at its first read) holds the prompt and the answer."""
             plan = stored.state.fit_plan
             if fresh is not None and plan is not None:
                 if plan.entries(needed) > positions:  # a conversation grown past the room its plan kept
+                    if stored.can_replan(fresh):
+                        return True
                     outgrown.append((stored.state.n_seen, plan.condensed_windows))
                     return False
                 return plan.condensed_windows <= fresh.condensed_windows
@@ -263,7 +266,7 @@ class BeaconEngine:
 
         release = self.store.claim(ids, boundary, lambda: guard.check_reading(0, len(ids)))
         try:
-            return self._read_claimed(ids, boundary, planned, needed, usable, progress, guard, outgrown)
+            return self._read_claimed(ids, boundary, planned, needed, fresh, usable, progress, guard, outgrown)
         finally:
             if release is not None:
                 release()
@@ -305,6 +308,7 @@ class BeaconEngine:
         boundary: int | None,
         planned: int,
         needed: int,
+        fresh: FitPlan | None,
         usable: Callable[[BeaconCache], bool],
         progress: Callable[[int, BeaconCache], None] | None,
         guard: _Guard,
@@ -313,19 +317,23 @@ class BeaconEngine:
         cfg = self.bm.config
         cache, start = self.store.lookup(ids, usable)
         longest = max(outgrown, default=(0, 0))
-        if longest[0] > start:  # say why a prompt whose beginning was read already is read again
+        if longest[0] > start and fresh is not None:  # say why a prompt read before is read again
             logger.warning(
                 "this prompt outgrew the room its condensed beginning (%d tokens, %d windows condensed) kept for "
-                "follow-ups: reading %d tokens again under a plan that condenses %d windows. A larger N in fit-N "
-                "keeps more room (fewer re-reads), at the cost of condensing more of the text",
+                "follow-ups: reading its %d tokens from token %d again under a plan that condenses %d windows. A "
+                "larger N in fit-N keeps more room (fewer re-reads), at the cost of condensing more of the text",
                 longest[0],
                 longest[1],
                 len(ids) - start,
-                fit_plan(cfg, planned, self.bm.max_positions).condensed_windows,
+                start,
+                fresh.condensed_windows,
             )
         if cache is None:
             cache = self.bm.new_cache()
         elif cfg.is_fit:
+            assert fresh is not None and cache.state.fit_plan is not None
+            if cache.state.fit_plan.entries(needed) > self.bm.max_positions:
+                cache.replan(fresh)  # only windows both plans condense were read: go on as a fresh read does
             planned = needed  # the stored plan is kept: only the prompt and its answer must fit it
         usage = Usage(input_tokens=len(ids), cache_read_tokens=start)
         marks = set()
@@ -336,6 +344,13 @@ class BeaconEngine:
             last_full = start + ((len(ids) - 1 - start + cache.raw_in_window) // window) * window - cache.raw_in_window
             if start < last_full < len(ids):
                 marks.add(last_full)
+        plan = cache.state.fit_plan or fresh
+        if plan is not None and plan.condensed_windows > 1:
+            # fit-N: the state before the last condensed window, from which a read grown past this plan's room goes
+            # on under its larger plan instead of from the start (BeaconCache.can_replan)
+            before_last = (plan.condensed_windows - 1) * window
+            if start < before_last < len(ids):
+                marks.add(before_last)
         if progress is not None and start:
             progress(start, cache)  # tokens taken from a condensed prefix
         done = start

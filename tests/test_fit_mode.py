@@ -276,3 +276,55 @@ def test_the_raw_part_after_condensed_windows_is_read_a_window_at_a_time():
     window = bm.config.window
     assert sum(steps) == 300 and max(steps) <= window
     assert len(steps) >= 300 // window  # 16 condensed windows, then the 44 raw tokens in window-sized reads
+
+
+@pytest.mark.parametrize("overlap", [0, 5])
+def test_a_conversation_grown_past_its_plans_room_goes_on_from_before_the_last_condensed_window(overlap):
+    """A read grown past the follow-up room its plan kept needs a plan that condenses more windows. Every window the
+    old plan condensed but the last is condensed alike by the new one (same ratio, same tokens), so the read goes on
+    from the state before the old plan's last condensed window, kept while reading, instead of from the start: the
+    same tokens, logits and memory as a fresh read of the grown prompt, for the cost of the windows after it."""
+    cfg = BeaconConfig(window=16, ratios=(4,), ratio_mix="fit-8", fit_overlap=overlap)
+    bm = tiny_beacon_model(cfg, max_position_embeddings=POSITIONS)
+    engine = BeaconEngine(bm)
+    doc = _ids(300, seed=3).tolist()
+    first = engine.complete(doc + [7, 8, 9], boundary=len(doc), max_new_tokens=3)
+    old_plan = next(c for n, c in engine.stored_prefixes() if n == len(doc)).state.fit_plan
+    assert old_plan.condensed_windows >= 3 and first.usage.cache_read_tokens == 0
+    grown = doc + _ids(40, seed=4).tolist()  # past the room kept after the document
+    assert old_plan.entries(len(grown) + 6) > POSITIONS
+    got = engine.complete(grown, boundary=len(doc), max_new_tokens=6)
+    assert got.usage.cache_read_tokens == (old_plan.condensed_windows - 1) * 16
+    fresh_engine = BeaconEngine(bm, max_prefixes=0)
+    assert got.token_ids == fresh_engine.complete(grown, boundary=len(doc), max_new_tokens=6).token_ids
+    went_on, _ = engine.read(grown, boundary=len(doc), answer_reserve=6)
+    fresh, _ = fresh_engine.read(grown, boundary=len(doc), answer_reserve=6)
+    assert went_on.state.fit_plan == fresh.state.fit_plan != old_plan
+    assert torch.equal(went_on.last_logits, fresh.last_logits)
+    assert all(torch.equal(a, b) for a, b in zip(went_on.mem_k, fresh.mem_k))
+
+
+def test_a_cache_goes_on_under_another_plan_only_where_it_was_read_alike():
+    """``can_replan``: whole windows, condensed by both plans at one ratio, the overlap not yet read."""
+    from beacon_llm.schedule import FitPlan
+
+    cfg = BeaconConfig(window=16, ratios=(4,), ratio_mix="fit-8", fit_overlap=2)
+    bm = tiny_beacon_model(cfg, max_position_embeddings=POSITIONS)
+
+    def cache_after(n, plan):
+        cache = bm.new_cache()
+        cache.set_fit_plan(plan)
+        with torch.no_grad():
+            bm.forward(_ids(n), cache, return_token_logprobs=False)
+        return cache
+
+    old = FitPlan(300, 4, 5, 16, 0, 2)
+    assert cache_after(64, old).can_replan(FitPlan(320, 4, 7, 16, 0, 2))  # 4 windows, condensed by both
+    assert cache_after(64, old).can_replan(FitPlan(250, 4, 5, 16, 0, 2))
+    assert not cache_after(64, old).can_replan(FitPlan(200, 4, 4, 16, 0, 2))  # the new plan reads window 4 raw
+    assert not cache_after(60, old).can_replan(FitPlan(320, 4, 7, 16, 0, 2))  # inside a window
+    assert not cache_after(80, old).can_replan(FitPlan(320, 4, 7, 16, 0, 2))  # the overlap was read
+    assert not cache_after(64, old).can_replan(FitPlan(320, 2, 7, 16, 0, 2))  # another ratio
+    assert not cache_after(64, old).can_replan(FitPlan(320, 4, 7, 16, 0, 3))  # another overlap
+    with pytest.raises(ValueError, match="not as .* reads them; read the text again"):
+        cache_after(80, old).replan(FitPlan(320, 4, 7, 16, 0, 2))
