@@ -149,11 +149,25 @@ def load_base_config(path: str, **kwargs: Any) -> PretrainedConfig:
     return config
 
 
+# transformers' from_pretrained is not thread-safe: two loads of tied-embedding models at once left both (and every
+# later load in the process) with the output projection on the meta device, i.e. without weights
+_load_lock = threading.Lock()
+
+
 def load_base_model(path: str, config: PretrainedConfig, **kwargs: Any) -> nn.Module:
-    """The stock model of a checkpoint folder. Its beacon tensors are loaded separately (strictly), so the
-    loader's report of them as "unexpected keys" is not shown."""
-    with _quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+    """The stock model of a checkpoint folder, one load at a time. Its beacon tensors are loaded separately
+    (strictly), so the loader's report of them as "unexpected keys" is not shown. Raises RuntimeError naming the
+    parameters a load left without weights (on the meta device)."""
+    with _load_lock, _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise RuntimeError(
+            f"loading {path} left {len(empty)} parameters without weights ({', '.join(empty[:3])}); transformers "
+            "loads are not thread-safe: load models one at a time in this process (a load outside beacon-llm may "
+            "have run at the same time)"
+        )
+    return model
 
 
 _quiet_lock = threading.Lock()

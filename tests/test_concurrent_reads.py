@@ -114,3 +114,37 @@ async def test_concurrent_async_calls_read_once():
     results = await asyncio.gather(*(ask(ids, b) for ids, b in prompts))
     questions = sum(len(ids) - b for ids, b in prompts)
     assert sum(r.usage.read_tokens for r in results) == n_doc + questions
+
+
+def test_models_loaded_from_several_threads_at_once_all_get_their_weights(tmp_path):
+    """transformers' from_pretrained is not thread-safe: two tied-embedding models loaded at once were both left with
+    the output projection on the meta device (no weights), and so was every later load in the process. Loads now
+    run one at a time (a LangChain batch or a server may start several)."""
+    import beacon_llm
+    from beacon_llm.testing import tiny_base_model
+
+    folders = []
+    for i in range(3):
+        base = tiny_base_model(tie_word_embeddings=True)
+        base.save_pretrained(tmp_path / f"m{i}")
+        folders.append(tmp_path / f"m{i}")
+    loaded, errors = [], []
+    start = threading.Barrier(len(folders))
+
+    def load(folder):
+        try:
+            start.wait()
+            config = beacon_llm.BeaconConfig(window=16, ratios=(2,))
+            loaded.append(beacon_llm.from_pretrained(str(folder), beacon_config=config, tokenizer=False))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    for _ in range(2):
+        threads = [threading.Thread(target=load, args=(f,)) for f in folders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:1]
+    assert len(loaded) == 6
+    assert all(not p.is_meta for bm in loaded for p in bm.model.parameters())
