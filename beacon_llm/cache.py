@@ -146,6 +146,8 @@ class BeaconCache:
         self._arena: KVArena | None = None  # the buffer mem_k / mem_v are views of (None: they are plain tensors)
         self.last_logits: torch.Tensor | None = None  # (V,) next-token logits after the last fed token
         self.fingerprint: tuple | None = None  # (model identity) set on first use
+        # fit-N: this stream's state before its plan's last condensed window (see keep_replan_base), shared by forks
+        self.replan_base: BeaconCache | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ sizes
@@ -353,6 +355,14 @@ class BeaconCache:
             and not st.pending
         )
 
+    def keep_replan_base(self) -> None:
+        """Remember (a fork of) this state as the one a read grown past this plan's room goes on from under a larger
+        plan (:meth:`can_replan`); every later fork of this cache carries it, so every stored prefix of the stream
+        can go back to it."""
+        base = self.fork()
+        base.replan_base = None
+        self.replan_base = base
+
     def replan(self, plan: FitPlan) -> None:
         """Go on reading under ``plan`` (see :meth:`can_replan`); refused (``ValueError``) where the tokens read so
         far were not read as ``plan`` reads them."""
@@ -434,6 +444,7 @@ class BeaconCache:
         self.win_v = [None] * self.num_layers
         self._arena = None
         self.last_logits = None
+        self.replan_base = None
         if self.trace is not None:
             self.trace = []
 

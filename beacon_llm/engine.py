@@ -94,6 +94,16 @@ class _Guard:
         self.check_deadline(f"reading the prompt ({done} of {total} tokens read)")
 
 
+def _replan_start(stored: BeaconCache, plan: FitPlan) -> BeaconCache | None:
+    """Where a read under the fit-N ``plan`` can go on from a stored prefix read under a smaller plan (a conversation
+    grown past its room): the stored state itself, or the state its stream kept before its last condensed window
+    (:meth:`BeaconCache.keep_replan_base`), when it holds only windows both plans condense (a fork); else None."""
+    if stored.can_replan(plan):
+        return stored
+    base = stored.replan_base
+    return base.fork() if base is not None and base.can_replan(plan) else None
+
+
 class BeaconEngine:
     """A beacon model plus a store of condensed prefixes.
 
@@ -251,7 +261,7 @@ class BeaconEngine:
             plan = stored.state.fit_plan
             if fresh is not None and plan is not None:
                 if plan.entries(needed) > positions:  # a conversation grown past the room its plan kept
-                    if stored.can_replan(fresh):
+                    if _replan_start(stored, fresh) is not None:
                         return True
                     outgrown.append((stored.state.n_seen, plan.condensed_windows))
                     return False
@@ -316,6 +326,20 @@ class BeaconEngine:
     ) -> tuple[BeaconCache, Usage]:
         cfg = self.bm.config
         cache, start = self.store.lookup(ids, usable)
+        if cache is None:
+            cache = self.bm.new_cache()
+        elif cfg.is_fit:
+            assert fresh is not None and cache.state.fit_plan is not None
+            old_plan = cache.state.fit_plan
+            if old_plan.entries(needed) > self.bm.max_positions:
+                # grown past its plan's room: go on under the fresh plan from where only windows both plans condense
+                # were read, as a fresh read does
+                outgrown.append((start, old_plan.condensed_windows))
+                cache = _replan_start(cache, fresh)
+                assert cache is not None
+                start = cache.state.n_seen
+                cache.replan(fresh)
+            planned = needed  # the stored plan is kept: only the prompt and its answer must fit it
         longest = max(outgrown, default=(0, 0))
         if longest[0] > start and fresh is not None:  # say why a prompt read before is read again
             logger.warning(
@@ -328,13 +352,6 @@ class BeaconEngine:
                 start,
                 fresh.condensed_windows,
             )
-        if cache is None:
-            cache = self.bm.new_cache()
-        elif cfg.is_fit:
-            assert fresh is not None and cache.state.fit_plan is not None
-            if cache.state.fit_plan.entries(needed) > self.bm.max_positions:
-                cache.replan(fresh)  # only windows both plans condense were read: go on as a fresh read does
-            planned = needed  # the stored plan is kept: only the prompt and its answer must fit it
         usage = Usage(input_tokens=len(ids), cache_read_tokens=start)
         marks = set()
         if boundary is not None and start < boundary < len(ids):
@@ -345,9 +362,10 @@ class BeaconEngine:
             if start < last_full < len(ids):
                 marks.add(last_full)
         plan = cache.state.fit_plan or fresh
+        before_last = None
         if plan is not None and plan.condensed_windows > 1:
             # fit-N: the state before the last condensed window, from which a read grown past this plan's room goes
-            # on under its larger plan instead of from the start (BeaconCache.can_replan)
+            # on under its larger plan instead of from the start (BeaconCache.keep_replan_base)
             before_last = (plan.condensed_windows - 1) * window
             if start < before_last < len(ids):
                 marks.add(before_last)
@@ -375,7 +393,10 @@ class BeaconEngine:
                 )
                 usage.read_tokens += mark - pos
                 pos = mark
-                if mark != len(ids):  # only the caller's boundary (a document's end) is worth a disk copy
+                if mark == before_last:
+                    cache.keep_replan_base()
+                if mark != len(ids) and (mark != before_last or mark == boundary):
+                    # only the caller's boundary (a document's end) is worth a disk copy
                     self.store.remember(ids[:mark], cache, persist=mark == boundary, checkpoint=mark != boundary)
             if pos == start and cache.last_logits is None:  # exact hit on a prefix without logits
                 raise RuntimeError("internal error: reused prefix carries no logits")

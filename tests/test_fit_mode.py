@@ -328,3 +328,30 @@ def test_a_cache_goes_on_under_another_plan_only_where_it_was_read_alike():
     assert not cache_after(64, old).can_replan(FitPlan(320, 4, 7, 16, 0, 3))  # another overlap
     with pytest.raises(ValueError, match="not as .* reads them; read the text again"):
         cache_after(80, old).replan(FitPlan(320, 4, 7, 16, 0, 2))
+
+
+def test_a_long_conversation_goes_on_from_before_the_last_condensed_window_after_its_turns_filled_the_store():
+    """The state before the last condensed window travels with every fork of the stream (every turn's stored
+    prefix), so a conversation that outgrows its room turns later, after the store dropped everything but its
+    latest turn, still goes on from there, with a fresh read's answer. (A turn within the room reuses the stored
+    plan, which condenses no more than a fresh read's would; its answer may differ from a fresh read's.)"""
+    cfg = BeaconConfig(window=16, ratios=(4,), ratio_mix="fit-16")
+    bm = tiny_beacon_model(cfg, max_position_embeddings=POSITIONS)
+    engine = BeaconEngine(bm, max_prefixes=1)
+    prompt = _ids(300, seed=3).tolist()
+    first_plan = None
+    for turn in range(6):
+        boundary = len(prompt)
+        prompt = prompt + _ids(5, seed=10 + turn).tolist()  # the turn's question
+        got = engine.complete(prompt, boundary=boundary, max_new_tokens=3)
+        (stored,) = [c for _, c in engine.stored_prefixes()]
+        first_plan = first_plan or stored.state.fit_plan
+        if stored.state.fit_plan != first_plan:  # this turn outgrew the room: it went on from the kept state
+            assert got.usage.cache_read_tokens == (first_plan.condensed_windows - 1) * 16 and turn >= 2
+            fresh = BeaconEngine(bm, max_prefixes=0).complete(prompt, boundary=boundary, max_new_tokens=3)
+            assert got.token_ids == fresh.token_ids
+            break
+        assert turn == 0 or got.usage.cache_read_tokens >= 300  # the stored book and earlier turns
+        prompt = prompt + got.token_ids
+    else:
+        pytest.fail("the conversation never outgrew its room")
