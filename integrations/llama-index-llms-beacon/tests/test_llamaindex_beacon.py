@@ -12,6 +12,7 @@ from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.instrumentation.events.llm import LLMChatStartEvent, LLMCompletionStartEvent  # noqa: E402
 from llama_index.llms.beacon import BeaconLLM, BeaconQueryEngine  # noqa: E402
+from llama_index.llms.beacon.base import TEMPLATE_RESERVE  # noqa: E402
 
 from beacon_llm import BeaconConfig, BeaconEngine  # noqa: E402
 from beacon_llm.testing import tiny_beacon_model  # noqa: E402
@@ -52,7 +53,7 @@ def small_llm():
 
 def test_a_100k_token_document_is_read_once_in_one_llm_call(big_engine, counter):
     llm = BeaconLLM(engine=big_engine, max_new_tokens=4)
-    assert llm.metadata.context_window == 127_040
+    assert llm.metadata.context_window == 127_040 - TEMPLATE_RESERVE  # the capacity less the chat template's
     text = "".join(f"Line {i}: the river keeper logged {i % 97} boats. " for i in range(2400))
     doc = Document(text=text, metadata={"file_name": "log.txt"})
     assert big_engine.count_tokens(text) >= 100_000

@@ -20,6 +20,7 @@ from llama_index.core.base.llms.types import (  # noqa: E402
 )
 from llama_index.core.prompts import PromptTemplate  # noqa: E402
 from llama_index.llms.beacon import BeaconLLM  # noqa: E402
+from llama_index.llms.beacon.base import TEMPLATE_RESERVE  # noqa: E402
 
 import beacon_llm  # noqa: E402
 from beacon_llm import BeaconEngine  # noqa: E402
@@ -178,11 +179,11 @@ def test_model_name_is_the_name_given_before_and_after_loading(engine, monkeypat
 
 
 def test_context_window_is_the_capacity(engine, monkeypatch):
-    assert BeaconLLM(engine=engine).metadata.context_window == engine.capacity
+    assert BeaconLLM(engine=engine).metadata.context_window == engine.capacity - TEMPLATE_RESERVE
     calls = []
     monkeypatch.setattr(beacon_llm, "capacity_from_files", lambda *a, **k: calls.append((a, k)) or 4321)
     llm = BeaconLLM(model="tiny-org/tiny-llama", adapter="/adapters/a", beacon_overrides={"beacon_ratio": [8]})
-    assert llm.metadata.context_window == 4321
+    assert llm.metadata.context_window == 4321 - TEMPLATE_RESERVE
     assert calls == [(("tiny-org/tiny-llama", "/adapters/a"), {"beacon_ratio": [8]})]
 
     def unreadable(*args, **kwargs):

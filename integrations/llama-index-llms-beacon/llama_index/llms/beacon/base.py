@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,13 +24,16 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 import beacon_llm
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
+# tokens of the capacity kept for what a chat template adds around the messages LlamaIndex packs (turn markers, role
+# headers, a default system prompt: ~30 for SmolLM2, ~40 for Llama 3.1), which its prompt helpers do not count
+TEMPLATE_RESERVE = 64
 _OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
 # the fields that choose and load a model: meaningless next to an engine object, so refused with one
 _LOADING_FIELDS = ("model", "adapter", "beacon_overrides", "device", "dtype", "cache_dir")
@@ -38,11 +42,22 @@ _NO_TOOLS = (
     "BeaconLLM has no tool calling (metadata.is_function_calling_model is False); a ReActAgent describes the "
     "tools in the prompt as text instead"
 )
+_TOKENIZER_HINT = (
+    "LlamaIndex packs prompts up to metadata.context_window counting with Settings.tokenizer (tiktoken unless set), "
+    "not this model's tokenizer: set Settings.tokenizer = llm.tokenizer_fn"
+)
+
+
+class BeaconCapacityError(RuntimeError):
+    """A prompt plus its answer beyond the model's beacon capacity (``metadata.context_window``), refused before
+    anything is read. Not a ``ValueError``: LlamaIndex's refine / compact synthesizers catch those and answer
+    "Empty Response" instead of saying why."""
 
 
 class BeaconLLM(CustomLLM):
     """Local beacon model for LlamaIndex. ``metadata.context_window`` is the real condensed capacity (e.g. ~230K
-    tokens for the embedded SmolLM2 at ratio 32), so LlamaIndex does not re-chunk whole books.
+    tokens for the embedded SmolLM2 at ratio 32) less ``TEMPLATE_RESERVE``, so LlamaIndex does not re-chunk whole
+    books; a prompt beyond the capacity raises :class:`BeaconCapacityError` before anything is read.
 
     Every call works on its own cache; a prompt sharing a beginning with an earlier one (the same documents)
     reuses the condensed prefix (``complete(..., cached_prefix=...)`` marks it exactly).
@@ -98,35 +113,34 @@ class BeaconLLM(CustomLLM):
         """One string is one stop string; entries are checked as per call (``beacon_llm.normalize_stop``)."""
         return beacon_llm.normalize_stop(stop) or None
 
-    @field_validator("seed", mode="before")
+    @field_validator("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", mode="before")
     @classmethod
-    def _check_seed(cls, seed: Any) -> Any:
-        """Checked as given (no coercion of "42" or True), with the message of a per-call seed."""
-        beacon_llm.check_sampling_options(seed=seed)
-        return seed
-
-    @model_validator(mode="after")
-    def _check_sampling(self) -> BeaconLLM:
-        """The same validation as every call (``beacon_llm.check_sampling_options``)."""
-        beacon_llm.check_sampling_options(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                          top_p=self.top_p, top_k=self.top_k,
-                                          repetition_penalty=self.repetition_penalty, seed=self.seed)  # fmt: skip
-        return self
+    def _check_option(cls, value: Any, info: ValidationInfo) -> Any:
+        """Checked as given (no coercion of "42", 5.0 or True), with the message of the same option per call."""
+        beacon_llm.check_sampling_options(**{info.field_name: value})
+        return value
 
     @classmethod
     def class_name(cls) -> str:
         return "BeaconLLM"
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Picklable and deep-copyable: the lock is rebuilt after unpickling; a lazily loaded engine is reloaded
+    def _portable_private(self) -> dict[str, Any]:
+        """The private state a copy takes: no lock (each copy makes its own); a lazily loaded engine is reloaded
         (shared per process) on first use; an engine given explicitly travels with the object."""
-        state = super().__getstate__()
-        private = dict(state.get("__pydantic_private__") or {})
-        private.pop("_lock", None)
+        private = {key: value for key, value in (self.__pydantic_private__ or {}).items() if key != "_lock"}
         if not self._explicit_engine:
             private["_engine"] = None
-        state["__pydantic_private__"] = private
-        return state
+        return private
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable: LlamaIndex's ``BaseComponent.__getstate__`` drops unpicklable fields (a lambda
+        ``completion_to_prompt``) from the ``__dict__`` it is given, so it is given a copy, never this object's own."""
+        shadow = type(self).__new__(type(self))
+        object.__setattr__(shadow, "__dict__", dict(self.__dict__))
+        object.__setattr__(shadow, "__pydantic_extra__", self.__pydantic_extra__)
+        object.__setattr__(shadow, "__pydantic_fields_set__", set(self.__pydantic_fields_set__))
+        object.__setattr__(shadow, "__pydantic_private__", self._portable_private())
+        return super(BeaconLLM, shadow).__getstate__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         private = dict(state.get("__pydantic_private__") or {})
@@ -135,12 +149,17 @@ class BeaconLLM(CustomLLM):
         for key, value in private.items():
             setattr(self, key, value)
 
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
-        """A deep copy through the same state as pickling (pydantic's own copies the lock)."""
-        import copy
-
-        clone = self.__class__.__new__(self.__class__)
-        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> BeaconLLM:
+        """A deep copy with every field (functions such as a lambda ``completion_to_prompt`` are kept, as deep copies
+        keep them) and its own lock (pydantic's own would copy the lock and fail)."""
+        memo = {} if memo is None else memo
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        private = {**copy.deepcopy(self._portable_private(), memo), "_lock": threading.Lock()}
+        object.__setattr__(clone, "__dict__", copy.deepcopy(self.__dict__, memo))
+        object.__setattr__(clone, "__pydantic_extra__", copy.deepcopy(self.__pydantic_extra__, memo))
+        object.__setattr__(clone, "__pydantic_fields_set__", set(self.__pydantic_fields_set__))
+        object.__setattr__(clone, "__pydantic_private__", private)
         return clone
 
     def get_engine(self) -> beacon_llm.BeaconEngine:
@@ -158,13 +177,15 @@ class BeaconLLM(CustomLLM):
     def metadata(self) -> LLMMetadata:
         """``model_name`` is the name given (stable before and after loading), or the model of an engine given as
         is; ``context_window`` the beacon capacity (``capacity_from_files`` raises ValueError naming the cause when
-        the files cannot be read)."""
+        the files cannot be read) less ``TEMPLATE_RESERVE`` tokens: LlamaIndex's prompt helpers fill the window
+        counting message texts and role names only, not the chat template's own tokens around them, so a pack filled
+        to the exact capacity would not fit."""
         if self._engine is not None:
             capacity = self._engine.capacity
         else:
             capacity = beacon_llm.capacity_from_files(self.model, self.adapter, **self.beacon_overrides)
         return LLMMetadata(
-            context_window=capacity,
+            context_window=max(capacity - TEMPLATE_RESERVE, 1),
             num_output=self.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=False,
@@ -263,24 +284,39 @@ class BeaconLLM(CustomLLM):
             "prompt_tokens": u.input_tokens, "cache_read_tokens": u.cache_read_tokens, "read_tokens": u.read_tokens,
             "completion_tokens": u.output_tokens}}  # fmt: skip
 
+    def _check_fits(self, request: dict[str, Any]) -> None:
+        """The engine's capacity check (:meth:`beacon_llm.BeaconEngine.check_fits`), raised as
+        :class:`BeaconCapacityError` with the way out of LlamaIndex's packing; an empty prompt is the engine's
+        ``ValueError``."""
+        if not request["ids"]:
+            return
+        try:
+            self.get_engine().check_fits(len(request["ids"]), request["max_new_tokens"])
+        except ValueError as exc:
+            raise BeaconCapacityError(f"{exc}. {_TOKENIZER_HINT}") from None
+
+    def _response(self, item: str | beacon_llm.Completion, text: str) -> CompletionResponse:
+        """A text delta (``text`` is the answer so far), or the final response: its usage in ``raw`` (where
+        LlamaIndex's ``TokenCountingHandler`` reads it) and ``additional_kwargs``."""
+        if isinstance(item, str):
+            return CompletionResponse(text=text, delta=item)
+        raw = self._raw(item)
+        return CompletionResponse(text=item.text, delta="", raw=raw, additional_kwargs=raw)
+
     def _complete_stream(self, request: dict[str, Any]) -> CompletionResponseGen:
+        self._check_fits(request)
         text = ""
         for item in self.get_engine().stream(**request):
-            if isinstance(item, str):
-                text += item
-                yield CompletionResponse(text=text, delta=item)
-            else:
-                yield CompletionResponse(text=item.text, delta="", additional_kwargs=self._raw(item))
+            text += item if isinstance(item, str) else ""
+            yield self._response(item, text)
 
     async def _acomplete_stream(self, request_fn: Callable[[], dict[str, Any]]) -> AsyncIterator[CompletionResponse]:
         request = await asyncio.to_thread(request_fn)  # tokenising a book takes seconds: off the event loop
+        self._check_fits(request)
         text = ""
         async for item in self.get_engine().astream(**request):
-            if isinstance(item, str):
-                text += item
-                yield CompletionResponse(text=text, delta=item)
-            else:
-                yield CompletionResponse(text=item.text, delta="", additional_kwargs=self._raw(item))
+            text += item if isinstance(item, str) else ""
+            yield self._response(item, text)
 
     # ---------------------------------------------------------------- completion API
     @llm_completion_callback()
@@ -344,8 +380,9 @@ class BeaconLLM(CustomLLM):
     # ---------------------------------------------------------------- chat API
     @staticmethod
     def _to_chat(response: CompletionResponse) -> ChatResponse:
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=response.text),
-                            delta=response.delta, additional_kwargs=response.additional_kwargs)  # fmt: skip
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=response.text)
+        return ChatResponse(message=message, delta=response.delta, raw=response.raw,
+                            additional_kwargs=response.additional_kwargs)  # fmt: skip
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:

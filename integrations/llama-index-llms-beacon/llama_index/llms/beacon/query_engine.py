@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
+from llama_index.core import Settings
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
 from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.schema import Document, NodeWithScore, TextNode
 from llama_index.llms.beacon.base import BeaconLLM
@@ -27,6 +28,9 @@ class BeaconQueryEngine(CustomQueryEngine):
     The condensed documents are cached by the LLM's engine, so follow-up questions read only the question. A set of
     documents beyond the model's capacity raises ``ValueError`` with the token count and the capacity (never silent
     truncation). ``source_nodes`` of every response name the documents that were read (all of them).
+
+    Without ``llm=``, ``Settings.llm`` is used when it is a ``BeaconLLM`` (else the embedded model); without
+    ``system_prompt=``, the LLM's ``system_prompt`` when it has one (else a default for questions about documents).
     """
 
     llm: BeaconLLM = Field(description="the beacon LLM")
@@ -35,14 +39,24 @@ class BeaconQueryEngine(CustomQueryEngine):
     streaming: bool = Field(default=False)
     _nodes: list[TextNode] = PrivateAttr(default_factory=list)
 
+    @model_validator(mode="after")
+    def _llm_system_prompt(self) -> BeaconQueryEngine:
+        """The LLM's ``system_prompt`` applies, as to every call of that LLM, unless one is given here."""
+        if "system_prompt" not in self.model_fields_set and self.llm.system_prompt:
+            self.system_prompt = self.llm.system_prompt
+        return self
+
     @classmethod
     def from_documents(cls, documents: Sequence[Document], llm: BeaconLLM | None = None, *, streaming: bool = False,
-                       system_prompt: str = SYSTEM, check_capacity: bool = True) -> BeaconQueryEngine:  # fmt: skip
+                       system_prompt: str | None = None, check_capacity: bool = True) -> BeaconQueryEngine:  # fmt: skip
         if not documents:
             raise ValueError("no documents given")
-        llm = llm or BeaconLLM()
+        if llm is None:
+            # Settings.llm itself would resolve a default OpenAI model when none was set
+            llm = Settings.llm if isinstance(getattr(Settings, "_llm", None), BeaconLLM) else BeaconLLM()
         parts = [f"{_header(d, i)}\n{d.get_content()}" for i, d in enumerate(documents)]
-        engine = cls(llm=llm, documents_text="\n\n".join(parts), system_prompt=system_prompt, streaming=streaming)
+        prompt = {} if system_prompt is None else {"system_prompt": system_prompt}
+        engine = cls(llm=llm, documents_text="\n\n".join(parts), streaming=streaming, **prompt)
         engine._nodes = [TextNode(text=d.get_content(), metadata=dict(d.metadata or {}), id_=d.doc_id)
                          for d in documents]  # fmt: skip
         if check_capacity:
@@ -102,8 +116,13 @@ class BeaconQueryEngine(CustomQueryEngine):
         return Response(response=out.text, source_nodes=self._sources(), metadata=dict(out.additional_kwargs))
 
     async def acustom_query(self, query_str: str) -> Response | AsyncStreamingResponse:
-        prompt, request = self._request(query_str)
-        prepared = await asyncio.to_thread(request)  # tokenising a book takes seconds; a capacity error raises here
+        def prepare() -> tuple[str, dict[str, Any]]:
+            prompt, request = self._request(query_str)
+            return prompt, request()
+
+        # loading the model (a first query) and tokenising a book take seconds: off the event loop; a capacity error
+        # raises here
+        prompt, prepared = await asyncio.to_thread(prepare)
         request = lambda: prepared  # noqa: E731
         if self.streaming:
             stream = await self.llm._astream_complete_prepared(prompt, request)
