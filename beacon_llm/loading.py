@@ -211,8 +211,9 @@ def capacity_from_files(model: str | None = None, adapter: str | None = None, **
     from . import _compat
     from .config import CONFIG_NAME
     from .schedule import config_capacity
-    from .serialization import resolve_file
+    from .serialization import check_override_names, resolve_file
 
+    check_override_names(beacon_overrides)  # refused as loading refuses them
     where = "the embedded model"
     try:
         if model in (None, "", EMBEDDED_MODEL):

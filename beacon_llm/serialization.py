@@ -253,9 +253,7 @@ def from_pretrained(
         if dtype is not None and resolve_dtype(dtype, device_map) != resolve_dtype(torch_dtype, device_map):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
         dtype = torch_dtype
-    unknown = sorted(k for k in beacon_overrides if not k.startswith("beacon_"))
-    if unknown:
-        raise TypeError(f"unknown arguments {unknown}; beacon config overrides are named beacon_* (e.g. beacon_ratio)")
+    check_override_names(beacon_overrides)
     folder = _resolve(path_or_id)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         shadows = " (a local folder of that name is used before the hub id)" if is_hub_id(path_or_id) else ""
@@ -324,6 +322,14 @@ def from_pretrained(
         load_beacon_weights(base, _with_added_gates(base, tensors, raw_config, beacon_overrides), folder)
     base.eval()
     return bm
+
+
+def check_override_names(beacon_overrides: dict[str, Any]) -> None:
+    """Beacon config overrides are official ``beacon_*`` keys; anything else is refused (``TypeError``) by name, as
+    a misspelt keyword argument would be."""
+    unknown = sorted(k for k in beacon_overrides if not k.startswith("beacon_"))
+    if unknown:
+        raise TypeError(f"unknown arguments {unknown}; beacon config overrides are named beacon_* (e.g. beacon_ratio)")
 
 
 def _saved_era(d: dict[str, Any]) -> str:

@@ -137,6 +137,9 @@ def test_capacity_from_files_reports_errors(tmp_path):
     bm = tiny_beacon_model(max_position_embeddings=2048)
     _write_official(bm, tmp_path / "ok")
     assert beacon_llm.capacity_from_files(str(tmp_path / "ok")) > 2048
+    # an override that is not a beacon_* key is refused by name, as loading refuses it (it was computed with)
+    with pytest.raises(TypeError, match=r"unknown arguments \['ratio'\]"):
+        beacon_llm.capacity_from_files(str(tmp_path / "ok"), ratio=[8])
 
 
 _HUB_SCRIPT = textwrap.dedent(
@@ -198,7 +201,10 @@ def test_every_entry_point_takes_a_hub_id_from_the_offline_hub_cache(tmp_path):
     result = json.loads(printed[-1][len("RESULT ") :])
     hub, folder = result["hub"], result["folder"]
     assert hub == folder  # the hub id and its snapshot folder give the same model, capacity and answers
-    assert hub["cli_code"] == 0 and hub["chat"] and hub["capacity"] == hub["engine"] == hub["li_window"]
+    from llama_index.llms.beacon.base import TEMPLATE_RESERVE  # the window keeps room for the chat template
+
+    assert hub["cli_code"] == 0 and hub["chat"] and hub["capacity"] == hub["engine"]
+    assert hub["li_window"] == hub["capacity"] - TEMPLATE_RESERVE
     assert hub["lc_profile"] == hub["capacity"]
     cli_answers = [line for line in proc.stdout.splitlines() if line and not line.startswith("RESULT ")]
     assert len(cli_answers) >= 2 and cli_answers[0] == cli_answers[-1]
