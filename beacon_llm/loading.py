@@ -56,7 +56,8 @@ def get_engine(
     engines over the same model): an engine a caller still holds keeps its model alive and working after either
     registry dropped it, but when the model registry (``$BEACON_LLM_MAX_MODELS``) evicts a model the registered
     engines over it are dropped too, so the registries never keep more models alive than that bound. Loading runs
-    outside any global lock (callers for other engines are not blocked; callers for this one wait for its load).
+    outside the registries' locks (callers for other engines are not blocked; callers for this one wait for its
+    load), though the weights themselves load one model at a time (transformers' loading is not thread-safe).
     :func:`beacon_llm.unload` drops engines and models explicitly."""
     beacon_overrides = inference_overrides(beacon_overrides)
     dtype = resolve_dtype("auto" if dtype is None else dtype, device)
@@ -66,7 +67,12 @@ def get_engine(
         bm = load(model, adapter=adapter, dtype=dtype, device=device, **beacon_overrides)
         return BeaconEngine(bm, max_prefixes=max_prefixes, cache_dir=cache_dir)
 
-    return _ENGINES.get(key, build)
+    engine = _ENGINES.get(key, build)
+    if not any(bm is engine.bm for bm in _LOADED.values()):
+        # its model was evicted while this engine was being built, when the eviction could not drop it yet: not kept
+        # (the caller still gets it), so the registries keep no model the model registry let go
+        _ENGINES.discard(value_matches=lambda registered: registered is engine)
+    return engine
 
 
 def shipped_adapter(name: str = EMBEDDED_MODEL) -> str | None:

@@ -246,3 +246,12 @@ def test_registry_details(monkeypatch):
         env.get("x", lambda: "X")
     with pytest.raises(ValueError, match="max_size"):
         Registry("bad", max_size=-1)
+
+
+def test_an_engine_whose_model_was_evicted_while_it_was_built_is_not_kept(fake, folder, monkeypatch):
+    """The model registry drops the engines over a model it evicts, but an engine still being built is not
+    registered yet: it used to be kept, with its model, beyond ``$BEACON_LLM_MAX_MODELS`` (always, with 0)."""
+    monkeypatch.setenv("BEACON_LLM_MAX_MODELS", "0")
+    engine = beacon_llm.get_engine(folder("a"))
+    assert engine.encode("abc")  # the caller's engine works
+    assert len(loading._LOADED) == 0 and len(_ENGINES) == 0
