@@ -192,6 +192,21 @@ def _quiet_transformers() -> Iterator[None]:
                 hf_logging.set_verbosity(previous)
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars (e.g. "Loading weights") off for the block (a command run with ``--quiet``);
+    the setting, one per process, is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(path: str) -> object | None:
     """The checkpoint's tokenizer, or None when the folder has none."""
     from transformers import AutoTokenizer

@@ -364,10 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the first run's fetch (93 MB) and conversion (most of a minute) say what they do unless asked to be quiet
     fetching = logging.getLogger("beacon_llm.embedded")
     level = fetching.level
-    if not getattr(args, "quiet", False):
+    quiet = getattr(args, "quiet", False)
+    if not quiet:
         fetching.setLevel(min(logging.INFO, fetching.getEffectiveLevel()))
     try:
-        return _run_command(handlers, args)
+        if not quiet:
+            return _run_command(handlers, args)
+        from . import _compat
+
+        with _compat.no_progress_bars():  # --quiet: no progress bar, transformers' own (loading weights) included
+            return _run_command(handlers, args)
     finally:
         fetching.setLevel(level)
 

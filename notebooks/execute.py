@@ -4,7 +4,7 @@ python notebooks/execute.py                       # all notebooks
 python notebooks/execute.py 01_quickstart.ipynb   # some
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import nbclient
@@ -14,7 +14,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    names = sys.argv[1:] or sorted(p.name for p in HERE.glob("*.ipynb"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", help="notebook file names in this folder (default: all)")
+    names = parser.parse_args().notebooks or sorted(p.name for p in HERE.glob("*.ipynb"))
+    missing = [name for name in names if not (HERE / name).is_file()]
+    if missing:
+        parser.error(f"no notebook {', '.join(missing)} in {HERE}")
     for name in names:
         path = HERE / name
         notebook = nbformat.read(path, as_version=4)

@@ -240,3 +240,14 @@ def test_the_first_runs_fetch_and_conversion_say_what_they_do_unless_quiet(monke
     assert main(["ask", "book.txt", "Who?", *(["--quiet"] if quiet else [])]) == 0
     assert ("converting the embedded model" in caplog.text) == shown
     assert logging.getLogger("beacon_llm.embedded").level == before
+
+
+def test_quiet_shows_no_progress_bar_not_even_the_weight_loaders(run, tmp_path):
+    """``--quiet`` ("no progress bar") still showed transformers' "Loading weights" bar; the bars' setting is
+    restored after the command."""
+    from transformers.utils import logging as hf_logging
+
+    code, out, err = run("ask", _doc(tmp_path), "Who?", "--quiet")
+    assert code == 0 and out.strip()
+    assert "Loading weights" not in err and "reading" not in err
+    assert hf_logging.is_progress_bar_enabled()
