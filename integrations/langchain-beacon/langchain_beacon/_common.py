@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 import beacon_llm
 
@@ -62,14 +62,15 @@ class BeaconFields(BaseModel):
     seed: int | None = None
     stop: list[str] | None = None
     streaming: bool = False
-    """Generate through the streaming path in ``invoke`` too (callbacks then see every token)."""
+    """ChatBeacon: True runs ``invoke`` through the streaming path too; False, given, switches streaming off (LangChain
+    then streams nothing, and ``invoke`` hands no tokens to callbacks); not given, ``invoke`` hands each token over."""
     timeout: float | None = None
     """Seconds one call may take, reading and generating (None: no limit). Past it the call stops within one
     window step (reading) or one token (generating) and raises ``TimeoutError``. Also a per-call option."""
     max_retries: int = 0
     """Accepted for API compatibility; nothing is retried."""
-    api_key: str | None = None
-    """Accepted for API compatibility; unused."""
+    api_key: SecretStr | None = None
+    """Accepted for API compatibility; unused (a secret: never shown in ``repr`` or traces)."""
 
     _engine: Any = PrivateAttr(default=None)
     _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -176,10 +177,13 @@ class BeaconFields(BaseModel):
         }
 
     def get_num_tokens(self, text: str) -> int:
-        """Tokens of ``text`` by the model's own tokenizer (offline)."""
-        return self.get_engine().count_tokens(text)
+        """Tokens of ``text`` by the model's own tokenizer (offline), or by ``custom_get_token_ids`` when given."""
+        return len(self.get_token_ids(text))
 
     def get_token_ids(self, text: str) -> list[int]:
+        custom = getattr(self, "custom_get_token_ids", None)  # LangChain's field, on the model classes
+        if custom is not None:
+            return custom(text)
         return self.get_engine().encode(text)
 
     @property

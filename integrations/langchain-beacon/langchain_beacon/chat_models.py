@@ -8,8 +8,16 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict
 
@@ -17,7 +25,6 @@ import beacon_llm
 
 from ._common import BeaconFields, usage_metadata
 
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "chat": None}
 _NO_TOOLS = (
     "ChatBeacon has no tool calling: a beacon model reads long text (whole books) and answers in text. For an agent, "
     "use a chat model with tool calling and give it ChatBeacon's long-document answers as a tool or a chain step"
@@ -38,7 +45,7 @@ def _message_text(m: BaseMessage) -> str:
             parts.append(block)
         elif kind == "text":
             parts.append(str(block.get("text", "")))
-        elif not (m.type == "ai" and kind in _SKIPPED_AI_BLOCKS):
+        elif not (isinstance(m, AIMessage) and kind in _SKIPPED_AI_BLOCKS):
             if kind in ("tool_use", "tool_call", "tool_result", "function_call"):
                 raise ValueError(
                     f"a content block of type {kind!r} in a {type(m).__name__} cannot be sent: {_NO_TOOLS}"
@@ -56,10 +63,16 @@ def to_chat_dicts(messages: list[BaseMessage]) -> list[dict[str, str]]:
     ``ValueError`` instead of being dropped."""
     out = []
     for m in messages:
-        role = _ROLES.get(m.type, "unsupported")
-        if role is None:
-            role = getattr(m, "role", "user")
-        if role == "unsupported":
+        # by class, not by ``m.type``: a chunk (a streamed reply summed up, kept in a history) is "AIMessageChunk"
+        if isinstance(m, HumanMessage):
+            role = "user"
+        elif isinstance(m, AIMessage):
+            role = "assistant"
+        elif isinstance(m, SystemMessage):
+            role = "system"
+        elif isinstance(m, ChatMessage):
+            role = m.role
+        else:
             raise ValueError(f"{type(m).__name__} cannot be sent (use system/human/ai messages): {_NO_TOOLS}")
         out.append({"role": role, "content": _message_text(m)})
     return out
@@ -114,6 +127,15 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             "text_outputs": True,
         }
 
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Tokens the model reads for ``messages``: the chat template's rendering with the assistant's turn opened,
+        as ``invoke`` sends them (``usage_metadata["input_tokens"]``); the answer must fit after them."""
+        if tools:
+            raise NotImplementedError(_NO_TOOLS)
+        if self.custom_get_token_ids is not None:
+            return super().get_num_tokens_from_messages(messages)
+        return len(self.get_engine().encode_chat(to_chat_dicts(convert_to_messages(messages)))[0])
+
     # ---------------------------------------------------------------- no tools
     def bind_tools(
         self,
@@ -163,6 +185,31 @@ class ChatBeacon(BeaconFields, BaseChatModel):
             return AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last")
         return AIMessage(content=completion.text, usage_metadata=usage, response_metadata=meta)
 
+    def _reports_tokens(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a call that is not streamed still hands each token to ``on_llm_new_token``: yes, unless streaming
+        is switched off (``disable_streaming=True``, ``streaming=False`` given, or ``stream=False`` for the call), as
+        LangChain reads those switches; ``astream_events`` then shows the answer once, not token by token."""
+        if self.disable_streaming is True or ("stream" in kwargs and not kwargs["stream"]):
+            return False
+        return not ("streaming" in self.model_fields_set and self.streaming is False)
+
+    async def _agenerate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """LangChain's, and a cancelled call (``asyncio.wait_for``, a cancelled task) ends its run with
+        ``on_llm_error``: ``BaseChatModel.agenerate`` awaits its calls in ``asyncio.gather``, whose cancellation skips
+        the error callbacks, so tracers would show the run as running forever."""
+        try:
+            return await super()._agenerate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+        except asyncio.CancelledError as exc:
+            if run_manager is not None:
+                await run_manager.on_llm_error(exc, response=LLMResult(generations=[]))
+            raise
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -171,10 +218,11 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         completion = None
+        tokens = run_manager if self._reports_tokens(kwargs) else None
         for item in self._events(messages, stop, kwargs):
             if isinstance(item, str):
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(item)
+                if tokens is not None:
+                    tokens.on_llm_new_token(item)
             else:
                 completion = item
         assert completion is not None
@@ -204,10 +252,11 @@ class ChatBeacon(BeaconFields, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         completion = None
+        tokens = run_manager if self._reports_tokens(kwargs) else None
         async for item in self._aevents(messages, stop, kwargs):
             if isinstance(item, str):
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(item)
+                if tokens is not None:
+                    await tokens.on_llm_new_token(item)
             else:
                 completion = item
         assert completion is not None
@@ -232,8 +281,6 @@ class ChatBeacon(BeaconFields, BaseChatModel):
     # ---------------------------------------------------------------- documents
     def save_document_cache(self, messages: list[BaseMessage], path: str) -> None:
         """Condense ``messages`` (e.g. ``[("system", book)]``) and write them to ``path`` for later sessions."""
-        from langchain_core.messages import convert_to_messages
-
         engine = self.get_engine()
         ids, _ = engine.encode_chat(to_chat_dicts(convert_to_messages(messages)), add_generation_prompt=False)
         engine.export_prefix(ids, path)

@@ -7,14 +7,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun, Callbacks
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict
 
 import beacon_llm
 
-from ._common import BeaconFields, usage_metadata
+from ._common import CALL_OPTIONS, BeaconFields, usage_metadata
 
 _MIN_SHARED = 32  # a shared beginning shorter than this is not worth a reusable prefix
 
@@ -48,6 +48,39 @@ class BeaconLLM(BeaconFields, LLM):
     @property
     def _llm_type(self) -> str:
         return "beacon-llm"
+
+    def _with_call_options(self, kwargs: dict[str, Any]) -> tuple[BeaconLLM, dict[str, Any]]:
+        """This LLM with the call's generation options (``max_tokens``, ``temperature``, ...) as its fields, and the
+        other keyword arguments. LangChain keys its LLM cache (and traces) on an LLM's fields and the stop strings
+        only: left as keyword arguments, the options of a call would get the cached answer of another (a per-call
+        ``max_tokens=3`` answer returned for ``max_tokens=200``). Checked later, in the run, as before."""
+        options = {name: kwargs[name] for name in CALL_OPTIONS - {"stop"} if name in kwargs}
+        if not options:
+            return self, kwargs
+        rest = {name: value for name, value in kwargs.items() if name not in options}
+        if self.engine is not None:
+            self.get_engine()  # made once (around a BeaconModel) and shared, with its condensed prefixes
+        return self.model_copy(update=options), rest  # shares the engine
+
+    def generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        llm, kwargs = self._with_call_options(kwargs)
+        return super(BeaconLLM, llm).generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        callbacks: Callbacks | list[Callbacks] | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        llm, kwargs = self._with_call_options(kwargs)
+        return await super(BeaconLLM, llm).agenerate(prompts, stop, callbacks, **kwargs)
 
     def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         options = self.call_options(stop, kwargs)
@@ -122,10 +155,13 @@ class BeaconLLM(BeaconFields, LLM):
         **kwargs: Any,
     ) -> LLMResult:
         """One generation per prompt, each with its own finish reason and usage in ``generation_info``; a shared
-        beginning is read once (:meth:`_batch_requests`)."""
+        beginning is read once (:meth:`_batch_requests`). Tokens go to ``on_llm_new_token`` for a call of one prompt
+        only: LangChain gives ``_generate`` the run of the first prompt alone, and another prompt's tokens are not
+        that run's."""
         generations = []
+        tokens = run_manager if len(prompts) == 1 else None
         for prompt, request in zip(prompts, self._batch_requests(prompts, stop, kwargs)):
-            completion = self._complete(prompt, stop, run_manager, kwargs, self._started_now(request))
+            completion = self._complete(prompt, stop, tokens, kwargs, self._started_now(request))
             generations.append([Generation(text=completion.text, generation_info=self._info(completion))])
         return LLMResult(generations=generations)
 
@@ -139,12 +175,13 @@ class BeaconLLM(BeaconFields, LLM):
         """:meth:`_generate` for asyncio (finish reason and usage included); tokenising runs off the event loop."""
         requests = await asyncio.to_thread(self._batch_requests, prompts, stop, kwargs)
         generations = []
+        tokens = run_manager if len(prompts) == 1 else None
         for prompt, request in zip(prompts, requests):
             completion = None
             async for item in self._aevents(prompt, stop, kwargs, self._started_now(request)):
                 if isinstance(item, str):
-                    if run_manager is not None:
-                        await run_manager.on_llm_new_token(item)
+                    if tokens is not None:
+                        await tokens.on_llm_new_token(item)
                 else:
                     completion = item
             assert completion is not None
