@@ -154,13 +154,21 @@ def load_base_config(path: str, **kwargs: Any) -> PretrainedConfig:
 _load_lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def one_load_at_a_time() -> Iterator[None]:
+    """Hold the process's model-loading lock: every ``from_pretrained`` of a model in this package runs inside it."""
+    with _load_lock:
+        yield
+
+
 def load_base_model(path: str, config: PretrainedConfig, **kwargs: Any) -> nn.Module:
     """The stock model of a checkpoint folder, one load at a time. Its beacon tensors are loaded separately
     (strictly), so the loader's report of them as "unexpected keys" is not shown. Raises RuntimeError naming the
     parameters a load left without weights (on the meta device)."""
-    with _load_lock, _quiet_transformers():
+    with one_load_at_a_time(), _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=False, **kwargs)
-    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    # (a device_map may offload weights on purpose: they stay on meta until accelerate's hooks bring them in)
+    empty = [] if kwargs.get("device_map") is not None else [name for name, p in model.named_parameters() if p.is_meta]
     if empty:
         raise RuntimeError(
             f"loading {path} left {len(empty)} parameters without weights ({', '.join(empty[:3])}); transformers "

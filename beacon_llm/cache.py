@@ -408,12 +408,19 @@ class BeaconCache:
         arena = self._arena
         same_kind = arena is not None and arena.keys.dtype == like.dtype and arena.keys.device == like.device
         if arena is None or not same_kind or not arena.claim(start, end):
+            old = arena
             arena = KVArena.allocate(like, self.num_layers, end, self.max_entries)
             arena.claim(0, end)
             if start:
                 for i in range(self.num_layers):
                     arena.keys[i, :, :, :start] = self.mem_k[i]
                     arena.values[i, :, :, :start] = self.mem_v[i]
+            base = self.replan_base
+            if same_kind and base is not None and base._arena is old and base.memory_length <= start:
+                # the kept state's entries are the first of this stream's, now copied here too: it follows them, so
+                # it keeps no second buffer alive (entries below a claim are never written again)
+                base._arena = arena
+                base._set_memory_views(base.memory_length)
         return MemoryAppend(arena, start, end)
 
     def _extend_memory(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:

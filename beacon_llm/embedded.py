@@ -310,8 +310,11 @@ def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to safetensors (once) in %s", gguf.name, out.parent)
+    from . import _compat
+
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _compat.one_load_at_a_time():  # transformers' loading is not thread-safe (another load of this process)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.for_model(
         **{k: v for k, v in quantised.config.to_dict().items() if k not in ("quantization_config", "model_type")},
         model_type=quantised.config.model_type,

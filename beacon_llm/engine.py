@@ -94,14 +94,15 @@ class _Guard:
         self.check_deadline(f"reading the prompt ({done} of {total} tokens read)")
 
 
-def _replan_start(stored: BeaconCache, plan: FitPlan) -> BeaconCache | None:
+def _replan_source(stored: BeaconCache, plan: FitPlan) -> BeaconCache | None:
     """Where a read under the fit-N ``plan`` can go on from a stored prefix read under a smaller plan (a conversation
     grown past its room): the stored state itself, or the state its stream kept before its last condensed window
-    (:meth:`BeaconCache.keep_replan_base`), when it holds only windows both plans condense (a fork); else None."""
+    (:meth:`BeaconCache.keep_replan_base`, shared: fork it before reading on), when it holds only windows both plans
+    condense; else None."""
     if stored.can_replan(plan):
         return stored
     base = stored.replan_base
-    return base.fork() if base is not None and base.can_replan(plan) else None
+    return base if base is not None and base.can_replan(plan) else None
 
 
 class BeaconEngine:
@@ -253,26 +254,29 @@ class BeaconEngine:
         fresh = fit_plan(cfg, planned, positions) if cfg.is_fit else None
         outgrown: list[tuple[int, int]] = []  # (tokens, condensed windows) of stored prefixes whose plan is too small
 
-        def usable(stored: BeaconCache) -> bool:
-            """fit-N: a stored prefix serves this prompt if its plan holds it and condenses no more than needed, or
-            if it is what a fresh read holds at that point (only windows both plans condense: the read goes on under
-            the fresh plan); adapt-N: if it was read at the ratio a fresh read fixes (so the answer is a fresh
-            read's); other modes: if its ratio (fixed at its first read) holds the prompt and the answer."""
-            plan = stored.state.fit_plan
+        def usable(stored: BeaconCache) -> int | None:
+            """Where this read starts from a stored prefix, or None when it cannot serve it. fit-N: at its end if its
+            plan holds the prompt and condenses no more than needed; a conversation grown past its plan's room goes
+            on under the fresh plan from where only windows both plans condense were read (the stored state, or the
+            one its stream kept before its last condensed window). adapt-N: at its end if it was read at the ratio a
+            fresh read fixes (so the answer is a fresh read's); other modes: if its ratio (fixed at its first read)
+            holds the prompt and the answer."""
+            plan, end = stored.state.fit_plan, stored.state.n_seen
             if fresh is not None and plan is not None:
                 if plan.entries(needed) > positions:  # a conversation grown past the room its plan kept
-                    if _replan_start(stored, fresh) is not None:
-                        return True
-                    outgrown.append((stored.state.n_seen, plan.condensed_windows))
-                    return False
-                return plan.condensed_windows <= fresh.condensed_windows
+                    source = _replan_source(stored, fresh)
+                    if source is not None:
+                        return source.state.n_seen
+                    outgrown.append((end, plan.condensed_windows))
+                    return None
+                return end if plan.condensed_windows <= fresh.condensed_windows else None
             if (
                 cfg.is_adaptive
                 and len(cfg.ratios) > 1
                 and stored.state.fixed_ratio != adapt_ratio(cfg, positions, planned)
             ):
-                return False
-            return cfg.is_fit or self.bm.can_hold(stored, max(planned, needed))
+                return None
+            return end if cfg.is_fit or self.bm.can_hold(stored, max(planned, needed)) else None
 
         release = self.store.claim(ids, boundary, lambda: guard.check_reading(0, len(ids)))
         try:
@@ -319,7 +323,7 @@ class BeaconEngine:
         planned: int,
         needed: int,
         fresh: FitPlan | None,
-        usable: Callable[[BeaconCache], bool],
+        usable: Callable[[BeaconCache], int | None],
         progress: Callable[[int, BeaconCache], None] | None,
         guard: _Guard,
         outgrown: list[tuple[int, int]],
@@ -335,8 +339,9 @@ class BeaconEngine:
                 # grown past its plan's room: go on under the fresh plan from where only windows both plans condense
                 # were read, as a fresh read does
                 outgrown.append((start, old_plan.condensed_windows))
-                cache = _replan_start(cache, fresh)
-                assert cache is not None
+                source = _replan_source(cache, fresh)
+                assert source is not None
+                cache = cache if source is cache else source.fork()  # the looked-up cache is this call's own fork
                 start = cache.state.n_seen
                 cache.replan(fresh)
             planned = needed  # the stored plan is kept: only the prompt and its answer must fit it

@@ -114,33 +114,35 @@ class PrefixStore:
             self._entries.clear()
 
     # ------------------------------------------------------------------ finding
-    def lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], bool]) -> tuple[BeaconCache | None, int]:
-        """The longest stored prefix of ``ids`` whose cache is ``usable`` for this read (a fork of it), or (None, 0).
-        Of two with the same prefix, the one :func:`tag_order` puts first."""
+    def lookup(self, ids: Sequence[int], usable: Callable[[BeaconCache], int | None]) -> tuple[BeaconCache | None, int]:
+        """The stored prefix of ``ids`` this read starts furthest into (a fork of it, and its length), or (None, 0).
+        ``usable(cache)`` says where a read would start from ``cache`` (its length, or an earlier token it can go
+        back to, e.g. a conversation grown past a fit-N plan's room), or None when it cannot serve this read. Of two
+        starting at the same token, the one :func:`tag_order` puts first."""
         model = self.bm._fingerprint()  # entries read before the weights (or kernels) changed are not this model's
         with self._lock:
-            found = [
-                e
-                for e in self._entries.values()
-                if e.n_tokens <= len(ids)
-                and e.cache.fingerprint == model
-                and prefix_hash(ids[: e.n_tokens]) == e.digest
-                and usable(e.cache)
-            ]
-            best = min(found, key=lambda e: (-e.n_tokens, tag_order(plan_tag(e.cache))), default=None)
+            found = []
+            for e in self._entries.values():
+                mine = e.cache.fingerprint == model
+                if e.n_tokens <= len(ids) and mine and prefix_hash(ids[: e.n_tokens]) == e.digest:
+                    start = usable(e.cache)
+                    if start is not None:
+                        found.append((start, e))
+            best = min(found, key=lambda f: (-f[0], -f[1].n_tokens, tag_order(plan_tag(f[1].cache))), default=None)
             if best is not None:
-                self._entries.move_to_end((best.n_tokens, best.digest, plan_tag(best.cache)))
-        disk = self._lookup_disk(ids, best.n_tokens if best else 0, usable)
+                entry = best[1]
+                self._entries.move_to_end((entry.n_tokens, entry.digest, plan_tag(entry.cache)))
+        disk = self._lookup_disk(ids, best[0] if best else 0, usable)
         if disk is not None:
             return disk
-        return (best.cache.fork(), best.n_tokens) if best is not None else (None, 0)
+        return (best[1].cache.fork(), best[1].n_tokens) if best is not None else (None, 0)
 
     def _disk_path(self, n: int, digest: str, tag: str) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / f"{self.identity()}-{n}-{digest}{tag}.safetensors"
 
     def _lookup_disk(
-        self, ids: Sequence[int], better_than: int, usable: Callable[[BeaconCache], bool]
+        self, ids: Sequence[int], better_than: int, usable: Callable[[BeaconCache], int | None]
     ) -> tuple[BeaconCache, int] | None:
         if self.cache_dir is None or not self.cache_dir.is_dir():
             return None
@@ -159,7 +161,8 @@ class PrefixStore:
                 continue
             if plan_tag(cache) != tag:  # named without its ratio (written before the tag held it): name it right
                 self._rename_mislabelled(path, n, digest, plan_tag(cache))
-            if not usable(cache):
+            start = usable(cache)
+            if start is None or start <= better_than:
                 continue
             self.remember(ids[:n], cache, persist=False)
             return cache.fork(), n

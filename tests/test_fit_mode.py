@@ -355,3 +355,35 @@ def test_a_long_conversation_goes_on_from_before_the_last_condensed_window_after
         prompt = prompt + got.token_ids
     else:
         pytest.fail("the conversation never outgrew its room")
+
+
+def test_after_going_on_under_a_larger_plan_later_questions_reuse_the_document_read_under_it(caplog):
+    """Once a long question went on under a larger plan, the document is stored under both plans: the outgrown one
+    (which could go back before its last condensed window) and the one that fits. Later long questions start from
+    the one that lets them read least (the whole document), not again from before the old plan's last window."""
+    cfg = BeaconConfig(window=16, ratios=(4,), ratio_mix="fit-8")
+    engine = BeaconEngine(tiny_beacon_model(cfg, max_position_embeddings=POSITIONS))
+    doc = _ids(300, seed=3).tolist()
+    engine.complete(doc + [7, 8, 9], boundary=len(doc), max_new_tokens=3)
+    reads = []
+    for i in range(3):
+        with caplog.at_level("WARNING", logger="beacon_llm.engine"):
+            got = engine.complete(doc + _ids(40, seed=4 + i).tolist(), boundary=len(doc), max_new_tokens=6)
+        reads.append(got.usage.cache_read_tokens)
+    assert reads[0] < len(doc) and reads[1:] == [len(doc), len(doc)]
+    assert caplog.text.count("outgrew") == 1
+
+
+def test_the_kept_state_follows_its_stream_into_a_grown_buffer_instead_of_keeping_the_old_one():
+    """The state kept before the last condensed window shares its stream's memory buffer; when the stream outgrows
+    that buffer and moves to a larger one, the kept state moves with it (its entries are the first ones copied), so
+    no second buffer stays alive for it."""
+    cfg = BeaconConfig(window=16, ratios=(2,), ratio_mix="fit-8")
+    engine = BeaconEngine(tiny_beacon_model(cfg, max_position_embeddings=1024), max_prefixes=2)
+    doc = _ids(1300, seed=1).tolist()
+    engine.complete(doc + [7, 8, 9], boundary=len(doc), max_new_tokens=3)
+    (stored,) = [c for n, c in engine.stored_prefixes() if n == len(doc)]
+    base = stored.replan_base
+    assert base is not None and 0 < base.memory_length < stored.memory_length
+    assert base._arena is stored._arena  # one buffer for both
+    assert all(torch.equal(b, s[:, :, : base.memory_length]) for b, s in zip(base.mem_k, stored.mem_k))

@@ -189,7 +189,7 @@ def test_memory_is_bounded_and_evicted_engines_keep_their_disk_store(bm, tmp_pat
         assert cached(again.json()) > 0
 
 
-LONG = "The wind blew across the prairie. " * 100  # 3,400 tokens: beyond the tiny model's capacity of 2,012
+LONG = "The wind blew across the prairie. " * 100  # 3,400 tokens: beyond the tiny model's capacity of 2,000
 GOOD = chat_body("A short document.", "Who?")
 
 
