@@ -3,7 +3,7 @@
 Every question is one ``beacon-llm ask`` process with the default settings (plus ``--extra`` arguments, e.g. an
 official ratio mode for comparison). The first question reads the whole book; the others reuse the condensed book
 from the disk cache, as a user's follow-up questions do. An answer is correct when it contains one of the question's
-accepted strings and none of its rejected ones (case-insensitive).
+accepted strings and none of its rejected ones, each as a whole word (a plural ending allowed; case-insensitive).
 
 ``--excerpt first|last`` asks about the first or last part of the book that fits the base model's positions with
 the question and the answer, so the plain model's score (which cannot read the whole book) stands beside it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -39,10 +40,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 QUESTIONS = ROOT / "benchmarks" / "data" / "oz_questions.json"
 
 
+def mentions(text: str, word: str) -> bool:
+    """``word`` appears in ``text`` as a whole word, or with a plural ending ("shoe" in "silver shoes"), ignoring
+    case: "em" in "Aunt Em" but not in "them" or "Emerald", "red" in "bright red" but not in "covered"."""
+    pattern = r"(?<![^\W_])" + re.escape(word.lower()) + r"(?:s|es)?(?![^\W_])"
+    return re.search(pattern, text.lower()) is not None
+
+
 def is_correct(answer: str, accept: list[str], reject: list[str]) -> bool:
-    """The scoring rule of the question file: one accepted string, no rejected one (case-insensitive)."""
-    text = answer.lower()
-    return any(a.lower() in text for a in accept) and not any(r.lower() in text for r in reject)
+    """The scoring rule of the question file: one accepted string, no rejected one, each as a whole word (a plural
+    ending allowed), case-insensitive."""
+    return any(mentions(answer, a) for a in accept) and not any(mentions(answer, r) for r in reject)
 
 
 def excerpt(book: str, part: str, n_tokens: int, model: str | None = None) -> str:

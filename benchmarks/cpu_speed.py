@@ -84,6 +84,9 @@ BOOK = "beacon_llm/books/wonderful_wizard_of_oz.txt"
 QUESTION = "How does Dorothy finally get back to Kansas?"
 DECODE_TARGETS = {512: 0.8, 32768: 0.7}
 ROW_KEY = ("engine", "dtype", "kind", "context_tokens", "commit")
+# a sitting: measurements with no pause longer than this between them (rows written before rows carried ``sitting``)
+SITTING_GAP_MINUTES = 30
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 # --------------------------------------------------------------------------------------------------- machine
@@ -643,21 +646,63 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dic
     )
 
 
+def _parse_time(stamp: str | None) -> float | None:
+    try:
+        return time.mktime(time.strptime(stamp, TIME_FORMAT)) if stamp else None
+    except ValueError:
+        return None
+
+
+def sitting_labels(rows: list[dict[str, Any]]) -> list[str | None]:
+    """The sitting of every row (in ``rows``' order): its ``sitting`` when it has one; else rows are grouped by their
+    ``measured_at``, a pause of more than ``SITTING_GAP_MINUTES`` starting a new sitting, named after its first
+    row's time; None for a row with neither (it pairs with any sitting, as before sittings were recorded)."""
+    labels: list[str | None] = [r.get("sitting") for r in rows]
+    untagged = sorted(
+        (t, i) for i, r in enumerate(rows) if labels[i] is None and (t := _parse_time(r.get("measured_at"))) is not None
+    )
+    label, last = None, None
+    for t, i in untagged:
+        if last is None or t - last > SITTING_GAP_MINUTES * 60:
+            label = rows[i]["measured_at"]
+        labels[i], last = label, t
+    return labels
+
+
+def sitting_for_run(rows: list[dict[str, Any]], started: float, explicit: str | None = None) -> str:
+    """The ``sitting`` of the rows a run adds to a results file: ``explicit`` (``--sitting``), else the sitting of
+    the file's latest row when it was measured at most ``SITTING_GAP_MINUTES`` before this run started (the second
+    command of one sitting, e.g. ``--contexts 32768 --project-only``), else a new one named after the start."""
+    if explicit:
+        return explicit
+    dated = [(t, label) for r, label in zip(rows, sitting_labels(rows)) if (t := _parse_time(r.get("measured_at")))]
+    if dated:
+        t, label = max(dated, key=lambda x: x[0])
+        if label is not None and 0 <= started - t <= SITTING_GAP_MINUTES * 60:
+            return label
+    return time.strftime(TIME_FORMAT, time.localtime(started))
+
+
 def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Project tokens/s over the anchor's F32 tokens/s per (kind, context, threads), and the first ask of this
-    checkout against the latest other checkout's."""
+    """Project tokens/s over the anchor's F32 tokens/s per (kind, context, threads), each against the anchor measured
+    in the same sitting (this machine's speed moves between sittings: a project row of an earlier sitting is not
+    compared with an anchor measured later), and the first ask of this checkout against the latest other
+    checkout's."""
+    sittings = sitting_labels(rows)
     anchor = {
-        (r["kind"], r["context_tokens"], r.get("threads")): r["tok_s"]
-        for r in rows
+        (r["kind"], r["context_tokens"], r.get("threads")): (r["tok_s"], sitting)
+        for r, sitting in zip(rows, sittings)
         if r.get("engine") == "llama.cpp" and r.get("dtype") == "float32" and r.get("tok_s")
     }
     out: dict[str, Any] = {"decode_vs_anchor_f32": [], "prefill_vs_anchor_f32": []}
-    for r in rows:
+    for r, sitting in zip(rows, sittings):
         if r.get("engine") != "beacon_llm" or r.get("kind") not in ("prefill", "decode") or not r.get("tok_s"):
             continue
-        ref = anchor.get((r["kind"], r["context_tokens"], r.get("threads")))  # at the same thread count
-        if not ref:
+        ref, anchor_sitting = anchor.get((r["kind"], r["context_tokens"], r.get("threads")), (None, None))
+        if not ref:  # at the same thread count
             continue
+        if sitting is not None and anchor_sitting is not None and sitting != anchor_sitting:
+            continue  # another sitting's anchor
         entry = {
             "dtype": r["dtype"],
             "commit": r["commit"],
@@ -666,6 +711,8 @@ def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "anchor_f32_tok_s": ref,
             "ratio": round(r["tok_s"] / ref, 3),
         }
+        if sitting is not None:
+            entry["sitting"] = sitting
         if r["kind"] == "decode" and r["context_tokens"] in DECODE_TARGETS:
             entry["target"] = DECODE_TARGETS[r["context_tokens"]]
             entry["meets_target"] = entry["ratio"] >= entry["target"]
@@ -799,6 +846,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bound-only", action="store_true",
         help="add the decode bandwidth bound of the embedded model to the existing results file, run nothing",
     )  # fmt: skip
+    parser.add_argument(
+        "--sitting", default=None,
+        help="name of the sitting the rows belong to (default: the file's latest sitting when its last row was "
+        f"measured at most {SITTING_GAP_MINUTES} minutes before this run, else a new one); ratios pair rows of "
+        "one sitting",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.fast:
@@ -869,6 +922,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         print(json.dumps(plan, indent=2))
         return
+    started = time.time()
     update: dict[str, Any] = {"machine": machine}
     rows: list[dict[str, Any]] = []
     if not args.skip_anchor:
@@ -878,6 +932,10 @@ def main(argv: list[str] | None = None) -> None:
         rows += run_project(args, dtypes, repo, commit)
     if not args.skip_ask:
         rows.append(run_first_ask(args, repo, commit))
+    existing = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
+    sitting = sitting_for_run(existing, started, args.sitting)
+    for row in rows:
+        row["sitting"] = sitting
     data = write_results(out, update, rows)
     print_table(data)
     print(f"wrote {out}")

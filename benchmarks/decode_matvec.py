@@ -13,9 +13,10 @@ on the embedded model's own weights, in one process, alternating so that both se
    and each layer as one native call (``native``, what the step runs here).
 4. ``agreement``: after 4,096 tokens of two books no training saw (the bundled Wizard of Oz, the KJV excerpt),
    ``--decode`` greedy tokens of the float32 model as the reference, and for each bf16 kind of product: how many of
-   its own greedy tokens agree with the reference and where the first difference is, and, teacher-forced on the
-   reference's tokens, the mean and largest difference of the chosen token's log-probability from float32's. Both
-   bf16 kinds round differently from float32; the question is whether the native kernel's rounding strays further.
+   its own greedy tokens agree with the reference before the first difference, and where that is, and,
+   teacher-forced on the reference's tokens, the mean and largest difference of the chosen token's log-probability
+   from float32's. Both bf16 kinds round differently from float32; the question is whether the native kernel's
+   rounding strays further.
    Native against oneDNN directly, too.
 
     python benchmarks/decode_matvec.py --out benchmarks/results/decode_matvec_amd_epyc.json   # about 10 minutes
@@ -95,6 +96,13 @@ def greedy_with(bm, ids, linears, n: int, forced: list[int] | None = None) -> tu
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def agreeing(a: list[int], b: list[int]) -> int:
+    """Greedy tokens ``b`` shares with ``a`` before their first difference (after it, the two follow different
+    prefixes: an equal token there is no agreement)."""
+    first = first_difference(a, b)
+    return min(len(a), len(b)) if first is None else first
 
 
 def tiny_fp32(bm):
@@ -257,14 +265,14 @@ def main() -> None:
                 _, forced_lp = greedy_with(bm, ctx, linears[k], args.decode, forced=ref)
                 chosen = torch.tensor([float(a[t] - b[t]) for a, b, t in zip(ref_lp, forced_lp, ref)]).abs()
                 row["against_float32"][k] = {
-                    "agree": sum(a == b for a, b in zip(ref, greedy[k])),
+                    "agree": agreeing(ref, greedy[k]),
                     "first_difference": first_difference(ref, greedy[k]),
                     "mean_abs_logprob_difference": round(float(chosen.mean()), 4),
                     "max_abs_logprob_difference": round(float(chosen.max()), 4),
                 }  # fmt: skip
             if "native" in greedy and "onednn" in greedy:
                 row["native_against_onednn"] = {
-                    "agree": sum(a == b for a, b in zip(greedy["onednn"], greedy["native"])),
+                    "agree": agreeing(greedy["onednn"], greedy["native"]),
                     "first_difference": first_difference(greedy["onednn"], greedy["native"]),
                 }
             agreement.append(row)

@@ -4,8 +4,8 @@ loaded in float32 and in bfloat16, on two books no training saw (the bundled Wiz
 Per book and context length N: the first N tokens are read, then the next ``--target`` tokens are scored
 (continuation perplexity, the same read for both dtypes: ``fit-N`` plans it, condensing the oldest windows when N +
 target exceeds the positions), and ``--decode`` tokens are generated greedily after the N context tokens: how many of
-them agree with float32's, and where the first difference is. Rows go to ``benchmarks/results/dtype_quality.json``
-with the relative perplexity difference of bf16 against fp32.
+them agree with float32's before the first difference, and where that is. Rows go to
+``benchmarks/results/dtype_quality.json`` with the relative perplexity difference of bf16 against fp32.
 
     python benchmarks/dtype_quality.py                      # 4K / 16K / 32K, both books (about 15 minutes, 2 threads)
     python benchmarks/dtype_quality.py --contexts 4096      # one length
@@ -40,6 +40,14 @@ def _book_ids(bm, name: str, fast: bool) -> list[int]:
     if fast:
         return [3 + (ord(c) % 100) for c in text[:4000]]
     return list(bm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def agreement(reference: list[int], other: list[int]) -> tuple[int, int | None]:
+    """How many greedy tokens ``other`` shares with ``reference`` before the first difference, and where that is
+    (None: none in the shorter of the two). Tokens after a difference follow different prefixes: one that happens to
+    be equal there does not count as agreeing."""
+    first = next((i for i, (x, y) in enumerate(zip(reference, other)) if x != y), None)
+    return (min(len(reference), len(other)) if first is None else first), first
 
 
 def measure(bm, ids: list[int], n: int, target: int, n_decode: int) -> dict:
@@ -89,11 +97,9 @@ def main() -> None:
                     raise SystemExit(f"{name} has {len(ids)} tokens, fewer than context {n} + target {args.target}")
                 row[dt] = measure(bm, ids, n, args.target, args.decode)
             a, b = row["float32"], row["bfloat16"]
-            same = [x == y for x, y in zip(a["tokens"], b["tokens"])]
             row["ppl_rel_diff"] = round(b["ppl"] / a["ppl"] - 1, 5)
-            row["decode_agree"] = sum(same)
-            row["decode_first_diff"] = same.index(False) if False in same else None
-            row["decode_tokens"] = len(same)
+            row["decode_agree"], row["decode_first_diff"] = agreement(a["tokens"], b["tokens"])
+            row["decode_tokens"] = min(len(a["tokens"]), len(b["tokens"]))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("float32", "bfloat16")}
                              | {"ppl_fp32": a["ppl"], "ppl_bf16": b["ppl"]}), flush=True)  # fmt: skip

@@ -145,9 +145,11 @@ def main() -> None:
                         bm.forward(ids, cache, return_token_logprobs=False)
                         sync()
                         t1 = time.perf_counter()
+                        # the entries the context left (the plain model's are the n context tokens), then decode
+                        row["beacon_kv_entries"] = cache.get_seq_length()
                         bm.generate(None, cache=cache, max_new_tokens=args.decode, eos_token_id=[])
                         row["beacon_ratio"] = cache.state.window_ratio
-                        row["beacon_kv_entries"] = cache.get_seq_length()
+                        row["beacon_kv_entries_after_decode"] = cache.get_seq_length()
                     else:
                         if n > cfg.max_position_embeddings * 32:
                             raise RuntimeError("skipped: beyond 32x the trained positions")

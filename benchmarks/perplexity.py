@@ -41,7 +41,10 @@ BOOKS = ROOT / "benchmarks" / "data" / "books"
 
 
 def _plain_nll(model, context: list[int], target: list[int]) -> float:
-    """Summed NLL of ``target`` after ``context`` by the plain model."""
+    """Summed NLL of ``target`` after ``context`` by the plain model (``context``: at least one token, the one that
+    predicts the first target token)."""
+    if not context:
+        raise ValueError("the plain model needs at least one context token to score the first target token")
     ids = torch.tensor([context + target])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(context) - 1 : -1].float()  # (target, V)
@@ -66,6 +69,20 @@ def _beacon_nll(bm, context: list[int], target: list[int], condense_ratio: int |
     plan = cache.state.fit_plan
     entries = plan.entries(len(context))
     return nll, entries, entries - plan.condensed_entries
+
+
+def last(ids: list[int], n: int) -> list[int]:
+    """The last ``n`` tokens of ``ids`` (none for n = 0: ``ids[-0:]`` would be all of them; all for n >= len)."""
+    return ids[max(len(ids) - n, 0) :] if n > 0 else []
+
+
+def baseline_contexts(context: list[int], budget: int, n_raw: int) -> dict[str, list[int]]:
+    """What each plain baseline reads before the target: truncation the last ``budget`` tokens, StreamingLLM the
+    first 4 + the last ``budget`` - 4, ``raw_part_only`` the ``n_raw`` raw tokens the beacon cache holds (when every
+    kept entry is a beacon, only the token before the target, which the first target token needs; never the whole
+    context, as ``context[-0:]`` would be)."""
+    return {"truncation": last(context, budget), "streamingllm": context[: min(4, budget)] + last(context, budget - 4),
+            "raw_part_only": last(context, max(n_raw, 1))}  # fmt: skip
 
 
 def _spans(n_ids: int, length: int, samples: int) -> list[int]:
@@ -188,9 +205,8 @@ def main() -> None:
             for start in _spans(len(ids), n + target, args.samples):
                 context, tgt = ids[start : start + n], ids[start + n : start + n + target]
                 nll, budget, n_raw = _beacon_nll(default, context, tgt, condense_ratio)
-                span = {"start": start, "beacons": nll, "truncation": _plain_nll(plain, context[-budget:], tgt),
-                        "streamingllm": _plain_nll(plain, context[:4] + context[-(budget - 4) :], tgt),
-                        "raw_part_only": _plain_nll(plain, context[-n_raw:], tgt)}  # fmt: skip
+                kept = baseline_contexts(context, budget, n_raw)
+                span = {"start": start, "beacons": nll, **{m: _plain_nll(plain, ids_, tgt) for m, ids_ in kept.items()}}
                 if fits:
                     span["full"] = _plain_nll(plain, context, tgt)
                 for m in sums:
