@@ -236,7 +236,11 @@ class BeaconCache:
         self.last_logits = None
 
     def set_last_logits(self, logits: torch.Tensor) -> None:
-        """Remember the (V,) next-token logits after the last fed token (``generate(input_ids=None)`` uses them)."""
+        """Remember the (V,) next-token logits after the last fed token (``generate(input_ids=None)`` uses them): a
+        copy when they are a row of a larger tensor (a read's scored chunk of logits), which the cache and each of its
+        forks would otherwise keep alive whole."""
+        if logits.untyped_storage().nbytes() > logits.numel() * logits.element_size():
+            logits = logits.clone()
         self.last_logits = logits
 
     def record(self, step: StepTrace) -> None:

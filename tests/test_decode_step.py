@@ -488,3 +488,14 @@ def test_each_decoded_token_checks_the_kernels_against_the_weights_once(monkeypa
     assert len(_greedy(bm, cache, 6)) == 6
     assert len(steps) == 5  # the first token comes from the read's last logits, the last one stays pending
     assert len(checks) == len(steps)
+
+
+def test_a_scored_read_leaves_only_its_last_logits_row_in_the_cache():
+    """A read that scores its tokens computes logits in chunks of rows; the cache's last logits were a view of the
+    whole last chunk (rows x vocabulary), which the cache and every fork kept alive."""
+    bm = _model()
+    cache = bm.new_cache()
+    with torch.no_grad():
+        bm.forward(_ids(60), cache)  # scored (token log-probs)
+    last = cache.last_logits
+    assert last.untyped_storage().nbytes() == last.numel() * last.element_size()
