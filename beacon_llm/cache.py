@@ -412,20 +412,26 @@ class BeaconCache:
         arena = self._arena
         same_kind = arena is not None and arena.keys.dtype == like.dtype and arena.keys.device == like.device
         if arena is None or not same_kind or not arena.claim(start, end):
-            old = arena
             arena = KVArena.allocate(like, self.num_layers, end, self.max_entries)
             arena.claim(0, end)
             if start:
                 for i in range(self.num_layers):
                     arena.keys[i, :, :, :start] = self.mem_k[i]
                     arena.values[i, :, :, :start] = self.mem_v[i]
-            base = self.replan_base
-            if same_kind and base is not None and base._arena is old and base.memory_length <= start:
-                # the kept state's entries are the first of this stream's, now copied here too: it follows them, so
-                # it keeps no second buffer alive (entries below a claim are never written again)
-                base._arena = arena
-                base._set_memory_views(base.memory_length)
         return MemoryAppend(arena, start, end)
+
+    def share_replan_base_buffer(self) -> None:
+        """Point the kept state (:meth:`keep_replan_base`) at this cache's buffer, which begins with its entries
+        (the same stream, read further), so it keeps no buffer of its own alive: called on the cache the store keeps
+        (a read's buffer may have grown, or been copied, since the state was kept). Entries below a buffer's claim
+        are never written again."""
+        base, arena = self.replan_base, self._arena
+        if base is None or arena is None or base._arena is arena or not 0 < base.memory_length <= self.memory_length:
+            return
+        if (arena.keys.dtype, arena.keys.device) != (base.mem_k[0].dtype, base.mem_k[0].device):
+            return
+        base._arena = arena
+        base._set_memory_views(base.memory_length)
 
     def _extend_memory(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
         if keys[0].requires_grad or (self.mem_k[0] is not None and self.mem_k[0].requires_grad):

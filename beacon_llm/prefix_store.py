@@ -210,6 +210,7 @@ class PrefixStore:
             return
         digest = prefix_hash(prefix)
         entry = StoredPrefix(len(prefix), digest, cache.fork(), checkpoint)
+        entry.cache.share_replan_base_buffer()  # a kept state shares the stored buffer, holds none of its own
         key = (entry.n_tokens, digest, plan_tag(cache))
         self._keep(key, entry)
         if persist and self.cache_dir is not None:
